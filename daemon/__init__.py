@@ -1,0 +1,3 @@
+"""offload: a durable background-task daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,80 @@
+"""Admission: a validated submission becomes a committed task, or a clear refusal.
+
+Order matters: refuse while draining, validate everything (nothing is written for bad
+input), then commit; the store enforces `max_pending` in the same transaction as the insert.
+"""
+
+from __future__ import annotations
+
+import math
+
+import msgspec
+
+from daemon.errors import Invalid, QueueFull, Unavailable
+from daemon.ids import new_id
+from daemon.models import NewTask, Task
+from daemon.runtime import Runtime
+from daemon.wire import SubmitRequest, invalid
+
+
+def draining_refusal(rt: Runtime) -> Unavailable:
+    return Unavailable(
+        "offload is shutting down and takes no new tasks",
+        retry_after=max(1, math.ceil(rt.config.workers.grace_period)),
+        code="draining",
+    )
+
+
+def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
+    """Check a decoded request against the configured type and limits."""
+    task_type = rt.types.get(req.type)
+    if task_type is None:
+        known = ", ".join(sorted(rt.types)) or "none"
+        raise Invalid(f"unknown task type {req.type!r} (configured: {known})", field="type")
+    try:
+        task_type.check_payload(req.payload)
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, prefix="payload") from None
+    tc = task_type.config
+    if req.delay is not None and req.run_at is not None:
+        raise Invalid("give delay or run_at, not both", field="run_at")
+    run_at = now
+    if req.delay is not None:
+        run_at = now + req.delay
+    elif req.run_at is not None:
+        if req.run_at.tzinfo is None:
+            raise Invalid("run_at needs a time zone, e.g. 2026-01-01T12:00:00Z", field="run_at")
+        run_at = max(now, req.run_at.timestamp())
+    timeout = float(tc.timeout)
+    if req.timeout is not None:
+        if req.timeout > tc.timeout:
+            raise Invalid(
+                f"timeout {req.timeout:g}s is over the type's maximum ({tc.timeout:g}s)",
+                field="timeout",
+            )
+        timeout = req.timeout
+    return NewTask(
+        id=new_id(now),
+        type=req.type,
+        queue=req.queue or tc.queue,
+        payload=bytes(req.payload),
+        priority=req.priority,
+        run_at=run_at,
+        created_at=now,
+        timeout=timeout,
+        max_attempts=req.max_attempts or tc.max_attempts,
+    )
+
+
+async def admit(rt: Runtime, tasks: list[NewTask]) -> list[Task]:
+    """Commit `tasks`; on a full queue, say when to come back from the completion rate."""
+    if rt.draining.is_set():
+        raise draining_refusal(rt)
+    try:
+        admitted = await rt.store.admit(tasks, max_pending=rt.config.workers.max_pending)
+    except QueueFull as exc:
+        exc.retry_after = rt.stats.retry_after(exc.needed)
+        raise
+    rt.stats.accepted += len(admitted)
+    rt.workers.wake()
+    return admitted

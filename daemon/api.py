@@ -1,0 +1,189 @@
+"""The HTTP API (v1): routes and handlers. Handlers decode, call admission or the store, and
+encode; they never build error answers (raise an `OffloadError`; see `middleware.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from aiohttp import web
+from multidict import MultiMapping
+
+from daemon import admission
+from daemon.errors import Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
+from daemon.ids import is_id
+from daemon.middleware import errors
+from daemon.models import Task, TaskQuery, TaskState
+from daemon.runtime import Runtime
+from daemon.wire import SubmitRequest, TaskPage, decode_body, encode, view
+
+RUNTIME = web.AppKey("runtime", Runtime)
+MAX_PAGE = 1000
+
+
+def make_app(rt: Runtime) -> web.Application:
+    app = web.Application(
+        middlewares=[errors], client_max_size=rt.config.server.max_body
+    )
+    app[RUNTIME] = rt
+    app.router.add_post("/v1/tasks", submit)
+    app.router.add_get("/v1/tasks", list_tasks)
+    app.router.add_get("/v1/tasks/{id}", get_task)
+    app.router.add_delete("/v1/tasks/{id}", cancel_task)
+    app.router.add_post("/v1/tasks/{id}/retry", retry_task)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app
+
+
+def _json(value: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=encode(value), content_type="application/json")
+
+
+async def _read_json(request: web.Request) -> bytes:
+    if request.content_type != "application/json":
+        raise UnsupportedMediaType(
+            f"send Content-Type: application/json (got {request.content_type or 'none'})",
+            field="Content-Type",
+        )
+    limit = request.app[RUNTIME].config.server.max_body
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"the body is over {limit} bytes")
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body is over {limit} bytes") from None
+
+
+async def submit(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if rt.draining.is_set():
+        raise admission.draining_refusal(rt)
+    body = await _read_json(request)
+    req = decode_body(body, SubmitRequest)
+    new = admission.build(rt, req, time.time())
+    (task,) = await admission.admit(rt, [new])
+    response = _json(view(task), status=202)
+    response.headers["Location"] = f"/v1/tasks/{task.id}"
+    return response
+
+
+async def _task_or_404(rt: Runtime, task_id: str) -> Task:
+    task = await rt.store.get(task_id) if is_id(task_id) else None
+    if task is None:
+        raise NotFound(f"no task {task_id}", field="id")
+    return task
+
+
+def _wait_param(query: MultiMapping[str], cap: float) -> float:
+    raw = query.get("wait")
+    if raw is None:
+        return 0.0
+    try:
+        wait = float(raw)
+    except ValueError:
+        raise Invalid(f"wait must be a number of seconds, got {raw!r}", field="wait") from None
+    if not 0 <= wait <= cap:
+        raise Invalid(f"wait must be between 0 and {cap:g} seconds", field="wait")
+    return wait
+
+
+async def get_task(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    task_id = request.match_info["id"]
+    wait = _wait_param(request.query, rt.config.server.max_wait)
+    task = await _task_or_404(rt, task_id)
+    if wait > 0 and not task.state.terminal:
+        task = await _wait_until_ended(rt, task_id, wait)
+    return _json(view(task))
+
+
+async def _wait_until_ended(rt: Runtime, task_id: str, wait: float) -> Task:
+    ended = rt.watchers.watch(task_id)
+    try:
+        # Read again after watching, so an end between the first read and now is not missed.
+        task = await _task_or_404(rt, task_id)
+        if not task.state.terminal:
+            try:
+                async with asyncio.timeout(wait):
+                    await ended
+            except TimeoutError:
+                pass
+            task = await _task_or_404(rt, task_id)
+    finally:
+        rt.watchers.forget(task_id, ended)
+    return task
+
+
+async def cancel_task(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    task_id = request.match_info["id"]
+    if not is_id(task_id):
+        raise NotFound(f"no task {task_id}", field="id")
+    task, before = await rt.store.cancel(task_id, now=time.time())
+    if before is TaskState.RUNNING:
+        rt.workers.stop_run(task_id, "cancel")
+    rt.stats.cancelled += 1
+    rt.watchers.ended(task_id)
+    return _json(view(task))
+
+
+async def retry_task(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    task_id = request.match_info["id"]
+    if not is_id(task_id):
+        raise NotFound(f"no task {task_id}", field="id")
+    if rt.draining.is_set():
+        raise admission.draining_refusal(rt)
+    task = await rt.store.retry(
+        task_id, now=time.time(), max_pending=rt.config.workers.max_pending
+    )
+    rt.workers.wake()
+    return _json(view(task))
+
+
+async def list_tasks(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    q = request.query
+    unknown = set(q) - {"state", "type", "queue", "limit", "cursor"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise Invalid(f"unknown query parameter {name!r}", field=name)
+    state = q.get("state")
+    if state is not None and state not in TaskState.__members__.values():
+        allowed = ", ".join(s.value for s in TaskState)
+        raise Invalid(f"state must be one of {allowed}", field="state")
+    try:
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        raise Invalid("limit must be an integer", field="limit") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise Invalid(f"limit must be between 1 and {MAX_PAGE}", field="limit")
+    cursor = q.get("cursor")
+    if cursor is not None and not is_id(cursor):
+        raise Invalid("cursor is not one this server gave out", field="cursor")
+    query = TaskQuery(
+        state=TaskState(state) if state is not None else None,
+        type=q.get("type"),
+        queue=q.get("queue"),
+        before=cursor,
+        limit=limit + 1,
+    )
+    tasks = await rt.store.list(query)
+    more = len(tasks) > limit
+    tasks = tasks[:limit]
+    next_cursor = tasks[-1].id if more and tasks else None
+    return _json(TaskPage(tasks=[view(t) for t in tasks], next_cursor=next_cursor))
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if rt.draining.is_set():
+        return _json({"status": "draining"}, status=503)
+    if not rt.ready:
+        return _json({"status": "starting"}, status=503)
+    return _json({"status": "ready"})

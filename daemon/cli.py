@@ -1,0 +1,84 @@
+"""The `offload` command: `serve` runs the daemon, `check-config` validates a config file.
+
+Exit codes: 0 done; 1 could not start (store locked or unreachable, address in use);
+70 a bug stopped the daemon (EX_SOFTWARE); 78 the configuration is wrong (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import uvloop
+
+from daemon import __version__, logs
+from daemon.config import load
+from daemon.errors import ConfigError, OffloadError
+
+logger = logging.getLogger("daemon")
+
+EX_OK, EX_START, EX_SOFTWARE, EX_CONFIG = 0, 1, 70, 78
+DEFAULT_CONFIG = "/etc/offload/offload.toml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="offload", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"offload {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    default = os.environ.get("OFFLOAD_CONFIG", DEFAULT_CONFIG)
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", default=default, help=f"config file (default {default})")
+    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check.add_argument("file", nargs="?", default=default)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-config":
+        return check_config(args.file)
+    return serve(args.config)
+
+
+def check_config(path: str) -> int:
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc.path}: {len(exc.problems)} problem(s)\n")
+        for problem in exc.problems:
+            sys.stderr.write(f"  {problem}\n")
+        return EX_CONFIG
+    sys.stdout.write(f"{path}: ok ({len(config.types)} task types)\n")
+    return EX_OK
+
+
+def serve(path: str) -> int:
+    from daemon.lifecycle import serve as run
+
+    try:
+        config = load(path)
+    except ConfigError as exc:
+        logs.setup()
+        logger.error("configuration error in %s", exc, extra={"event": "config.invalid"})
+        return EX_CONFIG
+    logs.setup(config.log.level, config.log.format)
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(run(config))
+    except ConfigError as exc:
+        logger.error("configuration error: %s", exc, extra={"event": "config.invalid"})
+        return EX_CONFIG
+    except OffloadError as exc:
+        logger.error("cannot start: %s", exc, extra={"event": "daemon.start_failed"})
+        return EX_START
+    except OSError as exc:
+        logger.error("cannot start: %s", exc, extra={"event": "daemon.start_failed"})
+        return EX_START
+    except BaseException:
+        logger.critical("offload stopped by a bug", exc_info=True, extra={"event": "daemon.bug"})
+        return EX_SOFTWARE
+    return EX_OK

@@ -1,0 +1,247 @@
+"""The configuration: strict, frozen structs loaded once from TOML.
+
+`load()` reports every problem it finds at once, each naming the dotted key, the bad value and
+what was expected, as one `ConfigError`. Nothing else in the daemon reads TOML.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+import types
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+from daemon.errors import ConfigError
+
+
+class Duration(float):
+    """Seconds, written in the config as "500ms", "30s", "5m", "2h", "7d" or a plain number."""
+
+
+class Size(int):
+    """Bytes, written as "64KiB", "1MiB" or a plain integer."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
+_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
+
+
+def parse_duration(value: object) -> Duration:
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like \"30s\"")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("expected a duration >= 0")
+        return Duration(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
+    raise ValueError('expected a duration like "500ms", "30s", "5m", "2h" or "7d"')
+
+
+def parse_size(value: object) -> Size:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return Size(value)
+    if isinstance(value, str) and (m := _SIZE.match(value)):
+        return Size(int(m.group(1)) * _SIZE_UNITS[m.group(2)])
+    raise ValueError('expected a size like 65536, "64KiB" or "1MiB"')
+
+
+def _dec_hook(tp: type, value: object) -> object:
+    if tp is Duration:
+        return parse_duration(value)
+    if tp is Size:
+        return parse_size(value)
+    raise NotImplementedError
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class ServerConfig(_Section):
+    listen: str = "127.0.0.1:8080"
+    max_body: Size = Size(1024 * 1024)
+    max_wait: Duration = Duration(60)
+
+
+class StoreConfig(_Section):
+    url: str = "sqlite:var/offload.db"
+    synchronous: Literal["normal", "full"] = "full"
+
+
+class WorkersConfig(_Section):
+    concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 16
+    max_pending: Annotated[int, msgspec.Meta(ge=1)] = 100_000
+    grace_period: Duration = Duration(30)
+    lease: Duration = Duration(60)
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 16
+
+
+class BackoffConfig(_Section):
+    initial: Duration = Duration(1)
+    max: Duration = Duration(300)
+    multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
+    jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.1
+
+
+class _TypeBase(_Section, tag_field="kind", kw_only=True):
+    queue: QueueName = "default"
+    timeout: Duration = Duration(300)
+    max_attempts: Positive = 3
+    max_result: Size = Size(64 * 1024)
+    backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
+
+
+class PythonType(_TypeBase, tag="python", kw_only=True):
+    """Calls `handler` ("package.module:function"), resolved when the config is loaded."""
+
+    handler: str
+
+
+TypeConfig = PythonType
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    types: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], TypeConfig] = (
+        msgspec.field(default_factory=dict)
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate `path`; raise `ConfigError` listing every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [f"not valid TOML: {exc}"]) from exc
+    return parse(raw, source=str(path))
+
+
+def parse(raw: dict[str, Any], *, source: str = "<config>") -> Config:
+    problems = _problems(raw, Config, "")
+    if problems:
+        raise ConfigError(source, problems)
+    config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
+    problems = _check_semantics(config)
+    if problems:
+        raise ConfigError(source, problems)
+    return config
+
+
+def _check_semantics(config: Config) -> list[str]:
+    """Rules that span keys, and handlers that must resolve now rather than at run time."""
+    from daemon.executors.python import HandlerError, resolve_handler
+
+    problems = []
+    if config.workers.max_pending < config.workers.concurrency:
+        problems.append(
+            f"workers.max_pending = {config.workers.max_pending}: expected at least "
+            f"workers.concurrency ({config.workers.concurrency})"
+        )
+    for name, tc in config.types.items():
+        if isinstance(tc, PythonType):
+            try:
+                resolve_handler(tc.handler)
+            except HandlerError as exc:
+                problems.append(f"types.{name}.handler = {tc.handler!r}: {exc}")
+        if tc.backoff.max < tc.backoff.initial:
+            problems.append(
+                f"types.{name}.backoff.max = {tc.backoff.max:g}s: expected at least "
+                f"backoff.initial ({tc.backoff.initial:g}s)"
+            )
+    return problems
+
+
+def _problems(value: object, tp: Any, path: str) -> list[str]:
+    """Every problem with `value` as a `tp`, walking tables key by key so none hides another."""
+    origin = typing.get_origin(tp)
+    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+        return _struct_problems(value, tp, path)
+    if origin is dict:
+        key_type, item_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            return [f"{path or 'top level'}: expected a table, got {_show(value)}"]
+        found = []
+        for key, item in value.items():
+            found += _scalar_problems(key, key_type, f"{path}.{key}", what="name")
+            found += _problems(item, item_type, f"{path}.{key}")
+        return found
+    if origin in (types.UnionType, typing.Union) and all(
+        isinstance(a, type) and issubclass(a, msgspec.Struct) for a in typing.get_args(tp)
+    ):
+        return _tagged_problems(value, typing.get_args(tp), path)
+    return _scalar_problems(value, tp, path)
+
+
+def _struct_problems(value: object, tp: type[msgspec.Struct], path: str) -> list[str]:
+    if not isinstance(value, dict):
+        return [f"{path or 'top level'}: expected a table, got {_show(value)}"]
+    info = msgspec.structs.fields(tp)
+    known = {f.encode_name: f for f in info}
+    tag_field = tp.__struct_config__.tag_field
+    found = []
+    for key in value:
+        if key not in known and key != tag_field:
+            found.append(f"{_join(path, key)}: unknown key")
+    for f in info:
+        if f.encode_name in value:
+            found += _problems(value[f.encode_name], f.type, _join(path, f.encode_name))
+        elif f.required:
+            found.append(f"{_join(path, f.encode_name)}: missing, and it has no default")
+    return found
+
+
+def _tagged_problems(value: object, variants: tuple[Any, ...], path: str) -> list[str]:
+    by_tag = {v.__struct_config__.tag: v for v in variants}
+    tag_field = variants[0].__struct_config__.tag_field
+    if not isinstance(value, dict):
+        return [f"{path}: expected a table, got {_show(value)}"]
+    tag = value.get(tag_field)
+    if tag not in by_tag:
+        expected = ", ".join(repr(t) for t in by_tag)
+        return [f"{_join(path, tag_field)} = {_show(tag)}: expected one of {expected}"]
+    return _struct_problems(value, by_tag[tag], path)
+
+
+def _scalar_problems(value: object, tp: Any, path: str, *, what: str = "value") -> list[str]:
+    try:
+        msgspec.convert(value, tp, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        reason = str(exc).split(" - at ")[0]
+        cause = exc.__cause__
+        if isinstance(cause, ValueError):
+            reason = str(cause)
+        return [f"{path} = {_show(value)}: {reason[0].lower()}{reason[1:]}"]
+    return []
+
+
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _show(value: object) -> str:
+    if value is None:
+        return "(nothing)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

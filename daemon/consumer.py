@@ -1,0 +1,190 @@
+"""A consumer: take a claim from the hand-off queue, run its executor under the task's
+timeout, and record the outcome. A task's failure is recorded, never raised; only a bug in
+this loop escapes to the TaskGroup (and then the process exits non-zero)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+
+from daemon.backoff import backoff_delay
+from daemon.errors import OffloadError
+from daemon.executors.base import Job, Permanent, TaskLogger
+from daemon.models import Claim, Failed, Outcome, Released, Retry, Succeeded, TaskState
+from daemon.workers import Run, Workers
+
+logger = logging.getLogger(__name__)
+_encode = msgspec.json.encode
+_decode = msgspec.json.decode
+
+
+async def consume(workers: Workers) -> None:
+    while (claim := await workers.handoff.get()) is not None:
+        try:
+            await _run(workers, claim)
+        finally:
+            workers.finished()
+
+
+def _fields(claim: Claim, event: str) -> dict[str, object]:
+    task = claim.task
+    return {
+        "event": event,
+        "task_id": task.id,
+        "task_type": task.type,
+        "queue": task.queue,
+        "attempt": claim.attempt,
+    }
+
+
+async def _run(workers: Workers, claim: Claim) -> None:
+    task = claim.task
+    started = time.monotonic()
+    run = Run(claim)
+    workers.runs[task.id] = run
+    try:
+        run.task = asyncio.create_task(_execute(workers, claim), name=f"run-{task.id}")
+        outcome = await _outcome(workers, run, started)
+    finally:
+        del workers.runs[task.id]
+    if outcome is None:
+        return  # cancelled through the API, which already recorded it
+    try:
+        recorded = await workers.store.record(claim, outcome)
+    except OffloadError as exc:
+        # The row stays `running`; recovery (or lease expiry) puts it back later.
+        logger.error(
+            "could not record the outcome of task %s: %s", task.id, exc,
+            extra=_fields(claim, "task.record_failed"),
+        )
+        return
+    workers.stats.completed()
+    if recorded is None:
+        logger.warning(
+            "task %s was taken from this run (cancelled or rescued); its outcome is dropped",
+            task.id, extra=_fields(claim, "task.lost_claim"),
+        )
+        return
+    _log_outcome(claim, outcome, time.monotonic() - started)
+    _count(workers, outcome)
+    if recorded.state.terminal:
+        workers.watchers.ended(task.id)
+    elif recorded.state is TaskState.QUEUED:
+        workers.wake()
+
+
+async def _execute(workers: Workers, claim: Claim) -> object:
+    task = claim.task
+    task_type = workers.types.get(task.type)
+    if task_type is None:
+        raise Permanent(f"task type {task.type!r} is no longer in the configuration")
+    extra = _fields(claim, "task.log")
+    job = Job(
+        task_id=task.id,
+        type=task.type,
+        attempt=claim.attempt,
+        payload=_decode(task.payload),
+        deadline=time.time() + task.timeout,
+        logger=TaskLogger(logging.getLogger(f"daemon.task.{task.type}"), extra),
+    )
+    async with asyncio.timeout(task.timeout):
+        return await task_type.executor(job)
+
+
+async def _outcome(workers: Workers, run: Run, started: float) -> Outcome | None:
+    """Wait for the run and turn how it ended into an outcome (None: nothing to record)."""
+    claim = run.claim
+    assert run.task is not None
+    try:
+        value = await run.task
+    except asyncio.CancelledError:
+        if run.reason is None:
+            raise  # this consumer itself is being cancelled
+        if run.reason == "shutdown":
+            return Released()
+        return None
+    except TimeoutError:
+        return _failure(workers, claim, f"timed out after {claim.task.timeout:g}s", started)
+    except Permanent as exc:
+        return Failed(error=_describe(exc), finished_at=time.time(), duration=_since(started))
+    except Exception as exc:
+        return _failure(workers, claim, _describe(exc), started)
+    return _success(workers, claim, value, started)
+
+
+def _success(workers: Workers, claim: Claim, value: object, started: float) -> Outcome:
+    if value is None:
+        return Succeeded(result=None, finished_at=time.time())
+    try:
+        result = _encode(value)
+    except (TypeError, msgspec.EncodeError) as exc:
+        return Failed(
+            error=f"the handler's result is not JSON-serialisable: {exc}",
+            finished_at=time.time(), duration=_since(started),
+        )
+    task_type = workers.types.get(claim.task.type)
+    limit = task_type.config.max_result if task_type is not None else 64 * 1024
+    if len(result) > limit:
+        return Failed(
+            error=f"the result is {len(result)} bytes, over max_result ({limit})",
+            finished_at=time.time(), duration=_since(started),
+        )
+    return Succeeded(result=result, finished_at=time.time())
+
+
+def _failure(workers: Workers, claim: Claim, error: str, started: float) -> Outcome:
+    task = claim.task
+    used = claim.attempt - task.attempt_floor
+    task_type = workers.types.get(task.type)
+    if used >= task.max_attempts or task_type is None:
+        return Failed(error=error, finished_at=time.time(), duration=_since(started))
+    delay = backoff_delay(task_type.config.backoff, used)
+    return Retry(error=error, run_at=time.time() + delay, duration=_since(started))
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    return f"{name}: {text}"[:2000] if text else name
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started
+
+
+def _count(workers: Workers, outcome: Outcome) -> None:
+    stats = workers.stats
+    if isinstance(outcome, Succeeded):
+        stats.succeeded += 1
+    elif isinstance(outcome, Failed):
+        stats.failed += 1
+    elif isinstance(outcome, Retry):
+        stats.retried += 1
+    elif isinstance(outcome, Released):
+        stats.released += 1
+
+
+def _log_outcome(claim: Claim, outcome: Outcome, duration: float) -> None:
+    if isinstance(outcome, Succeeded):
+        logger.info(
+            "task %s succeeded in %.3fs", claim.task.id, duration,
+            extra=_fields(claim, "task.succeeded"),
+        )
+    elif isinstance(outcome, Retry):
+        logger.warning(
+            "task %s attempt %d failed, retrying in %.1fs: %s", claim.task.id, claim.attempt,
+            outcome.run_at - time.time(), outcome.error, extra=_fields(claim, "task.retry"),
+        )
+    elif isinstance(outcome, Failed):
+        logger.error(
+            "task %s failed: %s", claim.task.id, outcome.error,
+            extra=_fields(claim, "task.failed"),
+        )
+    else:
+        logger.info(
+            "task %s stopped by shutdown and put back", claim.task.id,
+            extra=_fields(claim, "task.released"),
+        )

@@ -1,0 +1,55 @@
+"""An app factory for `adev runserver daemon/dev.py --app-factory create_app`: the HTTP API
+with its feeder and consumers, restarted on every code change. Config from
+$OFFLOAD_CONFIG (default config.example.toml). Development only; production is `offload serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AsyncExitStack
+
+from aiohttp import web
+
+from daemon import logs
+from daemon.api import make_app
+from daemon.config import load
+from daemon.consumer import consume
+from daemon.runtime import Runtime
+from daemon.stats import Stats
+from daemon.store import open_store
+from daemon.tasktypes import build_types
+from daemon.watch import Watchers
+from daemon.workers import Workers
+
+
+def create_app() -> web.Application:
+    config = load(os.environ.get("OFFLOAD_CONFIG", "config.example.toml"))
+    logs.setup(config.log.level, config.log.format)
+    holder: web.Application = web.Application()
+
+    async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            threads = ThreadPoolExecutor(config.workers.concurrency)
+            stack.callback(threads.shutdown, wait=False, cancel_futures=True)
+            store = await stack.enter_async_context(open_store(config.store))
+            stats, watchers = Stats(), Watchers()
+            await store.recover(owner=f"dev:{os.getpid()}", now=time.time())
+            types = build_types(config, threads)
+            workers = Workers(config.workers, store, types, stats, watchers, f"dev:{os.getpid()}")
+            rt = Runtime(config, store, types, workers, stats, watchers, ready=True)
+            app.add_subapp("/", make_app(rt))
+            tasks = [asyncio.create_task(workers.feed(), name="feeder")]
+            tasks += [
+                asyncio.create_task(consume(workers), name=f"consumer-{i}")
+                for i in range(config.workers.concurrency)
+            ]
+            yield
+            rt.draining.set()
+            await workers.drain(config.workers.grace_period, asyncio.Event())
+            await asyncio.gather(*tasks)
+
+    holder.cleanup_ctx.append(lifespan)
+    return holder

@@ -1,0 +1,48 @@
+"""What every executor receives and may raise.
+
+An executor is an async callable `(Job) -> result`. The result must be JSON-serialisable.
+Raising `Permanent` ends the task `failed` at once; any other exception is retryable.
+Executors do not handle their own deadline: the consumer wraps each run in
+`asyncio.timeout()` and cancels it, so an executor must clean up on `CancelledError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+JSON = Any
+
+
+class Permanent(Exception):  # noqa: N818 - the name users raise; "Error" adds nothing
+    """Raise from a handler to fail the task without further attempts."""
+
+
+class TaskLogger(logging.LoggerAdapter[logging.Logger]):
+    """A logger whose every line carries the task's id, type and attempt."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        extra = dict(self.extra or {})
+        extra.update(kwargs.get("extra") or {})
+        kwargs["extra"] = extra
+        return msg, kwargs
+
+
+@dataclass(slots=True)
+class Job:
+    """One attempt of one task, as a handler sees it."""
+
+    task_id: str
+    type: str
+    attempt: int
+    payload: JSON
+    deadline: float  # Unix time after which the run is cancelled
+    logger: logging.LoggerAdapter[logging.Logger]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when the run is cancelled or stopped; sync handlers should check it."""
+
+
+Executor = Callable[[Job], Awaitable[JSON]]

@@ -1,0 +1,46 @@
+"""Bind the aiohttp application to its listening address, and close it in order."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from aiohttp import web
+
+from daemon.config import ServerConfig
+
+SHUTDOWN_TIMEOUT = 5.0  # seconds open requests get once the listener closes
+
+
+def parse_listen(listen: str) -> tuple[str, int] | str:
+    """`host:port`, `[v6]:port`, or `unix:/path` (returned as the path)."""
+    if listen.startswith("unix:"):
+        path = listen.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError('expected "unix:/absolute/path"')
+        return path
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError('expected "HOST:PORT" (e.g. "127.0.0.1:8080") or "unix:/path"')
+    return host.strip("[]"), int(port)
+
+
+@asynccontextmanager
+async def open_http(app: web.Application, config: ServerConfig) -> AsyncIterator[str]:
+    """Serve `app` on `config.listen`; yields the bound address. On exit the listener closes
+    first, then open requests get `SHUTDOWN_TIMEOUT` seconds, then the app's cleanup runs."""
+    runner = web.AppRunner(
+        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    )
+    await runner.setup()
+    try:
+        where = parse_listen(config.listen)
+        site: web.BaseSite
+        if isinstance(where, str):
+            site = web.UnixSite(runner, where)
+        else:
+            site = web.TCPSite(runner, where[0], where[1], backlog=1024)
+        await site.start()
+        yield site.name
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,99 @@
+"""`serve()`: the daemon from start to exit, in one place, in order.
+
+Start: open (lock, migrate) the store → recover orphaned runs → start the feeder and the
+consumers → bind HTTP → ready. Stop, in the reverse order: admission answers 503 and
+/readyz fails (status reads still work) → drain within the grace period → stop and put
+back the rest → consumers exit → HTTP closes → the store commits and closes.
+systemd's stop timeout must exceed grace_period + STOP_DEADLINE + SHUTDOWN_TIMEOUT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+from daemon.api import make_app
+from daemon.config import Config
+from daemon.consumer import consume
+from daemon.http_server import open_http
+from daemon.runtime import Runtime
+from daemon.signals import Stop, stop_on_signals
+from daemon.stats import Stats
+from daemon.store import open_store
+from daemon.tasktypes import build_types
+from daemon.watch import Watchers
+from daemon.workers import Workers
+
+logger = logging.getLogger(__name__)
+
+
+async def serve(config: Config, *, stop: Stop | None = None) -> Stats:
+    """Run until `stop` is requested (by default: SIGTERM or SIGINT), then drain and return
+    what this process did. A bug in a long-lived task ends it with an exception."""
+    owns_signals = stop is None
+    stop = stop or Stop()
+    stats = Stats()
+    # Sync handlers get one thread per consumer, so a thread is always there for a run.
+    threads = ThreadPoolExecutor(config.workers.concurrency, thread_name_prefix="handler")
+    try:
+        with stop_on_signals(stop) if owns_signals else nullcontext():
+            await _run(config, stop, stats, threads)
+    finally:
+        # A sync handler that ignored its cancel keeps its thread; do not wait for it.
+        threads.shutdown(wait=False, cancel_futures=True)
+    logger.info(
+        "offload stopped after %.1fs: accepted %d, succeeded %d, failed %d, retried %d, "
+        "cancelled %d, put back %d",
+        time.monotonic() - stats.started, stats.accepted, stats.succeeded, stats.failed,
+        stats.retried, stats.cancelled, stats.released,
+        extra={"event": "daemon.stopped"},
+    )
+    return stats
+
+
+async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExecutor) -> None:
+    types = build_types(config, threads)
+    watchers = Watchers()
+    owner = f"{socket.gethostname()}:{os.getpid()}"
+    async with open_store(config.store) as store:
+        stats.recovered = await store.recover(owner=owner, now=time.time())
+        workers = Workers(config.workers, store, types, stats, watchers, owner)
+        rt = Runtime(config, store, types, workers, stats, watchers)
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(workers.feed(), name="feeder")
+            for i in range(config.workers.concurrency):
+                tg.create_task(consume(workers), name=f"consumer-{i}")
+            async with open_http(make_app(rt), config.server) as where:
+                rt.ready = True
+                await _log_started(rt, where)
+                await stop.requested.wait()
+                # From here POST answers 503 and /readyz fails; GET keeps working while the
+                # running tasks get the grace period.
+                rt.ready = False
+                rt.draining.set()
+                logger.info(
+                    "stop requested: draining (grace period %gs)", config.workers.grace_period,
+                    extra={"event": "daemon.stopping"},
+                )
+                await workers.drain(config.workers.grace_period, stop.hurry)
+                watchers.wake_all()
+            # HTTP is closed; the consumers were told to exit by drain() and do so now.
+    # The store committed everything queued to it and closed.
+
+
+async def _log_started(rt: Runtime, where: str) -> None:
+    counts = await rt.store.counts()
+    cfg = rt.config
+    logger.info(
+        "offload started: listening on %s, store %s, concurrency %d, max_pending %d, "
+        "grace %gs, types %s; %d queued, %d recovered from an earlier run",
+        where, rt.store.description, cfg.workers.concurrency, cfg.workers.max_pending,
+        cfg.workers.grace_period, ",".join(sorted(rt.types)) or "none", counts.queued,
+        rt.stats.recovered,
+        extra={"event": "daemon.started"},
+    )

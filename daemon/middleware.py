@@ -1,0 +1,53 @@
+"""The one place where errors become HTTP answers: `OffloadError` subclasses map to their
+status and the contract's JSON body; aiohttp's own HTTP errors (404 route, 405, 413) are
+reshaped the same way; anything else is a bug, logged, and answered 500 without details."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from daemon.errors import OffloadError, Unavailable
+from daemon.wire import ErrorBody, ErrorResponse, encode
+
+logger = logging.getLogger(__name__)
+
+_AIOHTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    400: "bad_request",
+}
+
+def error_response(
+    status: int, code: str, message: str, field: str | None = None
+) -> web.Response:
+    body = encode(ErrorResponse(ErrorBody(code=code, message=message, field=field)))
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except OffloadError as exc:
+        response = error_response(exc.status, exc.code, exc.message, exc.field)
+        if isinstance(exc, Unavailable):
+            response.headers["Retry-After"] = str(exc.retry_after)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _AIOHTTP_CODES.get(exc.status, "http_error")
+        response = error_response(exc.status, code, exc.reason)
+        if exc.status == 405 and "Allow" in exc.headers:
+            response.headers["Allow"] = exc.headers["Allow"]
+        return response
+    except Exception:
+        logger.exception(
+            "unhandled error on %s %s", request.method, request.path,
+            extra={"event": "http.bug"},
+        )
+        return error_response(500, "internal", "internal error; see the daemon's log")

@@ -1,0 +1,153 @@
+"""The task and what happens to it, as plain values shared by the store, the API and the workers.
+
+Times are Unix seconds (floats) everywhere inside; the API turns them into RFC 3339 text.
+Payloads and results stay as JSON bytes from admission to the store and back.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class TaskState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL
+
+
+_TERMINAL = frozenset({TaskState.SUCCEEDED, TaskState.FAILED, TaskState.CANCELLED})
+UNFINISHED = (TaskState.QUEUED, TaskState.RUNNING)
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """One failed run, kept in a task's bounded history."""
+
+    attempt: int
+    started_at: float
+    duration: float
+    error: str
+
+
+class NewTask(msgspec.Struct, frozen=True):
+    """A task validated by admission, not yet committed."""
+
+    id: str
+    type: str
+    queue: str
+    payload: bytes
+    priority: int
+    run_at: float
+    created_at: float
+    timeout: float
+    max_attempts: int
+
+
+class Task(msgspec.Struct, frozen=True):
+    """A task as the store holds it. `attempts` counts every run that started, ever;
+    `attempt_floor` is `attempts` at the last manual retry, so the budget is
+    `max_attempts` runs after it."""
+
+    id: str
+    type: str
+    queue: str
+    state: TaskState
+    payload: bytes
+    priority: int
+    run_at: float
+    created_at: float
+    timeout: float
+    max_attempts: int
+    attempts: int = 0
+    attempt_floor: int = 0
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: bytes | None = None
+    last_error: str | None = None
+    history: tuple[Attempt, ...] = ()
+
+    @classmethod
+    def admitted(cls, new: NewTask) -> Task:
+        return cls(
+            id=new.id,
+            type=new.type,
+            queue=new.queue,
+            state=TaskState.QUEUED,
+            payload=new.payload,
+            priority=new.priority,
+            run_at=new.run_at,
+            created_at=new.created_at,
+            timeout=new.timeout,
+            max_attempts=new.max_attempts,
+        )
+
+    @property
+    def attempts_left(self) -> int:
+        return self.max_attempts - (self.attempts - self.attempt_floor)
+
+
+class Claim(msgspec.Struct, frozen=True):
+    """A running task leased to `owner` until `lease_until`. Every write about this run is
+    fenced on (task.id, running, attempt, owner): a writer that lost the task changes nothing."""
+
+    task: Task
+    owner: str
+    attempt: int
+    lease_until: float
+
+
+class Succeeded(msgspec.Struct, frozen=True, tag=True):
+    result: bytes | None
+    finished_at: float
+
+
+class Failed(msgspec.Struct, frozen=True, tag=True):
+    """No more attempts: the task ends `failed`."""
+
+    error: str
+    finished_at: float
+    duration: float
+
+
+class Retry(msgspec.Struct, frozen=True, tag=True):
+    """The run failed but attempts remain: back to `queued` until `run_at`."""
+
+    error: str
+    run_at: float
+    duration: float
+
+
+class Released(msgspec.Struct, frozen=True, tag=True):
+    """The run was stopped by a shutdown: back to `queued`, the attempt not spent."""
+
+
+Outcome = Succeeded | Failed | Retry | Released
+
+
+class TaskQuery(msgspec.Struct, frozen=True):
+    """A page of tasks, newest first; `before` is the id the previous page ended at."""
+
+    state: TaskState | None = None
+    type: str | None = None
+    queue: str | None = None
+    before: str | None = None
+    limit: int = 100
+
+
+class Counts(msgspec.Struct, frozen=True):
+    queued: int = 0
+    running: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def pending(self) -> int:
+        return self.queued + self.running

@@ -1,0 +1,26 @@
+"""What the HTTP handlers share with the workers while the daemon runs."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from daemon.config import Config
+from daemon.stats import Stats
+from daemon.store.base import Store
+from daemon.tasktypes import TaskType
+from daemon.watch import Watchers
+from daemon.workers import Workers
+
+
+@dataclass
+class Runtime:
+    config: Config
+    store: Store
+    types: dict[str, TaskType]
+    workers: Workers
+    stats: Stats
+    watchers: Watchers
+    ready: bool = False
+    """True once recovery is done and the listener is bound, until the stop begins."""
+    draining: asyncio.Event = field(default_factory=asyncio.Event)

@@ -1,0 +1,89 @@
+"""The `Store` protocol: coarse, atomic operations that speak models, never rows.
+
+Every method is one transaction. A write about a running task is fenced on
+(id, state, attempt, owner), so a late or duplicate writer changes nothing and learns so
+from the return value. Backends raise `StoreUnavailable` when they cannot reach their
+storage; they never acknowledge what they did not commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Protocol
+
+import msgspec
+
+from daemon.config import StoreConfig
+from daemon.errors import ConfigError
+from daemon.models import Claim, Counts, NewTask, Outcome, Task, TaskQuery, TaskState
+
+
+class ClaimBatch(msgspec.Struct, frozen=True):
+    claims: list[Claim]
+    next_due: float | None
+    """When the earliest queued task not yet due becomes due, so the feeder can sleep
+    until then; None when no task waits for a time."""
+
+
+class Store(Protocol):
+    @property
+    def description(self) -> str:
+        """Where the data lives, for the startup line (no secrets)."""
+        ...
+
+    async def admit(self, tasks: Sequence[NewTask], *, max_pending: int) -> list[Task]:
+        """Commit all of `tasks` as `queued`, or none: raises `QueueFull` if they would take
+        the unfinished count past `max_pending`. Returns only after the commit."""
+        ...
+
+    async def claim(
+        self, *, owner: str, limit: int, now: float, lease: float
+    ) -> ClaimBatch:
+        """Move up to `limit` due queued tasks to `running` for `owner`, counting an attempt,
+        leased until `now + lease`. Highest priority first, then oldest."""
+        ...
+
+    async def record(self, claim: Claim, outcome: Outcome) -> Task | None:
+        """Apply the outcome of a run, fenced on the claim. None if the claim was lost
+        (cancelled, rescued, or already recorded)."""
+        ...
+
+    async def get(self, task_id: str) -> Task | None: ...
+
+    async def list(self, query: TaskQuery) -> list[Task]:
+        """Tasks matching `query`, newest first, at most `query.limit`."""
+        ...
+
+    async def cancel(self, task_id: str, *, now: float) -> tuple[Task, TaskState]:
+        """Move a queued or running task to `cancelled`; returns it and its state before.
+        Raises `NotFound`, or `Conflict` if it already ended."""
+        ...
+
+    async def retry(self, task_id: str, *, now: float, max_pending: int) -> Task:
+        """Put a failed or cancelled task back to `queued` with a fresh attempt budget.
+        Raises `NotFound`, `Conflict` if it is not failed or cancelled, or `QueueFull`."""
+        ...
+
+    async def recover(self, *, owner: str, now: float) -> int:
+        """Put back every `running` task whose owner is gone (for an exclusive store: every
+        one), counting the interrupted run as an attempt; fails those with none left.
+        Returns how many were put back or failed."""
+        ...
+
+    async def counts(self) -> Counts: ...
+
+
+@asynccontextmanager
+async def open_store(config: StoreConfig) -> AsyncIterator[Store]:
+    """Open, migrate and lock the store named by `config.url`; close it on exit."""
+    scheme = config.url.partition(":")[0]
+    if scheme == "sqlite":
+        from daemon.store.sqlite import open_sqlite
+
+        async with open_sqlite(config) as store:
+            yield store
+    else:
+        raise ConfigError(
+            "store.url", [f"store.url = {config.url!r}: expected a sqlite: URL"]
+        )

@@ -1,0 +1,68 @@
+"""The SQLite schema, versioned through `PRAGMA user_version`; `migrate()` runs at open."""
+
+from __future__ import annotations
+
+import sqlite3
+
+# Each entry moves the schema from version i to i + 1. Never edit one that has shipped.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE tasks (
+        seq           INTEGER PRIMARY KEY,
+        id            TEXT    NOT NULL UNIQUE,
+        type          TEXT    NOT NULL,
+        queue         TEXT    NOT NULL,
+        state         TEXT    NOT NULL,
+        payload       BLOB    NOT NULL,
+        priority      INTEGER NOT NULL,
+        run_at        REAL    NOT NULL,
+        created_at    REAL    NOT NULL,
+        timeout       REAL    NOT NULL,
+        max_attempts  INTEGER NOT NULL,
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        attempt_floor INTEGER NOT NULL DEFAULT 0,
+        started_at    REAL,
+        finished_at   REAL,
+        result        BLOB,
+        last_error    TEXT,
+        history       BLOB,
+        owner         TEXT,
+        lease_until   REAL
+    );
+    -- The claim walks this partial index in order: it holds only what may be claimed.
+    CREATE INDEX tasks_claim ON tasks (priority DESC, seq) WHERE state = 'queued';
+    CREATE INDEX tasks_next_due ON tasks (run_at) WHERE state = 'queued';
+    CREATE INDEX tasks_running ON tasks (owner) WHERE state = 'running';
+    CREATE INDEX tasks_state ON tasks (state, seq);
+    CREATE INDEX tasks_type ON tasks (type, seq);
+    CREATE INDEX tasks_queue ON tasks (queue, seq);
+    """,
+)
+
+LATEST = len(MIGRATIONS)
+
+
+class SchemaTooNew(Exception):
+    pass
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema to `LATEST` in one transaction; returns the version found.
+    Statements are split on ";", so none may contain one (comments included)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > LATEST:
+            raise SchemaTooNew(
+                f"the database has schema version {found}, this offload knows up to {LATEST}"
+            )
+        for version in range(found, LATEST):
+            for statement in MIGRATIONS[version].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {LATEST}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return found

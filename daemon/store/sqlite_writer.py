@@ -1,0 +1,162 @@
+"""One SQLite connection in a dedicated thread that commits many operations per transaction.
+
+Callers on the event loop submit functions of the connection and await a future. The thread
+takes whatever is waiting (up to `MAX_BATCH`), runs each in its own savepoint inside one
+`BEGIN IMMEDIATE` transaction, commits once, and only then settles the futures: so a future
+resolves only after its writes are durable, and an operation that raises undoes only itself.
+If the commit fails every operation of the batch fails with `StoreUnavailable`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from daemon.errors import StoreUnavailable
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+MAX_BATCH = 1024
+# Under constant reads the WAL may never reset by itself; past this size we force it.
+WAL_LIMIT = 64 * 1024 * 1024
+WAL_CHECK_EVERY = 256  # commits
+
+
+class _Item:
+    __slots__ = ("future", "op")
+
+    def __init__(self, op: Op, future: asyncio.Future[Any]) -> None:
+        self.op = op
+        self.future = future
+
+
+class Writer:
+    """Owns the write connection. `start()` connects (in the thread) and runs `setup`;
+    `submit()` queues an operation; `stop()` finishes what was queued and closes."""
+
+    def __init__(self, connect: Callable[[], sqlite3.Connection], wal_path: str) -> None:
+        self._connect = connect
+        self._wal_path = wal_path
+        self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.on_rollback: Callable[[sqlite3.Connection], None] | None = None
+        self.last_commit = time.monotonic()
+        self.commits = 0
+
+    async def start(self, setup: Callable[[sqlite3.Connection], T]) -> T:
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[Any] = self._loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(setup, ready), name="sqlite-writer", daemon=True
+        )
+        self._thread.start()
+        return await ready  # type: ignore[no-any-return]
+
+    def submit(self, op: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        assert self._loop is not None, "Writer.start() first"
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._items.put(_Item(op, future))
+        return future
+
+    async def stop(self) -> None:
+        if self._thread is None:
+            return
+        self._items.put(None)
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+
+    def _run(self, setup: Callable[[sqlite3.Connection], Any], ready: asyncio.Future[Any]) -> None:
+        loop = self._loop
+        assert loop is not None
+        try:
+            conn = self._connect()
+            value = setup(conn)
+        except BaseException as exc:  # reported to start(); the thread ends here
+            loop.call_soon_threadsafe(_settle_one, ready, False, exc)
+            return
+        loop.call_soon_threadsafe(_settle_one, ready, True, value)
+        try:
+            self._serve(conn, loop)
+        finally:
+            conn.close()
+
+    def _serve(self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop) -> None:
+        stopping = False
+        while not stopping:
+            first = self._items.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._items.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            results = self._apply(conn, batch)
+            loop.call_soon_threadsafe(_settle, batch, results)
+            self.commits += 1
+            self.last_commit = time.monotonic()
+            if self.commits % WAL_CHECK_EVERY == 0:
+                self._bound_wal(conn)
+
+    def _apply(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for item in batch:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append((True, item.op(conn)))
+                except Exception as exc:  # the operation's own error, handed to its caller
+                    conn.execute("ROLLBACK TO op")
+                    results.append((False, exc))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            logger.error(
+                "sqlite transaction failed: %s", exc, extra={"event": "store.commit_failed"}
+            )
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if self.on_rollback is not None:
+                self.on_rollback(conn)
+            error = StoreUnavailable(f"the store could not commit: {exc}")
+            return [(False, error)] * len(batch)
+        return results
+
+    def _bound_wal(self, conn: sqlite3.Connection) -> None:
+        try:
+            size = os.stat(self._wal_path).st_size
+        except OSError:
+            return
+        if size > WAL_LIMIT:
+            # TRUNCATE waits (busy_timeout) for readers to finish, then empties the WAL.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def _settle_one(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def _settle(batch: list[_Item], results: list[tuple[bool, Any]]) -> None:
+    for item, (ok, value) in zip(batch, results, strict=True):
+        _settle_one(item.future, ok, value)

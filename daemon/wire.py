@@ -1,0 +1,140 @@
+"""The JSON of the HTTP API: request and response types, and decoding errors turned into
+our error types with the offending field named."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+
+from daemon.errors import BadRequest, Invalid
+from daemon.models import Task
+
+T = TypeVar("T")
+QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+
+
+class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    payload: msgspec.Raw = msgspec.Raw(b"{}")
+    queue: QueueName | None = None
+    priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
+    delay: Annotated[float, msgspec.Meta(ge=0, le=366 * 86400)] | None = None
+    run_at: dt.datetime | None = None
+    timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+
+
+class AttemptView(msgspec.Struct, frozen=True):
+    attempt: int
+    started_at: str | None
+    duration: float
+    error: str
+
+
+class TaskView(msgspec.Struct, frozen=True):
+    id: str
+    type: str
+    queue: str
+    state: str
+    payload: msgspec.Raw
+    attempts: int
+    max_attempts: int
+    priority: int
+    timeout: float
+    run_at: str | None
+    created_at: str | None
+    started_at: str | None
+    finished_at: str | None
+    result: msgspec.Raw | None
+    last_error: str | None
+    history: list[AttemptView]
+
+
+class TaskPage(msgspec.Struct, frozen=True):
+    tasks: list[TaskView]
+    next_cursor: str | None
+
+
+class ErrorBody(msgspec.Struct, frozen=True, omit_defaults=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, frozen=True):
+    error: ErrorBody
+
+
+def rfc3339(t: float | None) -> str | None:
+    if t is None:
+        return None
+    stamp = dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")
+    return stamp.replace("+00:00", "Z")
+
+
+def view(task: Task) -> TaskView:
+    return TaskView(
+        id=task.id,
+        type=task.type,
+        queue=task.queue,
+        state=task.state.value,
+        payload=msgspec.Raw(task.payload),
+        attempts=task.attempts,
+        max_attempts=task.max_attempts,
+        priority=task.priority,
+        timeout=task.timeout,
+        run_at=rfc3339(task.run_at),
+        created_at=rfc3339(task.created_at),
+        started_at=rfc3339(task.started_at),
+        finished_at=rfc3339(task.finished_at),
+        result=None if task.result is None else msgspec.Raw(task.result),
+        last_error=task.last_error,
+        history=[
+            AttemptView(a.attempt, rfc3339(a.started_at), round(a.duration, 6), a.error)
+            for a in task.history
+        ],
+    )
+
+
+_encoder = msgspec.json.Encoder()
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+_AT_PATH = re.compile(r" - at `\$\.?([^`]*)`$")
+_FIELD_NAMED = re.compile(r"(?:missing required|unknown) field `([^`]*)`")
+
+
+def encode(value: object) -> bytes:
+    return _encoder.encode(value)
+
+
+def decode_body(body: bytes, tp: type[T], *, prefix: str = "") -> T:
+    """Decode JSON `body` as `tp`: `BadRequest` if it is not JSON, `Invalid` naming the field
+    if it is JSON that does not fit."""
+    decoder = _decoders.get(tp)
+    if decoder is None:
+        decoder = _decoders[tp] = msgspec.json.Decoder(tp)
+    try:
+        return decoder.decode(body)  # type: ignore[no-any-return]
+    except msgspec.ValidationError as exc:
+        raise invalid(exc, prefix=prefix) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"the body is not valid JSON: {exc}") from None
+    except UnicodeDecodeError:
+        raise BadRequest("the body is not valid UTF-8") from None
+    except RecursionError:
+        raise BadRequest("the JSON is nested too deeply") from None
+
+
+def invalid(exc: msgspec.ValidationError, *, prefix: str = "") -> Invalid:
+    """An `Invalid` whose field is the dotted path msgspec reported, under `prefix`."""
+    message = str(exc)
+    path = ""
+    if (m := _AT_PATH.search(message)) is not None:
+        path = m.group(1)
+        message = message[: m.start()]
+    if (m := _FIELD_NAMED.search(message)) is not None:
+        path = f"{path}.{m.group(1)}" if path else m.group(1)
+    field = ".".join(p for p in (prefix, path) if p) or None
+    return Invalid(message, field=field)
