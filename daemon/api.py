@@ -22,9 +22,7 @@ MAX_PAGE = 1000
 
 
 def make_app(rt: Runtime) -> web.Application:
-    app = web.Application(
-        middlewares=[errors], client_max_size=rt.config.server.max_body
-    )
+    app = web.Application(middlewares=[errors], client_max_size=rt.config.server.max_body)
     app[RUNTIME] = rt
     app.router.add_post("/v1/tasks", submit)
     app.router.add_get("/v1/tasks", list_tasks)
@@ -135,9 +133,7 @@ async def retry_task(request: web.Request) -> web.Response:
         raise NotFound(f"no task {task_id}", field="id")
     if rt.draining.is_set():
         raise admission.draining_refusal(rt)
-    task = await rt.store.retry(
-        task_id, now=time.time(), max_pending=rt.config.workers.max_pending
-    )
+    task = await rt.store.retry(task_id, now=time.time(), max_pending=rt.config.workers.max_pending)
     rt.workers.wake()
     return _json(view(task))
 

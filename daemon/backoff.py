@@ -7,9 +7,7 @@ import random
 from daemon.config import BackoffConfig
 
 
-def backoff_delay(
-    policy: BackoffConfig, attempt: int, *, rand: float | None = None
-) -> float:
+def backoff_delay(policy: BackoffConfig, attempt: int, *, rand: float | None = None) -> float:
     """Seconds to wait after failed attempt number `attempt` (1-based): `initial *
     multiplier**(attempt-1)`, capped at `max`, then spread by ±`jitter` (a fraction) and
     capped again. `rand` in [0, 1) replaces the random draw (for tests)."""

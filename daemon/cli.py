@@ -18,6 +18,7 @@ import uvloop
 from daemon import __version__, logs
 from daemon.config import load
 from daemon.errors import ConfigError, OffloadError
+from daemon.lifecycle import serve as run
 
 logger = logging.getLogger("daemon")
 
@@ -57,8 +58,6 @@ def check_config(path: str) -> int:
 
 
 def serve(path: str) -> int:
-    from daemon.lifecycle import serve as run
-
     try:
         config = load(path)
     except ConfigError as exc:

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from daemon.errors import ConfigError
+from daemon.executors.python import HandlerError, resolve_handler
 
 
 class Duration(float):
@@ -34,7 +35,7 @@ _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
 def parse_duration(value: object) -> Duration:
     if isinstance(value, bool):
-        raise ValueError("expected a duration like \"30s\"")
+        raise ValueError('expected a duration like "30s"')
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("expected a duration >= 0")
@@ -68,18 +69,18 @@ Positive = Annotated[int, msgspec.Meta(ge=1)]
 QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
-class ServerConfig(_Section):
+class ServerConfig(_Section, frozen=True):
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(1024 * 1024)
     max_wait: Duration = Duration(60)
 
 
-class StoreConfig(_Section):
+class StoreConfig(_Section, frozen=True):
     url: str = "sqlite:var/offload.db"
     synchronous: Literal["normal", "full"] = "full"
 
 
-class WorkersConfig(_Section):
+class WorkersConfig(_Section, frozen=True):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 16
     max_pending: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     grace_period: Duration = Duration(30)
@@ -87,14 +88,14 @@ class WorkersConfig(_Section):
     prefetch: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 16
 
 
-class BackoffConfig(_Section):
+class BackoffConfig(_Section, frozen=True):
     initial: Duration = Duration(1)
     max: Duration = Duration(300)
     multiplier: Annotated[float, msgspec.Meta(ge=1.0)] = 2.0
     jitter: Annotated[float, msgspec.Meta(ge=0.0, le=1.0)] = 0.1
 
 
-class _TypeBase(_Section, tag_field="kind", kw_only=True):
+class _TypeBase(_Section, frozen=True, tag_field="kind", kw_only=True):
     queue: QueueName = "default"
     timeout: Duration = Duration(300)
     max_attempts: Positive = 3
@@ -102,7 +103,7 @@ class _TypeBase(_Section, tag_field="kind", kw_only=True):
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
 
 
-class PythonType(_TypeBase, tag="python", kw_only=True):
+class PythonType(_TypeBase, frozen=True, tag="python", kw_only=True):
     """Calls `handler` ("package.module:function"), resolved when the config is loaded."""
 
     handler: str
@@ -111,12 +112,12 @@ class PythonType(_TypeBase, tag="python", kw_only=True):
 TypeConfig = PythonType
 
 
-class LogConfig(_Section):
+class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
@@ -151,8 +152,6 @@ def parse(raw: dict[str, Any], *, source: str = "<config>") -> Config:
 
 def _check_semantics(config: Config) -> list[str]:
     """Rules that span keys, and handlers that must resolve now rather than at run time."""
-    from daemon.executors.python import HandlerError, resolve_handler
-
     problems = []
     if config.workers.max_pending < config.workers.concurrency:
         problems.append(

@@ -57,7 +57,9 @@ async def _run(workers: Workers, claim: Claim) -> None:
     except OffloadError as exc:
         # The row stays `running`; recovery (or lease expiry) puts it back later.
         logger.error(
-            "could not record the outcome of task %s: %s", task.id, exc,
+            "could not record the outcome of task %s: %s",
+            task.id,
+            exc,
             extra=_fields(claim, "task.record_failed"),
         )
         return
@@ -65,7 +67,8 @@ async def _run(workers: Workers, claim: Claim) -> None:
     if recorded is None:
         logger.warning(
             "task %s was taken from this run (cancelled or rescued); its outcome is dropped",
-            task.id, extra=_fields(claim, "task.lost_claim"),
+            task.id,
+            extra=_fields(claim, "task.lost_claim"),
         )
         return
     _log_outcome(claim, outcome, time.monotonic() - started)
@@ -123,14 +126,16 @@ def _success(workers: Workers, claim: Claim, value: object, started: float) -> O
     except (TypeError, msgspec.EncodeError) as exc:
         return Failed(
             error=f"the handler's result is not JSON-serialisable: {exc}",
-            finished_at=time.time(), duration=_since(started),
+            finished_at=time.time(),
+            duration=_since(started),
         )
     task_type = workers.types.get(claim.task.type)
     limit = task_type.config.max_result if task_type is not None else 64 * 1024
     if len(result) > limit:
         return Failed(
             error=f"the result is {len(result)} bytes, over max_result ({limit})",
-            finished_at=time.time(), duration=_since(started),
+            finished_at=time.time(),
+            duration=_since(started),
         )
     return Succeeded(result=result, finished_at=time.time())
 
@@ -170,21 +175,30 @@ def _count(workers: Workers, outcome: Outcome) -> None:
 def _log_outcome(claim: Claim, outcome: Outcome, duration: float) -> None:
     if isinstance(outcome, Succeeded):
         logger.info(
-            "task %s succeeded in %.3fs", claim.task.id, duration,
+            "task %s succeeded in %.3fs",
+            claim.task.id,
+            duration,
             extra=_fields(claim, "task.succeeded"),
         )
     elif isinstance(outcome, Retry):
         logger.warning(
-            "task %s attempt %d failed, retrying in %.1fs: %s", claim.task.id, claim.attempt,
-            outcome.run_at - time.time(), outcome.error, extra=_fields(claim, "task.retry"),
+            "task %s attempt %d failed, retrying in %.1fs: %s",
+            claim.task.id,
+            claim.attempt,
+            outcome.run_at - time.time(),
+            outcome.error,
+            extra=_fields(claim, "task.retry"),
         )
     elif isinstance(outcome, Failed):
         logger.error(
-            "task %s failed: %s", claim.task.id, outcome.error,
+            "task %s failed: %s",
+            claim.task.id,
+            outcome.error,
             extra=_fields(claim, "task.failed"),
         )
     else:
         logger.info(
-            "task %s stopped by shutdown and put back", claim.task.id,
+            "task %s stopped by shutdown and put back",
+            claim.task.id,
             extra=_fields(claim, "task.released"),
         )

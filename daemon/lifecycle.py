@@ -49,8 +49,13 @@ async def serve(config: Config, *, stop: Stop | None = None) -> Stats:
     logger.info(
         "offload stopped after %.1fs: accepted %d, succeeded %d, failed %d, retried %d, "
         "cancelled %d, put back %d",
-        time.monotonic() - stats.started, stats.accepted, stats.succeeded, stats.failed,
-        stats.retried, stats.cancelled, stats.released,
+        time.monotonic() - stats.started,
+        stats.accepted,
+        stats.succeeded,
+        stats.failed,
+        stats.retried,
+        stats.cancelled,
+        stats.released,
         extra={"event": "daemon.stopped"},
     )
     return stats
@@ -77,7 +82,8 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
                 rt.ready = False
                 rt.draining.set()
                 logger.info(
-                    "stop requested: draining (grace period %gs)", config.workers.grace_period,
+                    "stop requested: draining (grace period %gs)",
+                    config.workers.grace_period,
                     extra={"event": "daemon.stopping"},
                 )
                 await workers.drain(config.workers.grace_period, stop.hurry)
@@ -92,8 +98,13 @@ async def _log_started(rt: Runtime, where: str) -> None:
     logger.info(
         "offload started: listening on %s, store %s, concurrency %d, max_pending %d, "
         "grace %gs, types %s; %d queued, %d recovered from an earlier run",
-        where, rt.store.description, cfg.workers.concurrency, cfg.workers.max_pending,
-        cfg.workers.grace_period, ",".join(sorted(rt.types)) or "none", counts.queued,
+        where,
+        rt.store.description,
+        cfg.workers.concurrency,
+        cfg.workers.max_pending,
+        cfg.workers.grace_period,
+        ",".join(sorted(rt.types)) or "none",
+        counts.queued,
         rt.stats.recovered,
         extra={"event": "daemon.started"},
     )

@@ -21,9 +21,8 @@ _AIOHTTP_CODES = {
     400: "bad_request",
 }
 
-def error_response(
-    status: int, code: str, message: str, field: str | None = None
-) -> web.Response:
+
+def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
     body = encode(ErrorResponse(ErrorBody(code=code, message=message, field=field)))
     return web.Response(status=status, body=body, content_type="application/json")
 
@@ -47,7 +46,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
     except Exception:
         logger.exception(
-            "unhandled error on %s %s", request.method, request.path,
+            "unhandled error on %s %s",
+            request.method,
+            request.path,
             extra={"event": "http.bug"},
         )
         return error_response(500, "internal", "internal error; see the daemon's log")

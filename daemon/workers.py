@@ -134,7 +134,9 @@ class Workers:
         for claim, result in zip(claims, results, strict=True):
             if isinstance(result, BaseException):
                 logger.error(
-                    "could not put back task %s: %s", claim.task.id, result,
+                    "could not put back task %s: %s",
+                    claim.task.id,
+                    result,
                     extra={"event": "task.put_back_failed", "task_id": claim.task.id},
                 )
             self.finished()
@@ -156,27 +158,39 @@ class Workers:
         await self._put_back(waiting)
         if self.runs:
             logger.info(
-                "draining: %d running tasks get up to %gs", len(self.runs), grace,
+                "draining: %d running tasks get up to %gs",
+                len(self.runs),
+                grace,
                 extra={"event": "drain.start"},
             )
-            await _first(self._idle.wait(), hurry.wait(), timeout=grace)
+            await _within(grace, self._idle, hurry)
         if self.runs:
             logger.warning(
                 "grace period over: stopping %d running tasks and putting them back",
-                len(self.runs), extra={"event": "drain.stop_running"},
+                len(self.runs),
+                extra={"event": "drain.stop_running"},
             )
             for run in list(self.runs.values()):
                 run.stop("shutdown")
-            await _first(self._idle.wait(), timeout=STOP_DEADLINE)
+            await _within(STOP_DEADLINE, self._idle)
         for _ in range(self.config.concurrency):
             self.handoff.put_nowait(None)
 
 
-async def _first(*waits: object, timeout: float | None) -> None:
-    """Return when the first of `waits` (coroutines) finishes, or after `timeout`."""
-    tasks = [asyncio.ensure_future(w) for w in waits]  # type: ignore[call-overload]
+async def _first_set(*events: asyncio.Event) -> None:
+    """Return as soon as one of `events` is set; callers bound the time with asyncio.timeout."""
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
     try:
-        await asyncio.wait(tasks, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        for t in tasks:
-            t.cancel()
+        for w in waits:
+            w.cancel()
+
+
+async def _within(seconds: float, *events: asyncio.Event) -> None:
+    """Wait for the first of `events`, at most `seconds`."""
+    try:
+        async with asyncio.timeout(seconds):
+            await _first_set(*events)
+    except TimeoutError:
+        pass

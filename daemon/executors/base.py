@@ -17,7 +17,7 @@ from typing import Any
 JSON = Any
 
 
-class Permanent(Exception):  # noqa: N818 - the name users raise; "Error" adds nothing
+class Permanent(Exception):
     """Raise from a handler to fail the task without further attempts."""
 
 

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import msgspec
+
 from daemon.executors.base import JSON, Executor, Job
 
 
@@ -58,8 +60,6 @@ def python_executor(
     handler: Callable[..., Any], threads: ThreadPoolExecutor, payload_as: Any
 ) -> Executor:
     """Build the executor for one handler. `payload_as` is the type the payload is decoded to."""
-    import msgspec
-
     wants_job = len(inspect.signature(handler).parameters) >= 2
 
     def args(job: Job) -> tuple[Any, ...]:

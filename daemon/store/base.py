@@ -37,9 +37,7 @@ class Store(Protocol):
         the unfinished count past `max_pending`. Returns only after the commit."""
         ...
 
-    async def claim(
-        self, *, owner: str, limit: int, now: float, lease: float
-    ) -> ClaimBatch:
+    async def claim(self, *, owner: str, limit: int, now: float, lease: float) -> ClaimBatch:
         """Move up to `limit` due queued tasks to `running` for `owner`, counting an attempt,
         leased until `now + lease`. Highest priority first, then oldest."""
         ...
@@ -84,6 +82,4 @@ async def open_store(config: StoreConfig) -> AsyncIterator[Store]:
         async with open_sqlite(config) as store:
             yield store
     else:
-        raise ConfigError(
-            "store.url", [f"store.url = {config.url!r}: expected a sqlite: URL"]
-        )
+        raise ConfigError("store.url", [f"store.url = {config.url!r}: expected a sqlite: URL"])

@@ -27,7 +27,6 @@ from daemon.models import (
     Attempt,
     Claim,
     Counts,
-    Failed,
     NewTask,
     Outcome,
     Released,
@@ -156,8 +155,17 @@ class SQLiteStore:
 
     async def admit(self, tasks: Sequence[NewTask], *, max_pending: int) -> list[Task]:
         rows = [
-            (t.id, t.type, t.queue, t.payload, t.priority, t.run_at, t.created_at, t.timeout,
-             t.max_attempts)
+            (
+                t.id,
+                t.type,
+                t.queue,
+                t.payload,
+                t.priority,
+                t.run_at,
+                t.created_at,
+                t.timeout,
+                t.max_attempts,
+            )
             for t in tasks
         ]
 
@@ -302,9 +310,7 @@ class SQLiteStore:
         error = "interrupted: the daemon stopped without finishing this run (crash or kill)"
 
         def op(conn: sqlite3.Connection) -> int:
-            rows = conn.execute(
-                f"SELECT {COLUMNS} FROM tasks WHERE state = 'running'"
-            ).fetchall()
+            rows = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE state = 'running'").fetchall()
             for row in rows:
                 task = _task(row)
                 started = task.started_at or now
@@ -338,8 +344,7 @@ class SQLiteStore:
 
     async def list(self, query: TaskQuery) -> list[Task]:
         where, args = [], []
-        for column, value in (("state", query.state), ("type", query.type),
-                              ("queue", query.queue)):
+        for column, value in (("state", query.state), ("type", query.type), ("queue", query.queue)):
             if value is not None:
                 where.append(f"{column} = ?")
                 args.append(str(value))
