@@ -1,6 +1,7 @@
-"""An app factory for `adev runserver daemon/dev.py --app-factory create_app`: the HTTP API
-with its feeder and consumers, restarted on every code change. Config from
-$OFFLOAD_CONFIG (default config.example.toml). Development only; production is `offload serve`."""
+"""An app factory for `adev runserver daemon/dev.py --app-factory create_app` (`make dev`):
+the HTTP API with its store, feeder and consumers, rebuilt on every code change. Config from
+$OFFLOAD_CONFIG (default config.example.toml). Development only: production is
+`offload serve`, which also handles signals and the ordered stop."""
 
 from __future__ import annotations
 
@@ -25,31 +26,32 @@ from daemon.watch import Watchers
 from daemon.workers import Workers
 
 
-def create_app() -> web.Application:
+async def create_app() -> web.Application:
     config = load(os.environ.get("OFFLOAD_CONFIG", "config.example.toml"))
     logs.setup(config.log.level, config.log.format)
-    holder: web.Application = web.Application()
+    stack = AsyncExitStack()
+    threads = ThreadPoolExecutor(config.workers.concurrency, thread_name_prefix="handler")
+    stack.callback(threads.shutdown, wait=False, cancel_futures=True)
+    store = await stack.enter_async_context(open_store(config.store))
+    owner = f"dev:{os.getpid()}"
+    stats, watchers = Stats(), Watchers()
+    stats.recovered = await store.recover(owner=owner, now=time.time())
+    types = build_types(config, threads)
+    workers = Workers(config.workers, store, types, stats, watchers, owner)
+    rt = Runtime(config, store, types, workers, stats, watchers, ready=True)
+    app = make_app(rt)
 
-    async def lifespan(app: web.Application) -> AsyncIterator[None]:
-        async with AsyncExitStack() as stack:
-            threads = ThreadPoolExecutor(config.workers.concurrency)
-            stack.callback(threads.shutdown, wait=False, cancel_futures=True)
-            store = await stack.enter_async_context(open_store(config.store))
-            stats, watchers = Stats(), Watchers()
-            await store.recover(owner=f"dev:{os.getpid()}", now=time.time())
-            types = build_types(config, threads)
-            workers = Workers(config.workers, store, types, stats, watchers, f"dev:{os.getpid()}")
-            rt = Runtime(config, store, types, workers, stats, watchers, ready=True)
-            app.add_subapp("/", make_app(rt))
-            tasks = [asyncio.create_task(workers.feed(), name="feeder")]
-            tasks += [
-                asyncio.create_task(consume(workers), name=f"consumer-{i}")
-                for i in range(config.workers.concurrency)
-            ]
-            yield
-            rt.draining.set()
-            await workers.drain(config.workers.grace_period, asyncio.Event())
-            await asyncio.gather(*tasks)
+    async def run_workers(app: web.Application) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(workers.feed(), name="feeder")]
+        tasks += [
+            asyncio.create_task(consume(workers), name=f"consumer-{i}")
+            for i in range(config.workers.concurrency)
+        ]
+        yield
+        rt.draining.set()
+        await workers.drain(config.workers.grace_period, asyncio.Event())
+        await asyncio.gather(*tasks)
+        await stack.aclose()
 
-    holder.cleanup_ctx.append(lifespan)
-    return holder
+    app.cleanup_ctx.append(run_workers)
+    return app
