@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from daemon.config import ServerConfig
+from daemon.systemd import activated_socket
 
 SHUTDOWN_TIMEOUT = 5.0  # seconds open requests get once the listener closes
 
@@ -27,16 +28,20 @@ def parse_listen(listen: str) -> tuple[str, int] | str:
 
 @asynccontextmanager
 async def open_http(app: web.Application, config: ServerConfig) -> AsyncIterator[str]:
-    """Serve `app` on `config.listen`; yields the bound address. On exit the listener closes
-    first, then open requests get `SHUTDOWN_TIMEOUT` seconds, then the app's cleanup runs."""
+    """Serve `app` on the socket systemd passed us (socket activation), else on
+    `config.listen`; yields the bound address. On exit the listener closes first, then open
+    requests get `SHUTDOWN_TIMEOUT` seconds, then the app's cleanup runs."""
     runner = web.AppRunner(
         app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
     try:
         where = parse_listen(config.listen)
+        inherited = activated_socket()
         site: web.BaseSite
-        if isinstance(where, str):
+        if inherited is not None:
+            site = web.SockSite(runner, inherited)
+        elif isinstance(where, str):
             site = web.UnixSite(runner, where)
         else:
             site = web.TCPSite(runner, where[0], where[1], backlog=1024)

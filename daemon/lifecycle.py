@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
@@ -25,11 +26,14 @@ from daemon.runtime import Runtime
 from daemon.signals import Stop, stop_on_signals
 from daemon.stats import Stats
 from daemon.store import open_store
+from daemon.systemd import Notifier, pulse, watchdog_interval
 from daemon.tasktypes import build_types
 from daemon.watch import Watchers
 from daemon.workers import Workers
 
 logger = logging.getLogger(__name__)
+
+STATUS_EVERY = 5.0  # seconds between STATUS= updates when the watchdog does not set a pace
 
 
 async def serve(config: Config, *, stop: Stop | None = None) -> Stats:
@@ -65,6 +69,8 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
     types = build_types(config, threads)
     watchers = Watchers()
     owner = f"{socket.gethostname()}:{os.getpid()}"
+    notifier = Notifier()
+    watchdog = watchdog_interval()
     async with open_store(config.store) as store:
         stats.recovered = await store.recover(owner=owner, now=time.time())
         workers = Workers(config.workers, store, types, stats, watchers, owner)
@@ -73,10 +79,22 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
             tg.create_task(workers.feed(), name="feeder")
             for i in range(config.workers.concurrency):
                 tg.create_task(consume(workers), name=f"consumer-{i}")
+            beat = tg.create_task(
+                pulse(
+                    notifier,
+                    watchdog or STATUS_EVERY,
+                    store.check,
+                    _status(rt),
+                    watchdog=watchdog is not None,
+                ),
+                name="systemd-pulse",
+            )
             async with open_http(make_app(rt), config.server) as where:
                 rt.ready = True
                 await _log_started(rt, where)
+                notifier.send("READY=1", f"STATUS=ready on {where}")
                 await stop.requested.wait()
+                notifier.send("STOPPING=1", "STATUS=draining")
                 # From here POST answers 503 and /readyz fails; GET keeps working while the
                 # running tasks get the grace period.
                 rt.ready = False
@@ -88,8 +106,26 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
                 )
                 await workers.drain(config.workers.grace_period, stop.hurry)
                 watchers.wake_all()
-            # HTTP is closed; the consumers were told to exit by drain() and do so now.
+            # HTTP is closed; the consumers were told to exit by drain() and do so now. The
+            # watchdog pings until here, since a drain may outlast WatchdogSec.
+            beat.cancel()
+    notifier.close()
     # The store committed everything queued to it and closed.
+
+
+def _status(rt: Runtime) -> Callable[[float], str]:
+    last = [rt.stats.accepted]
+
+    def status(interval: float) -> str:
+        accepted, last[0] = rt.stats.accepted - last[0], rt.stats.accepted
+        stats = rt.stats
+        prefix = "draining: " if rt.draining.is_set() else ""
+        return (
+            f"{prefix}running {len(rt.workers.runs)}, accepted {accepted / interval:.1f}/s, "
+            f"succeeded {stats.succeeded}, failed {stats.failed}, retried {stats.retried}"
+        )
+
+    return status
 
 
 async def _log_started(rt: Runtime, where: str) -> None:

@@ -8,7 +8,7 @@ storage; they never acknowledge what they did not commit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -37,9 +37,19 @@ class Store(Protocol):
         the unfinished count past `max_pending`. Returns only after the commit."""
         ...
 
-    async def claim(self, *, owner: str, limit: int, now: float, lease: float) -> ClaimBatch:
+    async def claim(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        now: float,
+        lease: float,
+        only_type: str | None = None,
+        skip_types: Collection[str] = (),
+    ) -> ClaimBatch:
         """Move up to `limit` due queued tasks to `running` for `owner`, counting an attempt,
-        leased until `now + lease`. Highest priority first, then oldest."""
+        leased until `now + lease`. Highest priority first, then oldest. `only_type` and
+        `skip_types` narrow the claim (per-type concurrency caps)."""
         ...
 
     async def record(self, claim: Claim, outcome: Outcome) -> Task | None:
@@ -70,6 +80,11 @@ class Store(Protocol):
         ...
 
     async def counts(self) -> Counts: ...
+
+    async def check(self) -> None:
+        """Return once the store has answered a round trip through the path writes take
+        (the writer thread, the pool); the watchdog withholds its ping until then."""
+        ...
 
 
 @asynccontextmanager

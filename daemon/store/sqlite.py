@@ -13,7 +13,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -186,15 +186,32 @@ class SQLiteStore:
         await self._write(op)
         return [Task.admitted(t) for t in tasks]
 
-    async def claim(self, *, owner: str, limit: int, now: float, lease: float) -> ClaimBatch:
+    async def claim(
+        self,
+        *,
+        owner: str,
+        limit: int,
+        now: float,
+        lease: float,
+        only_type: str | None = None,
+        skip_types: Collection[str] = (),
+    ) -> ClaimBatch:
+        narrow, narrow_args = "", []
+        if only_type is not None:
+            narrow, narrow_args = " AND type = ?", [only_type]
+        elif skip_types:
+            narrow = f" AND type NOT IN ({', '.join('?' * len(skip_types))})"
+            narrow_args = list(skip_types)
+        claim_sql = (
+            f"UPDATE tasks SET state = 'running', attempts = attempts + 1, owner = ?, "
+            f"lease_until = ?, started_at = ? WHERE seq IN (SELECT seq FROM tasks "
+            f"WHERE state = 'queued' AND run_at <= ?{narrow} ORDER BY priority DESC, seq "
+            f"LIMIT ?) RETURNING seq, {COLUMNS}"
+        )
+        claim_args = (owner, now + lease, now, now, *narrow_args, limit)
+
         def op(conn: sqlite3.Connection) -> ClaimBatch:
-            rows = conn.execute(
-                f"UPDATE tasks SET state = 'running', attempts = attempts + 1, owner = ?, "
-                f"lease_until = ?, started_at = ? WHERE seq IN (SELECT seq FROM tasks "
-                f"WHERE state = 'queued' AND run_at <= ? ORDER BY priority DESC, seq LIMIT ?) "
-                f"RETURNING seq, {COLUMNS}",
-                (owner, now + lease, now, now, limit),
-            ).fetchall()
+            rows = conn.execute(claim_sql, claim_args).fetchall()
             rows.sort(key=lambda r: (-r[6], r[0]))
             claims = [
                 Claim(task=_task(r[1:]), owner=owner, attempt=r[11], lease_until=now + lease)
@@ -203,7 +220,8 @@ class SQLiteStore:
             next_due = None
             if len(rows) < limit:
                 next_due = conn.execute(
-                    "SELECT min(run_at) FROM tasks WHERE state = 'queued' AND run_at > ?", (now,)
+                    f"SELECT min(run_at) FROM tasks WHERE state = 'queued' AND run_at > ?{narrow}",
+                    (now, *narrow_args),
                 ).fetchone()[0]
             return ClaimBatch(claims=claims, next_due=next_due)
 
@@ -332,6 +350,12 @@ class SQLiteStore:
             return len(rows)
 
         return await self._write(op)  # type: ignore[no-any-return]
+
+    async def check(self) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            return None
+
+        await self._write(op)
 
     # -- reads ---------------------------------------------------------------------------
 

@@ -1,0 +1,118 @@
+"""systemd integration without a library: sd_notify over an AF_UNIX datagram socket, the
+watchdog, and socket activation (LISTEN_FDS).
+
+`Notifier` is a no-op when `$NOTIFY_SOCKET` is unset, so the daemon behaves the same outside
+systemd. Abstract socket names (`@name`) are supported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+
+from daemon.errors import OffloadError
+
+logger = logging.getLogger(__name__)
+
+SD_LISTEN_FDS_START = 3
+
+
+class Notifier:
+    """Sends sd_notify messages to `$NOTIFY_SOCKET`, if set. Never raises: a lost
+    notification is logged once, and the service manager decides what that means."""
+
+    def __init__(self, address: str | None = None) -> None:
+        self._address = address if address is not None else os.environ.get("NOTIFY_SOCKET")
+        self._sock: socket.socket | None = None
+        self._warned = False
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._address)
+
+    def send(self, *lines: str) -> None:
+        if not self._address:
+            return
+        target = self._address
+        if target.startswith("@"):
+            target = "\0" + target[1:]
+        try:
+            if self._sock is None:
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._sock.setblocking(False)
+            self._sock.sendto("\n".join(lines).encode(), target)
+        except OSError as exc:
+            if not self._warned:
+                self._warned = True
+                logger.warning(
+                    "cannot notify systemd at %s: %s",
+                    self._address,
+                    exc,
+                    extra={"event": "systemd.notify_failed"},
+                )
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+def watchdog_interval() -> float | None:
+    """Half of `$WATCHDOG_USEC` in seconds, when the watchdog is enabled for this process."""
+    usec = os.environ.get("WATCHDOG_USEC")
+    pid = os.environ.get("WATCHDOG_PID")
+    if not usec or (pid and pid != str(os.getpid())):
+        return None
+    try:
+        return int(usec) / 1_000_000 / 2
+    except ValueError:
+        return None
+
+
+async def pulse(
+    notifier: Notifier,
+    interval: float,
+    healthy: Callable[[], Awaitable[None]],
+    status: Callable[[float], str],
+    *,
+    watchdog: bool,
+) -> None:
+    """Every `interval` seconds: run `healthy()` (bounded by the interval), then send
+    `STATUS=` and, when `watchdog`, `WATCHDOG=1`. A wedged loop or store stops the pings,
+    and systemd restarts the service."""
+    while True:
+        started = asyncio.get_running_loop().time()
+        try:
+            async with asyncio.timeout(interval):
+                await healthy()
+        except (TimeoutError, OffloadError) as exc:
+            logger.error(
+                "health check failed (%s); withholding the watchdog ping",
+                exc or f"no answer within {interval:.1f}s",
+                extra={"event": "systemd.watchdog_withheld"},
+            )
+        else:
+            lines = [f"STATUS={status(interval)}"]
+            if watchdog:
+                lines.append("WATCHDOG=1")
+            notifier.send(*lines)
+        elapsed = asyncio.get_running_loop().time() - started
+        await asyncio.sleep(max(0.0, interval - elapsed))
+
+
+def activated_socket() -> socket.socket | None:
+    """The first socket passed by systemd socket activation, if any (LISTEN_FDS)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    if count < 1:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children
+    return socket.socket(fileno=SD_LISTEN_FDS_START)
