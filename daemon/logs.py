@@ -1,36 +1,27 @@
 """Logging for journald and terminals: one event per line, fields as key=value (or JSON).
 
 Records carry an `event` name and, for task lines, `task_id`, `task_type`, `queue` and
-`attempt` through `extra=`. Under journald (`JOURNAL_STREAM` set) lines start with the
-syslog priority `<N>` that journald reads, and carry no timestamp (the journal adds one).
+`attempt` through `extra=`. Under systemd the journal gets them as fields (`journal.py`).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from typing import Any
 
 import msgspec
 
+from daemon.journal import JournalHandler, stderr_is_journal
+
 FIELDS = ("event", "task_id", "task_type", "queue", "attempt")
-_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self, *, journal: bool) -> None:
-        super().__init__()
-        self.journal = journal
-
     def format(self, record: logging.LogRecord) -> str:
-        parts = []
-        if self.journal:
-            parts.append(f"<{_PRIORITY.get(record.levelname, 6)}>{record.levelname.lower()}")
-        else:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
-            parts.append(f"{stamp}.{int(record.msecs):03d} {record.levelname.lower()}")
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(record.created))
+        parts = [f"{stamp}.{int(record.msecs):03d} {record.levelname.lower()}"]
         parts.append(record.getMessage().replace("\n", "\\n"))
         for name in FIELDS:
             value = record.__dict__.get(name)
@@ -59,12 +50,22 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    journal = bool(os.environ.get("JOURNAL_STREAM"))
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(journal=journal))
+    """Log to the journal's native socket when systemd gave us the journal as stderr,
+    otherwise one line per event on stderr."""
+    handler: logging.Handler
+    if stderr_is_journal():
+        handler = JournalHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        old.close()
     root.addHandler(handler)
-    root.setLevel(level.upper())
+    set_level(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+def set_level(level: str) -> None:
+    logging.getLogger().setLevel(level.upper())

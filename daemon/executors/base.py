@@ -21,6 +21,16 @@ class Permanent(Exception):
     """Raise from a handler to fail the task without further attempts."""
 
 
+class RetryAfter(Exception):
+    """A retryable failure that names the earliest useful retry, `delay` seconds from now
+    (an HTTP `Retry-After`, a rate limit). The consumer schedules the next attempt no sooner
+    than that, and no sooner than the type's backoff; it still spends an attempt."""
+
+    def __init__(self, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.delay = delay
+
+
 class TaskLogger(logging.LoggerAdapter[logging.Logger]):
     """A logger whose every line carries the task's id, type and attempt."""
 
