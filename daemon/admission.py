@@ -76,5 +76,7 @@ async def admit(rt: Runtime, tasks: list[NewTask]) -> list[Task]:
         exc.retry_after = rt.stats.retry_after(exc.needed)
         raise
     rt.stats.accepted += len(admitted)
+    for task in admitted:
+        rt.metrics.accepted.labels(task.type, task.queue).inc()
     rt.workers.wake()
     return admitted

@@ -10,14 +10,20 @@ from aiohttp import web
 from multidict import MultiMapping
 
 from daemon import admission
-from daemon.errors import Invalid, NotFound, PayloadTooLarge, UnsupportedMediaType
+from daemon.errors import (
+    Invalid,
+    NotFound,
+    OffloadError,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+)
 from daemon.ids import is_id
+from daemon.metrics import CONTENT_TYPE
 from daemon.middleware import errors
 from daemon.models import Task, TaskQuery, TaskState
-from daemon.runtime import Runtime
+from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import SubmitRequest, TaskPage, decode_body, encode, view
 
-RUNTIME = web.AppKey("runtime", Runtime)
 MAX_PAGE = 1000
 
 
@@ -31,6 +37,7 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_post("/v1/tasks/{id}/retry", retry_task)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -55,12 +62,16 @@ async def _read_json(request: web.Request) -> bytes:
 
 async def submit(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
-    if rt.draining.is_set():
-        raise admission.draining_refusal(rt)
-    body = await _read_json(request)
-    req = decode_body(body, SubmitRequest)
-    new = admission.build(rt, req, time.time())
-    (task,) = await admission.admit(rt, [new])
+    try:
+        if rt.draining.is_set():
+            raise admission.draining_refusal(rt)
+        body = await _read_json(request)
+        req = decode_body(body, SubmitRequest)
+        new = admission.build(rt, req, time.time())
+        (task,) = await admission.admit(rt, [new])
+    except OffloadError as exc:
+        rt.metrics.rejected.labels(exc.code).inc()
+        raise
     response = _json(view(task), status=202)
     response.headers["Location"] = f"/v1/tasks/{task.id}"
     return response
@@ -122,6 +133,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     if before is TaskState.RUNNING:
         rt.workers.stop_run(task_id, "cancel")
     rt.stats.cancelled += 1
+    rt.metrics.tasks.labels(task.type, task.queue, "cancelled").inc()
     rt.watchers.ended(task_id)
     return _json(view(task))
 
@@ -183,3 +195,10 @@ async def readyz(request: web.Request) -> web.Response:
     if not rt.ready:
         return _json({"status": "starting"}, status=503)
     return _json({"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    if rt.metrics.stale():
+        rt.metrics.refresh(await rt.store.unfinished_by_queue(), len(rt.workers.runs))
+    return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -71,8 +71,9 @@ async def _run(workers: Workers, claim: Claim) -> None:
             extra=_fields(claim, "task.lost_claim"),
         )
         return
-    _log_outcome(claim, outcome, time.monotonic() - started)
-    _count(workers, outcome)
+    duration = time.monotonic() - started
+    _log_outcome(claim, outcome, duration)
+    _count(workers, claim, outcome, duration)
     if recorded.state.terminal:
         workers.watchers.ended(task.id)
     elif recorded.state is TaskState.QUEUED:
@@ -160,16 +161,23 @@ def _since(started: float) -> float:
     return time.monotonic() - started
 
 
-def _count(workers: Workers, outcome: Outcome) -> None:
+def _count(workers: Workers, claim: Claim, outcome: Outcome, duration: float) -> None:
     stats = workers.stats
     if isinstance(outcome, Succeeded):
         stats.succeeded += 1
+        name = "succeeded"
     elif isinstance(outcome, Failed):
         stats.failed += 1
+        name = "failed"
     elif isinstance(outcome, Retry):
         stats.retried += 1
-    elif isinstance(outcome, Released):
+        name = "retried"
+    else:
         stats.released += 1
+        name = "released"
+    metrics = workers.metrics
+    metrics.tasks.labels(claim.task.type, claim.task.queue, name).inc()
+    metrics.duration.labels(claim.task.type).observe(duration)
 
 
 def _log_outcome(claim: Claim, outcome: Outcome, duration: float) -> None:

@@ -18,6 +18,7 @@ from daemon import logs
 from daemon.api import make_app
 from daemon.config import load
 from daemon.consumer import consume
+from daemon.metrics import Metrics
 from daemon.runtime import Runtime
 from daemon.stats import Stats
 from daemon.store import open_store
@@ -32,13 +33,16 @@ async def create_app() -> web.Application:
     stack = AsyncExitStack()
     threads = ThreadPoolExecutor(config.workers.concurrency, thread_name_prefix="handler")
     stack.callback(threads.shutdown, wait=False, cancel_futures=True)
-    store = await stack.enter_async_context(open_store(config.store))
+    metrics = Metrics()
+    store = await stack.enter_async_context(
+        open_store(config.store, on_commit=metrics.observe_commit)
+    )
     owner = f"dev:{os.getpid()}"
     stats, watchers = Stats(), Watchers()
     stats.recovered = await store.recover(owner=owner, now=time.time())
     types = build_types(config, threads)
-    workers = Workers(config.workers, store, types, stats, watchers, owner)
-    rt = Runtime(config, store, types, workers, stats, watchers, ready=True)
+    workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
+    rt = Runtime(config, store, types, workers, stats, watchers, metrics, ready=True)
     app = make_app(rt)
 
     async def run_workers(app: web.Application) -> AsyncIterator[None]:

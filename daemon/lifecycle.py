@@ -22,6 +22,7 @@ from daemon.api import make_app
 from daemon.config import Config
 from daemon.consumer import consume
 from daemon.http_server import open_http
+from daemon.metrics import Metrics
 from daemon.runtime import Runtime
 from daemon.signals import Stop, stop_on_signals
 from daemon.stats import Stats
@@ -71,10 +72,11 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
     owner = f"{socket.gethostname()}:{os.getpid()}"
     notifier = Notifier()
     watchdog = watchdog_interval()
-    async with open_store(config.store) as store:
+    metrics = Metrics()
+    async with open_store(config.store, on_commit=metrics.observe_commit) as store:
         stats.recovered = await store.recover(owner=owner, now=time.time())
-        workers = Workers(config.workers, store, types, stats, watchers, owner)
-        rt = Runtime(config, store, types, workers, stats, watchers)
+        workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
+        rt = Runtime(config, store, types, workers, stats, watchers, metrics)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(workers.feed(), name="feeder")
             for i in range(config.workers.concurrency):

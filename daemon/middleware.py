@@ -10,6 +10,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from daemon.errors import OffloadError, Unavailable
+from daemon.runtime import RUNTIME
 from daemon.wire import ErrorBody, ErrorResponse, encode
 
 logger = logging.getLogger(__name__)
@@ -29,6 +30,14 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
 
 @web.middleware
 async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await _answer(request, handler)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    request.app[RUNTIME].metrics.http.labels(route, str(response.status)).inc()
+    return response
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except OffloadError as exc:

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from aiohttp import web
+
 from daemon.config import Config
+from daemon.metrics import Metrics
 from daemon.stats import Stats
 from daemon.store.base import Store
 from daemon.tasktypes import TaskType
@@ -21,6 +24,10 @@ class Runtime:
     workers: Workers
     stats: Stats
     watchers: Watchers
+    metrics: Metrics
     ready: bool = False
     """True once recovery is done and the listener is bound, until the stop begins."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+RUNTIME = web.AppKey("runtime", Runtime)

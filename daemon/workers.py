@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 from daemon.config import WorkersConfig
+from daemon.metrics import Metrics
 from daemon.models import Claim, Released
 from daemon.stats import Stats
 from daemon.store.base import Store
@@ -50,6 +51,7 @@ class Workers:
     types: dict[str, TaskType]
     stats: Stats
     watchers: Watchers
+    metrics: Metrics
     owner: str
     runs: dict[str, Run] = field(default_factory=dict)
     inflight: int = 0  # claimed and not yet recorded

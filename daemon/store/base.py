@@ -8,7 +8,7 @@ storage; they never acknowledge what they did not commit.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Protocol
 
@@ -81,20 +81,30 @@ class Store(Protocol):
 
     async def counts(self) -> Counts: ...
 
+    async def unfinished_by_queue(self) -> dict[str, Counts]:
+        """Queued and running tasks per queue (the other states are left at 0)."""
+        ...
+
     async def check(self) -> None:
         """Return once the store has answered a round trip through the path writes take
         (the writer thread, the pool); the watchdog withholds its ping until then."""
         ...
 
 
+CommitObserver = Callable[[float, int], None]
+
+
 @asynccontextmanager
-async def open_store(config: StoreConfig) -> AsyncIterator[Store]:
-    """Open, migrate and lock the store named by `config.url`; close it on exit."""
+async def open_store(
+    config: StoreConfig, *, on_commit: CommitObserver | None = None
+) -> AsyncIterator[Store]:
+    """Open, migrate and lock the store named by `config.url`; close it on exit.
+    `on_commit(seconds, operations)` is called after each committed batch, from any thread."""
     scheme = config.url.partition(":")[0]
     if scheme == "sqlite":
         from daemon.store.sqlite import open_sqlite
 
-        async with open_sqlite(config) as store:
+        async with open_sqlite(config, on_commit=on_commit) as store:
             yield store
     else:
         raise ConfigError("store.url", [f"store.url = {config.url!r}: expected a sqlite: URL"])

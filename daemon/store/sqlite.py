@@ -13,7 +13,7 @@ import asyncio
 import fcntl
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -373,12 +373,12 @@ class SQLiteStore:
                 where.append(f"{column} = ?")
                 args.append(str(value))
         if query.before is not None:
-            where.append("id < ?")
+            where.append("seq < coalesce((SELECT seq FROM tasks WHERE id = ?), -1)")
             args.append(query.before)
         sql = f"SELECT {COLUMNS} FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY id DESC LIMIT ?"
+        sql += " ORDER BY seq DESC LIMIT ?"
         args.append(str(query.limit))
 
         def fn(conn: sqlite3.Connection) -> list[Task]:
@@ -390,6 +390,18 @@ class SQLiteStore:
         def fn(conn: sqlite3.Connection) -> Counts:
             rows = conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
             return Counts(**{state: n for state, n in rows})
+
+        return await self._read(fn)  # type: ignore[no-any-return]
+
+    async def unfinished_by_queue(self) -> dict[str, Counts]:
+        def fn(conn: sqlite3.Connection) -> dict[str, Counts]:
+            found: dict[str, dict[str, int]] = {}
+            for queue, state, n in conn.execute(
+                "SELECT queue, state, count(*) FROM tasks "
+                "WHERE state IN ('queued', 'running') GROUP BY queue, state"
+            ):
+                found.setdefault(queue, {})[state] = n
+            return {queue: Counts(**by_state) for queue, by_state in found.items()}
 
         return await self._read(fn)  # type: ignore[no-any-return]
 
@@ -406,7 +418,9 @@ class SQLiteStore:
 
 
 @asynccontextmanager
-async def open_sqlite(config: StoreConfig) -> AsyncIterator[SQLiteStore]:
+async def open_sqlite(
+    config: StoreConfig, *, on_commit: Callable[[float, int], None] | None = None
+) -> AsyncIterator[SQLiteStore]:
     """Lock the file, migrate, and serve; on exit the writer commits what was queued, then
     both connections close and the lock is released."""
     path = database_path(config.url).absolute()
@@ -417,6 +431,7 @@ async def open_sqlite(config: StoreConfig) -> AsyncIterator[SQLiteStore]:
     lock_fd = _lock(path)
     try:
         store = SQLiteStore(path, config.synchronous)
+        store.writer.on_commit = on_commit
         try:
             await store.writer.start(store._setup)
         except SchemaTooNew as exc:

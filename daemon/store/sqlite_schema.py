@@ -34,8 +34,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_next_due ON tasks (run_at) WHERE state = 'queued';
     CREATE INDEX tasks_running ON tasks (owner) WHERE state = 'running';
     CREATE INDEX tasks_state ON tasks (state, seq);
-    CREATE INDEX tasks_type ON tasks (type, seq);
-    CREATE INDEX tasks_queue ON tasks (queue, seq);
+    CREATE INDEX tasks_unfinished ON tasks (queue, state) WHERE state IN ('queued', 'running');
     """,
 )
 

@@ -50,6 +50,8 @@ class Writer:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_rollback: Callable[[sqlite3.Connection], None] | None = None
+        # Called in the writer thread after each commit with (seconds, operations).
+        self.on_commit: Callable[[float, int], None] | None = None
         self.last_commit = time.monotonic()
         self.commits = 0
 
@@ -106,8 +108,11 @@ class Writer:
                     stopping = True
                     break
                 batch.append(item)
+            began = time.perf_counter()
             results = self._apply(conn, batch)
             loop.call_soon_threadsafe(_settle, batch, results)
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - began, len(batch))
             self.commits += 1
             self.last_commit = time.monotonic()
             if self.commits % WAL_CHECK_EVERY == 0:

@@ -1,0 +1,111 @@
+"""Prometheus metrics (`GET /metrics`), in a registry of this daemon's own.
+
+Counters and histograms are updated where things happen (consumer, admission, HTTP
+middleware, store commits); the `offload_tasks{state,queue}` gauge is read from the store at
+scrape time, at most once per `SNAPSHOT_TTL`, so scrapes cannot load the store.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import prometheus_client
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from daemon.models import Counts
+
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+SNAPSHOT_TTL = 2.0
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
+COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class _UnfinishedTasks(Collector):
+    """`offload_tasks{state,queue}` from the latest snapshot of the store."""
+
+    def __init__(self) -> None:
+        self.snapshot: dict[str, Counts] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "offload_tasks", "Unfinished tasks by state and queue.", labels=["state", "queue"]
+        )
+        for queue, counts in sorted(self.snapshot.items()):
+            family.add_metric(["queued", queue], counts.queued)
+            family.add_metric(["running", queue], counts.running)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = prometheus_client.CollectorRegistry()
+        r = self.registry
+        self.tasks = prometheus_client.Counter(
+            "offload_tasks",
+            "Runs that ended, by outcome (succeeded, failed, retried, cancelled, released).",
+            ["type", "queue", "outcome"],
+            registry=r,
+        )
+        self.duration = prometheus_client.Histogram(
+            "offload_task_duration_seconds",
+            "How long runs took.",
+            ["type"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.running = prometheus_client.Gauge(
+            "offload_tasks_running", "Tasks running in this daemon.", registry=r
+        )
+        self.accepted = prometheus_client.Counter(
+            "offload_tasks_accepted",
+            "Tasks committed by admission.",
+            ["type", "queue"],
+            registry=r,
+        )
+        self.rejected = prometheus_client.Counter(
+            "offload_admission_rejected",
+            "Submissions refused, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.http = prometheus_client.Counter(
+            "offload_http_requests", "HTTP requests answered.", ["route", "code"], registry=r
+        )
+        self.commit_seconds = prometheus_client.Histogram(
+            "offload_store_commit_duration_seconds",
+            "Time to apply and commit one batch.",
+            buckets=COMMIT_BUCKETS,
+            registry=r,
+        )
+        self.commit_batch = prometheus_client.Histogram(
+            "offload_store_commit_batch_size",
+            "Operations per committed transaction.",
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self._unfinished = _UnfinishedTasks()
+        r.register(self._unfinished)
+        self._taken = 0.0
+
+    def observe_commit(self, seconds: float, operations: int) -> None:
+        """Called from the store's writer thread (prometheus_client is thread-safe)."""
+        self.commit_seconds.observe(seconds)
+        self.commit_batch.observe(operations)
+
+    def stale(self) -> bool:
+        return time.monotonic() - self._taken > SNAPSHOT_TTL
+
+    def refresh(self, unfinished: dict[str, Counts], running: int) -> None:
+        self._unfinished.snapshot = unfinished
+        self.running.set(running)
+        self._taken = time.monotonic()
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
