@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 from multidict import MultiMapping
 
-from daemon import admission
+from daemon import admission, auth
 from daemon.errors import (
     Invalid,
     NotFound,
@@ -28,7 +28,9 @@ MAX_PAGE = 1000
 
 
 def make_app(rt: Runtime) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=rt.config.server.max_body)
+    app = web.Application(
+        middlewares=[errors, auth.middleware(rt.auth)], client_max_size=rt.config.server.max_body
+    )
     app[RUNTIME] = rt
     app.router.add_post("/v1/tasks", submit)
     app.router.add_get("/v1/tasks", list_tasks)

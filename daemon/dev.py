@@ -16,6 +16,7 @@ from aiohttp import web
 
 from daemon import logs
 from daemon.api import make_app
+from daemon.auth import Authenticator, load_tokens
 from daemon.config import load
 from daemon.consumer import consume
 from daemon.metrics import Metrics
@@ -42,7 +43,8 @@ async def create_app() -> web.Application:
     stats.recovered = await store.recover(owner=owner, now=time.time())
     types = build_types(config, threads)
     workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
-    rt = Runtime(config, store, types, workers, stats, watchers, metrics, ready=True)
+    authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
+    rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator, ready=True)
     app = make_app(rt)
 
     async def run_workers(app: web.Application) -> AsyncIterator[None]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -24,6 +25,19 @@ def parse_listen(listen: str) -> tuple[str, int] | str:
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise ValueError('expected "HOST:PORT" (e.g. "127.0.0.1:8080") or "unix:/path"')
     return host.strip("[]"), int(port)
+
+
+def is_loopback(where: tuple[str, int] | str) -> bool:
+    """A unix socket (guarded by file permissions) or a loopback host."""
+    if isinstance(where, str):
+        return True
+    host = where[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @asynccontextmanager

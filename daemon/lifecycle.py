@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 from daemon.api import make_app
+from daemon.auth import Authenticator, load_tokens
 from daemon.config import Config
 from daemon.consumer import consume
 from daemon.http_server import open_http
@@ -76,7 +77,8 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
     async with open_store(config.store, on_commit=metrics.observe_commit) as store:
         stats.recovered = await store.recover(owner=owner, now=time.time())
         workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
-        rt = Runtime(config, store, types, workers, stats, watchers, metrics)
+        authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
+        rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(workers.feed(), name="feeder")
             for i in range(config.workers.concurrency):

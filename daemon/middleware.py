@@ -9,7 +9,7 @@ import logging
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from daemon.errors import OffloadError, Unavailable
+from daemon.errors import OffloadError, Unauthorized, Unavailable
 from daemon.runtime import RUNTIME
 from daemon.wire import ErrorBody, ErrorResponse, encode
 
@@ -44,6 +44,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(exc.status, exc.code, exc.message, exc.field)
         if isinstance(exc, Unavailable):
             response.headers["Retry-After"] = str(exc.retry_after)
+        elif isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="offload"'
         return response
     except web.HTTPException as exc:
         if exc.status < 400:

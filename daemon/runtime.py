@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from daemon.auth import Authenticator
 from daemon.config import Config
 from daemon.metrics import Metrics
 from daemon.stats import Stats
@@ -25,6 +26,7 @@ class Runtime:
     stats: Stats
     watchers: Watchers
     metrics: Metrics
+    auth: Authenticator
     ready: bool = False
     """True once recovery is done and the listener is bound, until the stop begins."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)

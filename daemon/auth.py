@@ -1,0 +1,139 @@
+"""Bearer-token auth with scopes.
+
+Tokens come from a file (`auth.tokens_file`) or a systemd credential (`auth.credential`,
+read from `$CREDENTIALS_DIRECTORY`), one per line: `NAME SCOPES TOKEN`, scopes a comma list
+of `submit`, `read`, `admin` (admin implies the others). Only SHA-256 digests are kept in
+memory; a presented token is compared with every one in constant time. With no tokens
+configured, every request is anonymous and allowed; `auth.open` paths never need one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from daemon.errors import Forbidden, Unauthorized
+
+if TYPE_CHECKING:
+    from daemon.config import AuthConfig
+
+SCOPES = frozenset({"submit", "read", "admin"})
+ANONYMOUS = "anonymous"
+
+
+class TokenFileError(Exception):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    name: str
+    scopes: frozenset[str]
+    digest: bytes
+
+
+def parse_tokens(text: str) -> list[Token]:
+    tokens, names = [], set()
+    for number, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = line.split()
+        if len(parts) != 3:
+            raise TokenFileError(f"line {number}: expected NAME SCOPES TOKEN")
+        name, scope_list, secret = parts
+        scopes = frozenset(s for s in scope_list.split(",") if s)
+        if not scopes or not scopes <= SCOPES:
+            raise TokenFileError(
+                f"line {number}: scopes must be a comma list of {', '.join(sorted(SCOPES))}"
+            )
+        if len(secret) < 16:
+            raise TokenFileError(f"line {number}: token {name!r} is shorter than 16 characters")
+        if name in names:
+            raise TokenFileError(f"line {number}: token name {name!r} is used twice")
+        names.add(name)
+        tokens.append(Token(name, scopes, hashlib.sha256(secret.encode()).digest()))
+    return tokens
+
+
+def load_tokens(config: AuthConfig) -> list[Token]:
+    """Read the configured token sources. Raises `TokenFileError` naming what is wrong."""
+    tokens: list[Token] = []
+    sources: list[Path] = []
+    if config.tokens_file:
+        sources.append(Path(config.tokens_file))
+    if config.credential:
+        directory = os.environ.get("CREDENTIALS_DIRECTORY")
+        if not directory:
+            raise TokenFileError(
+                "auth.credential is set but $CREDENTIALS_DIRECTORY is not (use LoadCredential=)"
+            )
+        sources.append(Path(directory) / config.credential)
+    for source in sources:
+        try:
+            text = source.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise TokenFileError(f"cannot read {source}: {exc.strerror}") from exc
+        try:
+            tokens += parse_tokens(text)
+        except TokenFileError as exc:
+            raise TokenFileError(f"{source}: {exc}") from None
+    return tokens
+
+
+def required_scope(method: str, path: str) -> str:
+    """submit: POST /v1/tasks; admin: cancel and retry; read: everything else."""
+    if path.startswith("/v1/tasks"):
+        if method == "POST" and path.rstrip("/") == "/v1/tasks":
+            return "submit"
+        if method == "DELETE" or (method == "POST" and path.endswith("/retry")):
+            return "admin"
+    return "read"
+
+
+class Authenticator:
+    def __init__(self, tokens: list[Token], open_paths: list[str]) -> None:
+        self.tokens = tokens
+        self.open_paths = frozenset(open_paths)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tokens)
+
+    def identify(self, header: str | None) -> Token:
+        if header is None or not header.startswith("Bearer "):
+            raise Unauthorized("send Authorization: Bearer <token>", field="Authorization")
+        digest = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
+        found = None
+        for token in self.tokens:  # no early exit: the time does not depend on the match
+            if hmac.compare_digest(token.digest, digest):
+                found = token
+        if found is None:
+            raise Unauthorized("the token is not valid", field="Authorization")
+        return found
+
+    def authorize(self, request: web.Request) -> str:
+        """The name of the caller, or raise `Unauthorized` / `Forbidden`."""
+        if not self.enabled or request.path in self.open_paths:
+            return ANONYMOUS
+        token = self.identify(request.headers.get("Authorization"))
+        scope = required_scope(request.method, request.path)
+        if scope not in token.scopes and "admin" not in token.scopes:
+            raise Forbidden(f"token {token.name!r} lacks the {scope!r} scope", field="scope")
+        return token.name
+
+
+def middleware(auth: Authenticator) -> Middleware:
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        request["caller"] = auth.authorize(request)
+        return await handler(request)
+
+    return check
