@@ -112,6 +112,13 @@ class PythonType(_TypeBase, frozen=True, tag="python", kw_only=True):
 TypeConfig = PythonType
 
 
+class AuthConfig(_Section, frozen=True):
+    tokens_file: str = ""
+    credential: str = ""
+    open: tuple[str, ...] = ("/healthz", "/readyz", "/metrics")
+    allow_anonymous: bool = False
+
+
 class LogConfig(_Section, frozen=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -122,6 +129,7 @@ class Config(_Section, frozen=True):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     types: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], TypeConfig] = (
         msgspec.field(default_factory=dict)
     )
@@ -158,6 +166,7 @@ def _check_semantics(config: Config) -> list[str]:
             f"workers.max_pending = {config.workers.max_pending}: expected at least "
             f"workers.concurrency ({config.workers.concurrency})"
         )
+    problems += _check_auth(config)
     for name, tc in config.types.items():
         if isinstance(tc, PythonType):
             try:
@@ -170,6 +179,27 @@ def _check_semantics(config: Config) -> list[str]:
                 f"backoff.initial ({tc.backoff.initial:g}s)"
             )
     return problems
+
+
+def _check_auth(config: Config) -> list[str]:
+    from daemon.auth import TokenFileError, load_tokens
+    from daemon.http_server import is_loopback, parse_listen
+
+    try:
+        where = parse_listen(config.server.listen)
+    except ValueError as exc:
+        return [f"server.listen = {config.server.listen!r}: {exc}"]
+    try:
+        tokens = load_tokens(config.auth)
+    except TokenFileError as exc:
+        key = "auth.tokens_file" if config.auth.tokens_file else "auth.credential"
+        return [f"{key}: {exc}"]
+    if not tokens and not config.auth.allow_anonymous and not is_loopback(where):
+        return [
+            f"server.listen = {config.server.listen!r}: a non-loopback address needs tokens "
+            f"(auth.tokens_file or auth.credential), or auth.allow_anonymous = true"
+        ]
+    return []
 
 
 def _problems(value: object, tp: Any, path: str) -> list[str]:
