@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 SCOPES = frozenset({"submit", "read", "admin"})
 ANONYMOUS = "anonymous"
+CALLER = web.RequestKey("caller", str)  # the token's name, or ANONYMOUS
 
 
 class TokenFileError(Exception):
@@ -101,7 +102,7 @@ def required_scope(method: str, path: str) -> str:
 class Authenticator:
     def __init__(self, tokens: list[Token], open_paths: list[str]) -> None:
         self.tokens = tokens
-        self.open_paths = frozenset(open_paths)
+        self.open_paths: frozenset[str] = frozenset(open_paths)
 
     @property
     def enabled(self) -> bool:
@@ -133,7 +134,7 @@ class Authenticator:
 def middleware(auth: Authenticator) -> Middleware:
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request["caller"] = auth.authorize(request)
+        request[CALLER] = auth.authorize(request)
         return await handler(request)
 
     return check

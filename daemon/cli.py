@@ -67,7 +67,7 @@ def serve(path: str) -> int:
     logs.setup(config.log.level, config.log.format)
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(run(config))
+            runner.run(run(config, config_path=path))
     except ConfigError as exc:
         logger.error("configuration error: %s", exc, extra={"event": "config.invalid"})
         return EX_CONFIG

@@ -11,12 +11,21 @@ import tomllib
 import types
 import typing
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from daemon.errors import ConfigError
+from daemon.executors.command import (
+    RESERVED_PREFIX,
+    SYSEXITS,
+    base_environment,
+    find_program,
+)
+from daemon.executors.http import check_url, read_secret
 from daemon.executors.python import HandlerError, resolve_handler
+
+T = TypeVar("T")
 
 
 class Duration(float):
@@ -66,6 +75,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
+DEFAULT_RETENTION = Duration(7 * 86400)
 QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
@@ -85,7 +95,7 @@ class WorkersConfig(_Section, frozen=True):
     max_pending: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     grace_period: Duration = Duration(30)
     lease: Duration = Duration(60)
-    prefetch: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 16
+    prefetch: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
 
 
 class BackoffConfig(_Section, frozen=True):
@@ -100,6 +110,10 @@ class _TypeBase(_Section, frozen=True, tag_field="kind", kw_only=True):
     timeout: Duration = Duration(300)
     max_attempts: Positive = 3
     max_result: Size = Size(64 * 1024)
+    # At most this many of the type run at once (under workers.concurrency); 0: no own cap.
+    concurrency: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    # Finished tasks of the type are deleted this long after they end.
+    retention: Duration = DEFAULT_RETENTION
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
 
 
@@ -109,7 +123,35 @@ class PythonType(_TypeBase, frozen=True, tag="python", kw_only=True):
     handler: str
 
 
-TypeConfig = PythonType
+NoNul = Annotated[str, msgspec.Meta(pattern=r"^[^\x00]*$")]
+EnvName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+ExitCode = Annotated[int, msgspec.Meta(ge=1, le=255)]
+
+
+class CommandType(_TypeBase, frozen=True, tag="command", kw_only=True):
+    """Runs `argv` (exec, never a shell) with the payload as JSON on stdin; see
+    daemon/executors/command.py. `argv[0]` is resolved when the config is loaded."""
+
+    argv: Annotated[tuple[NoNul, ...], msgspec.Meta(min_length=1)]
+    env: dict[EnvName, NoNul] = msgspec.field(default_factory=dict)
+    cwd: str | None = None
+    max_output: Size = Size(64 * 1024)
+    permanent_exit_codes: tuple[ExitCode, ...] = SYSEXITS
+    kill_after: Duration = Duration(5)
+
+
+class HttpType(_TypeBase, frozen=True, tag="http", kw_only=True):
+    """POSTs the payload as JSON to `url`; see daemon/executors/http.py. `secret_file` is
+    read when the config is loaded."""
+
+    url: str
+    secret_file: str | None = None
+    connect_timeout: Duration = Duration(5)
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+    max_response: Size = Size(64 * 1024)
+
+
+TypeConfig = PythonType | CommandType | HttpType
 
 
 class AuthConfig(_Section, frozen=True):
@@ -148,58 +190,116 @@ def load(path: str | Path) -> Config:
 
 
 def parse(raw: dict[str, Any], *, source: str = "<config>") -> Config:
+    """Validate in two passes, structure then meaning; each part whose structure is sound
+    gets its meaning checked too, so one problem never hides another."""
     problems = _problems(raw, Config, "")
+    problems += _semantic_problems(raw)
     if problems:
         raise ConfigError(source, problems)
-    config = msgspec.convert(raw, Config, dec_hook=_dec_hook)
-    problems = _check_semantics(config)
-    if problems:
-        raise ConfigError(source, problems)
-    return config
+    return msgspec.convert(raw, Config, dec_hook=_dec_hook)
 
 
-def _check_semantics(config: Config) -> list[str]:
-    """Rules that span keys, and handlers that must resolve now rather than at run time."""
+def _part(raw: dict[str, Any], key: str, tp: type[T]) -> T | None:
+    """`raw[key]` as a `tp`, or None if it does not convert (already reported)."""
+    try:
+        return msgspec.convert(raw.get(key, {}), tp, dec_hook=_dec_hook)
+    except msgspec.ValidationError:
+        return None
+
+
+def _semantic_problems(raw: dict[str, Any]) -> list[str]:
+    """Rules that span keys, and names (handlers, programs, files) that must resolve now
+    rather than at run time."""
     problems = []
-    if config.workers.max_pending < config.workers.concurrency:
+    workers = _part(raw, "workers", WorkersConfig)
+    if workers is not None and workers.max_pending < workers.concurrency:
         problems.append(
-            f"workers.max_pending = {config.workers.max_pending}: expected at least "
-            f"workers.concurrency ({config.workers.concurrency})"
+            f"workers.max_pending = {workers.max_pending}: expected at least "
+            f"workers.concurrency ({workers.concurrency})"
         )
-    problems += _check_auth(config)
-    for name, tc in config.types.items():
-        if isinstance(tc, PythonType):
-            try:
-                resolve_handler(tc.handler)
-            except HandlerError as exc:
-                problems.append(f"types.{name}.handler = {tc.handler!r}: {exc}")
-        if tc.backoff.max < tc.backoff.initial:
-            problems.append(
-                f"types.{name}.backoff.max = {tc.backoff.max:g}s: expected at least "
-                f"backoff.initial ({tc.backoff.initial:g}s)"
-            )
+    server, auth = _part(raw, "server", ServerConfig), _part(raw, "auth", AuthConfig)
+    if server is not None and auth is not None:
+        problems += _check_auth(server, auth)
+    types = raw.get("types")
+    for name, item in (types if isinstance(types, dict) else {}).items():
+        try:
+            tc = msgspec.convert(item, TypeConfig, dec_hook=_dec_hook)
+        except msgspec.ValidationError:
+            continue
+        problems += _type_problems(str(name), tc)
     return problems
 
 
-def _check_auth(config: Config) -> list[str]:
+def _type_problems(name: str, tc: TypeConfig) -> list[str]:
+    problems = []
+    if isinstance(tc, PythonType):
+        try:
+            resolve_handler(tc.handler)
+        except HandlerError as exc:
+            problems.append(f"types.{name}.handler = {tc.handler!r}: {exc}")
+    elif isinstance(tc, CommandType):
+        problems += _command_problems(f"types.{name}", tc)
+    elif isinstance(tc, HttpType):
+        problems += _http_problems(f"types.{name}", tc)
+    if tc.backoff.max < tc.backoff.initial:
+        problems.append(
+            f"types.{name}.backoff.max = {tc.backoff.max:g}s: expected at least "
+            f"backoff.initial ({tc.backoff.initial:g}s)"
+        )
+    return problems
+
+
+def _check_auth(server: ServerConfig, auth: AuthConfig) -> list[str]:
     from daemon.auth import TokenFileError, load_tokens
     from daemon.http_server import is_loopback, parse_listen
 
     try:
-        where = parse_listen(config.server.listen)
+        where = parse_listen(server.listen)
     except ValueError as exc:
-        return [f"server.listen = {config.server.listen!r}: {exc}"]
+        return [f"server.listen = {server.listen!r}: {exc}"]
     try:
-        tokens = load_tokens(config.auth)
+        tokens = load_tokens(auth)
     except TokenFileError as exc:
-        key = "auth.tokens_file" if config.auth.tokens_file else "auth.credential"
+        key = "auth.tokens_file" if auth.tokens_file else "auth.credential"
         return [f"{key}: {exc}"]
-    if not tokens and not config.auth.allow_anonymous and not is_loopback(where):
+    if not tokens and not auth.allow_anonymous and not is_loopback(where):
         return [
-            f"server.listen = {config.server.listen!r}: a non-loopback address needs tokens "
+            f"server.listen = {server.listen!r}: a non-loopback address needs tokens "
             f"(auth.tokens_file or auth.credential), or auth.allow_anonymous = true"
         ]
     return []
+
+
+def _command_problems(path: str, tc: CommandType) -> list[str]:
+    problems = []
+    for key in tc.env:
+        if key.startswith(RESERVED_PREFIX):
+            problems.append(f"{path}.env.{key}: names starting {RESERVED_PREFIX} are offload's own")
+    if tc.cwd is not None and not Path(tc.cwd).is_dir():
+        problems.append(f"{path}.cwd = {tc.cwd!r}: not a directory")
+    search = tc.env.get("PATH", base_environment()["PATH"])
+    if find_program(tc.argv[0], path=search, cwd=tc.cwd) is None:
+        why = "not an executable file" if "/" in tc.argv[0] else f"not found on PATH {search}"
+        problems.append(f"{path}.argv[0] = {tc.argv[0]!r}: {why}")
+    return problems
+
+
+def _http_problems(path: str, tc: HttpType) -> list[str]:
+    problems = []
+    if (why := check_url(tc.url)) is not None:
+        problems.append(f"{path}.url = {tc.url!r}: {why}")
+    if tc.secret_file is not None:
+        try:
+            read_secret(tc.secret_file)
+        except OSError as exc:
+            problems.append(
+                f"{path}.secret_file = {tc.secret_file!r}: cannot read: {exc.strerror or exc}"
+            )
+        except ValueError as exc:
+            problems.append(f"{path}.secret_file = {tc.secret_file!r}: {exc}")
+    if tc.connect_timeout <= 0:
+        problems.append(f"{path}.connect_timeout = {tc.connect_timeout:g}s: expected more than 0")
+    return problems
 
 
 def _problems(value: object, tp: Any, path: str) -> list[str]:

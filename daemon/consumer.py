@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -14,19 +16,42 @@ from daemon.backoff import backoff_delay
 from daemon.errors import OffloadError
 from daemon.executors.base import Job, Permanent, TaskLogger
 from daemon.models import Claim, Failed, Outcome, Released, Retry, Succeeded, TaskState
-from daemon.workers import Run, Workers
+
+if TYPE_CHECKING:
+    from daemon.workers import Workers
 
 logger = logging.getLogger(__name__)
 _encode = msgspec.json.encode
 _decode = msgspec.json.decode
 
 
+@dataclass
+class Run:
+    """One task running in this process; `reason` says why it was stopped, if it was."""
+
+    claim: Claim
+    task: asyncio.Task[object] | None = None
+    reason: str | None = None  # "cancel" | "shutdown"
+
+    def stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        if self.task is not None:
+            self.task.cancel()
+
+
 async def consume(workers: Workers) -> None:
-    while (claim := await workers.handoff.get()) is not None:
+    """Run claims until cancelled (the drain ends idle consumers) or retired (a reload
+    lowered the concurrency)."""
+    while True:
+        claim = await workers.handoff.get()
         try:
             await _run(workers, claim)
         finally:
-            workers.finished()
+            workers.finished(claim)
+        if workers.retiring > 0:
+            workers.retiring -= 1
+            return
 
 
 def _fields(claim: Claim, event: str) -> dict[str, object]:

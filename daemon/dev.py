@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
+from typing import Any
 
 from aiohttp import web
 
@@ -18,7 +19,6 @@ from daemon import logs
 from daemon.api import make_app
 from daemon.auth import Authenticator, load_tokens
 from daemon.config import load
-from daemon.consumer import consume
 from daemon.metrics import Metrics
 from daemon.runtime import Runtime
 from daemon.stats import Stats
@@ -48,15 +48,17 @@ async def create_app() -> web.Application:
     app = make_app(rt)
 
     async def run_workers(app: web.Application) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(workers.feed(), name="feeder")]
-        tasks += [
-            asyncio.create_task(consume(workers), name=f"consumer-{i}")
-            for i in range(config.workers.concurrency)
-        ]
+        tasks: list[asyncio.Task[None]] = []
+
+        def spawn(coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+            tasks.append(asyncio.create_task(coro, name=name))
+            return tasks[-1]
+
+        workers.start(spawn)
         yield
         rt.draining.set()
         await workers.drain(config.workers.grace_period, asyncio.Event())
-        await asyncio.gather(*tasks)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await stack.aclose()
 
     app.cleanup_ctx.append(run_workers)

@@ -21,11 +21,12 @@ from contextlib import nullcontext
 from daemon.api import make_app
 from daemon.auth import Authenticator, load_tokens
 from daemon.config import Config
-from daemon.consumer import consume
 from daemon.http_server import open_http
 from daemon.metrics import Metrics
+from daemon.reload import reload_on_request
+from daemon.retention import keep_pruning
 from daemon.runtime import Runtime
-from daemon.signals import Stop, stop_on_signals
+from daemon.signals import Stop, handle_signals
 from daemon.stats import Stats
 from daemon.store import open_store
 from daemon.systemd import Notifier, pulse, watchdog_interval
@@ -38,17 +39,27 @@ logger = logging.getLogger(__name__)
 STATUS_EVERY = 5.0  # seconds between STATUS= updates when the watchdog does not set a pace
 
 
-async def serve(config: Config, *, stop: Stop | None = None) -> Stats:
-    """Run until `stop` is requested (by default: SIGTERM or SIGINT), then drain and return
-    what this process did. A bug in a long-lived task ends it with an exception."""
+async def serve(
+    config: Config,
+    *,
+    stop: Stop | None = None,
+    reload: asyncio.Event | None = None,
+    config_path: str | None = None,
+) -> Stats:
+    """Run until `stop` is requested, then drain and return what this process did. Without
+    an injected `stop`, SIGTERM/SIGINT request it and SIGHUP sets `reload`, which re-reads
+    `config_path`. A bug in a long-lived task ends it with an exception."""
     owns_signals = stop is None
     stop = stop or Stop()
+    reload = reload or asyncio.Event()
     stats = Stats()
     # Sync handlers get one thread per consumer, so a thread is always there for a run.
     threads = ThreadPoolExecutor(config.workers.concurrency, thread_name_prefix="handler")
     try:
-        with stop_on_signals(stop) if owns_signals else nullcontext():
-            await _run(config, stop, stats, threads)
+        with handle_signals(stop, reload) if owns_signals else nullcontext():
+            await _run(
+                config, stop, stats=stats, threads=threads, reload=reload, config_path=config_path
+            )
     finally:
         # A sync handler that ignored its cancel keeps its thread; do not wait for it.
         threads.shutdown(wait=False, cancel_futures=True)
@@ -67,7 +78,15 @@ async def serve(config: Config, *, stop: Stop | None = None) -> Stats:
     return stats
 
 
-async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExecutor) -> None:
+async def _run(
+    config: Config,
+    stop: Stop,
+    *,
+    stats: Stats,
+    threads: ThreadPoolExecutor,
+    reload: asyncio.Event,
+    config_path: str | None,
+) -> None:
     types = build_types(config, threads)
     watchers = Watchers()
     owner = f"{socket.gethostname()}:{os.getpid()}"
@@ -80,19 +99,23 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
         authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
         rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(workers.feed(), name="feeder")
-            for i in range(config.workers.concurrency):
-                tg.create_task(consume(workers), name=f"consumer-{i}")
-            beat = tg.create_task(
-                pulse(
-                    notifier,
-                    watchdog or STATUS_EVERY,
-                    store.check,
-                    _status(rt),
-                    watchdog=watchdog is not None,
-                ),
-                name="systemd-pulse",
-            )
+            workers.start(lambda coro, name: tg.create_task(coro, name=name))
+            background = [
+                tg.create_task(
+                    pulse(
+                        notifier,
+                        watchdog or STATUS_EVERY,
+                        store.check,
+                        _status(rt),
+                        watchdog=watchdog is not None,
+                    ),
+                    name="systemd-pulse",
+                )
+            ]
+            background.append(tg.create_task(keep_pruning(rt), name="retention"))
+            if config_path is not None:
+                reloader = reload_on_request(rt, config_path, reload, threads, notifier)
+                background.append(tg.create_task(reloader, name="reloader"))
             async with open_http(make_app(rt), config.server) as where:
                 rt.ready = True
                 await _log_started(rt, where)
@@ -103,16 +126,18 @@ async def _run(config: Config, stop: Stop, stats: Stats, threads: ThreadPoolExec
                 # running tasks get the grace period.
                 rt.ready = False
                 rt.draining.set()
+                grace = rt.config.workers.grace_period  # a reload may have changed it
                 logger.info(
                     "stop requested: draining (grace period %gs)",
-                    config.workers.grace_period,
+                    grace,
                     extra={"event": "daemon.stopping"},
                 )
-                await workers.drain(config.workers.grace_period, stop.hurry)
+                await workers.drain(grace, stop.hurry)
                 watchers.wake_all()
             # HTTP is closed; the consumers were told to exit by drain() and do so now. The
             # watchdog pings until here, since a drain may outlast WatchdogSec.
-            beat.cancel()
+            for task in background:
+                task.cancel()
     notifier.close()
     # The store committed everything queued to it and closed.
 

@@ -1,5 +1,5 @@
-"""Stop requests. The signal handlers only set events: the first SIGTERM or SIGINT asks for
-a graceful stop, a second one says hurry (skip the rest of the grace period)."""
+"""Signals. The handlers only set events: the first SIGTERM or SIGINT asks for a graceful
+stop, a second one says hurry (skip the rest of the grace period); SIGHUP asks for a reload."""
 
 from __future__ import annotations
 
@@ -22,14 +22,14 @@ class Stop:
 
 
 @contextmanager
-def stop_on_signals(stop: Stop) -> Iterator[None]:
-    """Install SIGTERM and SIGINT handlers on the running loop; remove them on exit."""
+def handle_signals(stop: Stop, reload: asyncio.Event) -> Iterator[None]:
+    """Install SIGTERM, SIGINT and SIGHUP handlers on the running loop; remove them on exit."""
     loop = asyncio.get_running_loop()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    for sig in signals:
-        loop.add_signal_handler(sig, stop.request)
+    loop.add_signal_handler(signal.SIGTERM, stop.request)
+    loop.add_signal_handler(signal.SIGINT, stop.request)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
     try:
         yield
     finally:
-        for sig in signals:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)

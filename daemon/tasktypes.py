@@ -8,8 +8,11 @@ from typing import Any
 
 import msgspec
 
-from daemon.config import Config, PythonType, TypeConfig
+from daemon.config import CommandType, Config, HttpType, PythonType, TypeConfig
+from daemon.errors import ConfigError
 from daemon.executors.base import Executor
+from daemon.executors.command import command_executor
+from daemon.executors.http import HttpClient, http_executor, read_secret
 from daemon.executors.python import payload_type, python_executor, resolve_handler
 
 
@@ -26,7 +29,12 @@ class TaskType:
             msgspec.json.decode(payload, type=self.payload_type)
 
 
-def build_types(config: Config, threads: ThreadPoolExecutor) -> dict[str, TaskType]:
+def build_types(
+    config: Config, threads: ThreadPoolExecutor, http: HttpClient | None = None
+) -> dict[str, TaskType]:
+    """Build every configured type. `http` types share `http`, which the caller closes after
+    the consumers exit; without one they get a client of their own that nobody closes."""
+    client = http if http is not None else HttpClient()
     built = {}
     for name, tc in config.types.items():
         if isinstance(tc, PythonType):
@@ -34,4 +42,37 @@ def build_types(config: Config, threads: ThreadPoolExecutor) -> dict[str, TaskTy
             wants = payload_type(handler)
             executor = python_executor(handler, threads, wants)
             built[name] = TaskType(name, tc, executor, wants)
+        elif isinstance(tc, CommandType):
+            executor = command_executor(
+                tc.argv,
+                env=tc.env,
+                cwd=tc.cwd,
+                max_output=tc.max_output,
+                permanent_exit_codes=tc.permanent_exit_codes,
+                kill_after=tc.kill_after,
+            )
+            built[name] = TaskType(name, tc, executor, Any)
+        elif isinstance(tc, HttpType):
+            executor = http_executor(
+                tc.url,
+                client=client,
+                secret=_secret(name, tc),
+                connect_timeout=tc.connect_timeout,
+                max_connections=tc.max_connections,
+                max_response=tc.max_response,
+            )
+            built[name] = TaskType(name, tc, executor, Any)
     return built
+
+
+def _secret(name: str, tc: HttpType) -> bytes | None:
+    """Read once, at startup; the config check already read it, so failing here means the
+    file changed in between."""
+    if tc.secret_file is None:
+        return None
+    try:
+        return read_secret(tc.secret_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(
+            tc.secret_file, [f"types.{name}.secret_file = {tc.secret_file!r}: {exc}"]
+        ) from exc

@@ -116,6 +116,8 @@ def decode_body(body: bytes, tp: type[T], *, prefix: str = "") -> T:
     if decoder is None:
         decoder = _decoders[tp] = msgspec.json.Decoder(tp)
     try:
+        # msgspec checks UTF-8 only where it decodes strings, not inside a skipped `Raw`.
+        body.decode("utf-8")
         return decoder.decode(body)  # type: ignore[no-any-return]
     except msgspec.ValidationError as exc:
         raise invalid(exc, prefix=prefix) from None

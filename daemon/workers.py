@@ -1,45 +1,36 @@
 """The feeder and the consumers: from claimed tasks in the store to recorded outcomes.
 
 The feeder claims due tasks into a bounded hand-off queue when there is room, woken by
-admissions, by freed slots and by the next `run_at` (no polling). N consumers take claims
-from the queue and run them (see `consumer.py`). `drain()` is the stop: put back what was
-claimed but not started, give running tasks the grace period, then stop the rest and put
-them back without spending an attempt.
+admissions, by freed slots and by the next `run_at` (no polling). It honours per-type
+concurrency caps by claiming capped types separately, never more than their free slots.
+N consumers take claims from the queue and run them (`consumer.py`). `drain()` is the stop:
+put back what was claimed but not started, give running tasks the grace period, then stop
+the rest and put them back without spending an attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from daemon.config import WorkersConfig
+from daemon.consumer import Run, consume
 from daemon.metrics import Metrics
 from daemon.models import Claim, Released
 from daemon.stats import Stats
-from daemon.store.base import Store
+from daemon.store.base import ClaimBatch, Store
 from daemon.tasktypes import TaskType
 from daemon.watch import Watchers
 
 logger = logging.getLogger(__name__)
 
 STOP_DEADLINE = 10.0  # seconds a stopped run gets to unwind after the grace period
-
-
-@dataclass
-class Run:
-    """One task running in this process; `reason` says why it was stopped, if it was."""
-
-    claim: Claim
-    task: asyncio.Task[object] | None = None
-    reason: str | None = None  # "cancel" | "shutdown"
-
-    def stop(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        if self.task is not None:
-            self.task.cancel()
+Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 
 @dataclass
@@ -55,15 +46,46 @@ class Workers:
     owner: str
     runs: dict[str, Run] = field(default_factory=dict)
     inflight: int = 0  # claimed and not yet recorded
+    busy: collections.Counter[str] = field(default_factory=collections.Counter)  # per type
+    retiring: int = 0  # consumers asked to exit after their current task (a smaller pool)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    _consumers: set[asyncio.Task[None]] = field(default_factory=set)
+    _spawn: Spawn | None = None
     _nudge: asyncio.Event = field(default_factory=asyncio.Event)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _fed: asyncio.Event = field(default_factory=asyncio.Event)  # the feeder has exited
 
     def __post_init__(self) -> None:
-        self.capacity = self.config.concurrency + self.config.prefetch
-        self.handoff: asyncio.Queue[Claim | None] = asyncio.Queue(self.capacity)
+        self.handoff: asyncio.Queue[Claim] = asyncio.Queue(self.capacity)
         self._idle.set()
+
+    @property
+    def capacity(self) -> int:
+        return self.config.concurrency + self.config.prefetch
+
+    def start(self, spawn: Spawn) -> None:
+        """Start the feeder and `concurrency` consumers as tasks made by `spawn` (the
+        TaskGroup's create_task)."""
+        self._spawn = spawn
+        spawn(self.feed(), "feeder")
+        self.resize(self.config)
+
+    def resize(self, config: WorkersConfig) -> None:
+        """Apply a new `[workers]` section: more consumers start now, surplus ones exit
+        after their current task."""
+        assert self._spawn is not None, "start() first"
+        self.config = config
+        surplus = len(self._consumers) - self.retiring - config.concurrency
+        if surplus > 0:
+            self.retiring += surplus
+            return
+        cancelled_retirements = min(self.retiring, -surplus)
+        self.retiring -= cancelled_retirements
+        for _ in range(-surplus - cancelled_retirements):
+            task = self._spawn(consume(self), f"consumer-{len(self._consumers)}")
+            self._consumers.add(task)
+            task.add_done_callback(self._consumers.discard)
+        self.wake()
 
     def wake(self) -> None:
         """New work may be due (an admission, a retry, a freed slot)."""
@@ -76,14 +98,17 @@ class Workers:
         run.stop(reason)
         return True
 
-    def claimed(self, n: int) -> None:
-        self.inflight += n
-        if n:
+    def claimed(self, claims: list[Claim]) -> None:
+        self.inflight += len(claims)
+        for claim in claims:
+            self.busy[claim.task.type] += 1
+        if claims:
             self._idle.clear()
 
-    def finished(self) -> None:
+    def finished(self, claim: Claim) -> None:
         """A claim left the process: recorded, or put back."""
         self.inflight -= 1
+        self.busy[claim.task.type] -= 1
         if self.inflight == 0:
             self._idle.set()
         self._nudge.set()
@@ -107,27 +132,49 @@ class Workers:
         finally:
             self._fed.set()
 
+    def _room(self) -> int:
+        return min(self.capacity - self.inflight, self.handoff.maxsize - self.handoff.qsize())
+
     async def _feed_once(self) -> float | None:
         """Claim once if worthwhile; returns how long to sleep, None for 'until nudged'."""
-        room = self.capacity - self.inflight
+        room = self._room()
         # Claim in batches: wait for a quarter of the room unless the consumers are starving.
         if room <= 0 or (room < max(1, self.capacity // 4) and not self.handoff.empty()):
             return None
-        now = time.time()
+        caps = {n: t.config.concurrency for n, t in self.types.items() if t.config.concurrency}
+        batches: list[tuple[ClaimBatch, int]] = []
+        for name, cap in caps.items():
+            free = min(room, cap - self.busy[name])
+            if free > 0:
+                batches.append((await self._claim(free, only_type=name), free))
+                room -= len(batches[-1][0].claims)
+        if room > 0:
+            batches.append((await self._claim(room, skip_types=tuple(caps)), room))
+        if any(len(batch.claims) == limit for batch, limit in batches):
+            return 0.0
+        due = [batch.next_due for batch, _ in batches if batch.next_due is not None]
+        if not due:
+            return None
+        return max(0.001, min(due) - time.time())
+
+    async def _claim(
+        self, limit: int, *, only_type: str | None = None, skip_types: tuple[str, ...] = ()
+    ) -> ClaimBatch:
         batch = await self.store.claim(
-            owner=self.owner, limit=room, now=now, lease=self.config.lease
+            owner=self.owner,
+            limit=limit,
+            now=time.time(),
+            lease=self.config.lease,
+            only_type=only_type,
+            skip_types=skip_types,
         )
-        self.claimed(len(batch.claims))
+        self.claimed(batch.claims)
         if self.stopping.is_set():
             await self._put_back(batch.claims)
-            return None
+            return ClaimBatch(claims=[], next_due=None)
         for claim in batch.claims:
             self.handoff.put_nowait(claim)
-        if len(batch.claims) == room:
-            return 0.0
-        if batch.next_due is None:
-            return None
-        return max(0.001, batch.next_due - time.time())
+        return batch
 
     async def _put_back(self, claims: list[Claim]) -> None:
         results = await asyncio.gather(
@@ -141,22 +188,20 @@ class Workers:
                     result,
                     extra={"event": "task.put_back_failed", "task_id": claim.task.id},
                 )
-            self.finished()
+            self.finished(claim)
         self.stats.released += len(claims)
 
     # -- the stop ----------------------------------------------------------------------
 
     async def drain(self, grace: float, hurry: asyncio.Event) -> None:
         """Stop taking work, let running tasks finish within `grace` (or until `hurry` is
-        set), then stop the rest and put them back; finally let the consumers exit."""
+        set), then stop the rest and put them back; finally end the idle consumers."""
         self.stopping.set()
         self._nudge.set()
         await self._fed.wait()
         waiting = []
         while not self.handoff.empty():
-            claim = self.handoff.get_nowait()
-            if claim is not None:
-                waiting.append(claim)
+            waiting.append(self.handoff.get_nowait())
         await self._put_back(waiting)
         if self.runs:
             logger.info(
@@ -175,8 +220,10 @@ class Workers:
             for run in list(self.runs.values()):
                 run.stop("shutdown")
             await _within(STOP_DEADLINE, self._idle)
-        for _ in range(self.config.concurrency):
-            self.handoff.put_nowait(None)
+        # Every consumer now waits on the empty queue (or, past STOP_DEADLINE, on a run
+        # that ignores cancellation): end them.
+        for task in list(self._consumers):
+            task.cancel()
 
 
 async def _first_set(*events: asyncio.Event) -> None:

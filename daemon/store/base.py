@@ -79,6 +79,18 @@ class Store(Protocol):
         Returns how many were put back or failed."""
         ...
 
+    async def purge(
+        self,
+        *,
+        finished_before: float,
+        limit: int,
+        only_type: str | None = None,
+        skip_types: Collection[str] = (),
+    ) -> int:
+        """Delete up to `limit` ended tasks that finished before `finished_before`, of
+        `only_type` or of any type but `skip_types`; returns how many. One transaction."""
+        ...
+
     async def counts(self) -> Counts: ...
 
     async def unfinished_by_queue(self) -> dict[str, Counts]:

@@ -84,6 +84,15 @@ def _task(row: tuple[Any, ...]) -> Task:
     )
 
 
+def _type_filter(only_type: str | None, skip_types: Collection[str]) -> tuple[str, list[str]]:
+    """An SQL condition (with its arguments) narrowing a query to some task types."""
+    if only_type is not None:
+        return " AND type = ?", [only_type]
+    if skip_types:
+        return f" AND type NOT IN ({', '.join('?' * len(skip_types))})", list(skip_types)
+    return "", []
+
+
 def _with_attempt(history: bytes | None, entry: Attempt) -> bytes:
     past = [] if history is None else _history_decoder.decode(history)
     past.append(entry)
@@ -196,12 +205,7 @@ class SQLiteStore:
         only_type: str | None = None,
         skip_types: Collection[str] = (),
     ) -> ClaimBatch:
-        narrow, narrow_args = "", []
-        if only_type is not None:
-            narrow, narrow_args = " AND type = ?", [only_type]
-        elif skip_types:
-            narrow = f" AND type NOT IN ({', '.join('?' * len(skip_types))})"
-            narrow_args = list(skip_types)
+        narrow, narrow_args = _type_filter(only_type, skip_types)
         claim_sql = (
             f"UPDATE tasks SET state = 'running', attempts = attempts + 1, owner = ?, "
             f"lease_until = ?, started_at = ? WHERE seq IN (SELECT seq FROM tasks "
@@ -348,6 +352,25 @@ class SQLiteStore:
                     )
                     self._pending -= 1
             return len(rows)
+
+        return await self._write(op)  # type: ignore[no-any-return]
+
+    async def purge(
+        self,
+        *,
+        finished_before: float,
+        limit: int,
+        only_type: str | None = None,
+        skip_types: Collection[str] = (),
+    ) -> int:
+        narrow, args = _type_filter(only_type, skip_types)
+        sql = (
+            f"DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at < ? "
+            f"AND state IN ('succeeded', 'failed', 'cancelled'){narrow} LIMIT ?)"
+        )
+
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(sql, (finished_before, *args, limit)).rowcount
 
         return await self._write(op)  # type: ignore[no-any-return]
 

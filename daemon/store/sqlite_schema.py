@@ -35,6 +35,7 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_running ON tasks (owner) WHERE state = 'running';
     CREATE INDEX tasks_state ON tasks (state, seq);
     CREATE INDEX tasks_unfinished ON tasks (queue, state) WHERE state IN ('queued', 'running');
+    CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
     """,
 )
 

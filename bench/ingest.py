@@ -1,0 +1,192 @@
+"""Ingest: how many `POST /v1/tasks` a daemon acknowledges per second (each one committed to
+SQLite before its 202), against a bare aiohttp+uvloop server that only parses the JSON.
+
+wrk (`apt-get install wrk`) posts `{"type":"noop","payload":{}}` with `-t2 -c64 -d10s`;
+the daemon's consumers run the noop tasks as they come (the realistic case), with
+`max_pending` high enough that nothing is refused. Runs the bare server, then the daemon
+with `store.synchronous` = "normal" and = "full", and prints requests/s, non-2xx answers,
+latency, the ratio daemon/bare, and how far the consumers kept up.
+
+    .venv/bin/python bench/ingest.py [--duration 10] [--connections 64] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import harness
+from bench.harness import out
+
+LUA = """
+wrk.method = "POST"
+wrk.body = '{"type":"noop","payload":{}}'
+wrk.headers["Content-Type"] = "application/json"
+"""
+WARMUP = 2  # seconds of wrk before each measured run, not counted
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    rps: float
+    non_2xx: int
+    socket_errors: str
+    p50: str
+    p99: str
+
+
+def run_wrk(url: str, lua: Path, threads: int, conns: int, seconds: int) -> WrkResult:
+    cmd = [
+        "wrk",
+        f"-t{threads}",
+        f"-c{conns}",
+        f"-d{seconds}s",
+        "--timeout",
+        "5s",
+        "--latency",
+        "-s",
+        str(lua),
+        f"{url}/v1/tasks",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    text = done.stdout
+    rps = float(_find(r"Requests/sec:\s+([\d.]+)", text))
+    requests = int(_find(r"(\d+) requests in", text))
+    non_2xx = int(_find(r"Non-2xx or 3xx responses:\s+(\d+)", text, "0"))
+    errors = _find(r"Socket errors:\s+(.*)", text, "none").strip()
+    p50 = _find(r"\n\s+50%\s+(\S+)", text, "?")
+    p99 = _find(r"\n\s+99%\s+(\S+)", text, "?")
+    return WrkResult(requests, rps, non_2xx, errors, p50, p99)
+
+
+def _find(pattern: str, text: str, default: str | None = None) -> str:
+    m = re.search(pattern, text)
+    if m is None:
+        if default is None:
+            raise RuntimeError(f"wrk output has no {pattern!r}:\n{text}")
+        return default
+    return m.group(1)
+
+
+def bare(directory: Path, lua: Path, args: argparse.Namespace) -> WrkResult:
+    port = harness.free_port()
+    log = (directory / "bare.log").open("wb")
+    proc = subprocess.Popen(
+        [str(harness.PYTHON), "-m", "bench.bare_server", "--port", str(port)],
+        cwd=harness.ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=log,
+        stderr=log,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the bare server did not start")
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.02)
+        run_wrk(url, lua, args.threads, args.connections, WARMUP)
+        return run_wrk(url, lua, args.threads, args.connections, args.duration)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
+
+
+@dataclass
+class DaemonResult:
+    wrk: WrkResult
+    accepted: int  # rows in the store after the measured run (warm-up included)
+    done_at_end: int  # of those, finished when wrk stopped
+    catch_up: float  # seconds until the consumers had finished the rest
+
+
+def daemon(directory: Path, lua: Path, args: argparse.Namespace, synchronous: str) -> DaemonResult:
+    sub = directory / synchronous
+    sub.mkdir()
+    settings = harness.Settings(
+        synchronous=synchronous, concurrency=args.concurrency, log_level=args.log_level
+    )
+    with harness.daemon(sub, settings) as d:
+        run_wrk(d.url, lua, args.threads, args.connections, WARMUP)
+        result = run_wrk(d.url, lua, args.threads, args.connections, args.duration)
+        conn = harness.read_only(d.db)
+        try:
+            total = int(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
+            left = left_at_end = harness.unfinished(conn)
+            begun = time.monotonic()
+            while left and time.monotonic() - begun < 120:
+                time.sleep(0.05)
+                left = harness.unfinished(conn)
+            catch_up = time.monotonic() - begun
+        finally:
+            conn.close()
+    for note in d.notes:
+        out(note)
+    return DaemonResult(result, total, total - left_at_end, catch_up)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=int, default=10, help="seconds of wrk per target")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=16, help="workers.concurrency")
+    parser.add_argument("--log-level", default="info", help="the daemon's log.level")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install -y wrk")
+
+    out(f"# ingest: POST /v1/tasks, wrk -t{args.threads} -c{args.connections} -d{args.duration}s")
+    out(f"# {harness.machine()}")
+    with harness.workdir() as directory:
+        lua = directory / "post.lua"
+        lua.write_text(LUA, encoding="utf-8")
+        base = bare(directory, lua, args)
+        results = {s: daemon(directory, lua, args, s) for s in ("normal", "full")}
+
+    rows = [["server", "requests/s", "daemon/bare", "non-2xx", "socket errors", "p50", "p99"]]
+    rows.append(
+        ["bare aiohttp", f"{base.rps:,.0f}", "1.00", str(base.non_2xx), base.socket_errors,
+         base.p50, base.p99]
+    )  # fmt: skip
+    for sync, r in results.items():
+        w = r.wrk
+        rows.append(
+            [f"offload synchronous={sync}", f"{w.rps:,.0f}", f"{w.rps / base.rps:.2f}",
+             str(w.non_2xx), w.socket_errors, w.p50, w.p99]
+        )  # fmt: skip
+    out(harness.table(rows))
+    out()
+    for sync, r in results.items():
+        out(
+            f"synchronous={sync}: {r.accepted:,} tasks accepted (warm-up included), "
+            f"{r.done_at_end:,} finished when wrk stopped, the rest {r.catch_up:.2f}s later "
+            f"(concurrency {args.concurrency})"
+        )
+    out()
+    out(f"reproduce: {harness.command_line()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Reload on SIGHUP: re-read the config file and apply what can change while running.
+
+Task types (added, changed, removed), the log level, `[workers]` (concurrency grows at once,
+shrinks as consumers finish their current task), `[auth]` tokens and the admission limits
+apply at once. `[server]` and `[store]` need a restart: a change there is logged and kept
+for the next start. A file that does not validate changes nothing. Running tasks keep the
+executor they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import msgspec
+
+from daemon import logs
+from daemon.auth import TokenFileError, load_tokens
+from daemon.config import Config, load
+from daemon.errors import ConfigError
+from daemon.runtime import Runtime
+from daemon.systemd import Notifier
+from daemon.tasktypes import build_types
+
+logger = logging.getLogger(__name__)
+
+
+async def reload_on_request(
+    rt: Runtime,
+    path: str,
+    requested: asyncio.Event,
+    threads: ThreadPoolExecutor,
+    notifier: Notifier,
+) -> None:
+    """Each time `requested` is set, reload `path` (see the module docstring)."""
+    while True:
+        await requested.wait()
+        requested.clear()
+        notifier.send("RELOADING=1", "STATUS=reloading the configuration")
+        try:
+            new = await asyncio.to_thread(load, path)
+            summary = apply(rt, new, threads)
+        except (ConfigError, TokenFileError) as exc:
+            logger.error(
+                "reload refused, the running configuration stays: %s",
+                exc,
+                extra={"event": "config.reload_refused"},
+            )
+            notifier.send("READY=1", "STATUS=reload refused: the configuration is invalid")
+            continue
+        logger.info("configuration reloaded: %s", summary, extra={"event": "config.reloaded"})
+        notifier.send("READY=1", f"STATUS=reloaded: {summary}")
+
+
+def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor) -> str:
+    """Make `new` the running configuration; returns a one-line summary of the changes."""
+    old = rt.config
+    changes: list[str] = []
+    tokens = load_tokens(new.auth)  # may raise: before anything changes
+    added = sorted(set(new.types) - set(old.types))
+    removed = sorted(set(old.types) - set(new.types))
+    changed = sorted(n for n in set(new.types) & set(old.types) if new.types[n] != old.types[n])
+    if added or removed or changed:
+        built = build_types(new, threads)
+        rt.types.clear()
+        rt.types.update(built)  # the workers share this dict
+        for word, names in (("added", added), ("changed", changed), ("removed", removed)):
+            if names:
+                changes.append(f"types {word}: {', '.join(names)}")
+    if new.log != old.log:
+        logs.set_level(new.log.level)
+        changes.append(f"log level {new.log.level}")
+    if new.workers != old.workers:
+        rt.workers.resize(new.workers)
+        changes.append(
+            f"workers: concurrency {new.workers.concurrency}, max_pending "
+            f"{new.workers.max_pending}, grace {new.workers.grace_period:g}s"
+        )
+    if new.auth != old.auth:
+        rt.auth.tokens = tokens
+        rt.auth.open_paths = frozenset(new.auth.open)
+        changes.append(f"auth: {len(tokens)} tokens")
+    for section in ("server", "store"):
+        if getattr(new, section) != getattr(old, section):
+            changes.append(f"[{section}] changed: takes effect at the next restart")
+    rt.config = msgspec.structs.replace(new, server=old.server, store=old.store)
+    return "; ".join(changes) or "nothing changed"

@@ -1,0 +1,77 @@
+"""Task handlers for the in-process tests, named in their config as `tests.apphandlers:NAME`.
+
+The daemon runs on the test's own event loop, so a test steers a `block` run through a
+`Gate`: it learns when the run started, lets it finish, and sees whether it was cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from pathlib import Path
+
+import msgspec
+
+from daemon.executors.base import JSON, Permanent
+
+
+class Gate:
+    """One `block` run's rendezvous with its test."""
+
+    def __init__(self) -> None:
+        self.key = uuid.uuid4().hex
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+        self.cancelled = asyncio.Event()
+        self.runs = 0
+
+
+GATES: dict[str, Gate] = {}
+
+
+def open_gate() -> Gate:
+    """A new gate, registered until `close_gate()`."""
+    gate = Gate()
+    GATES[gate.key] = gate
+    return gate
+
+
+def close_gate(gate: Gate) -> None:
+    gate.release.set()
+    GATES.pop(gate.key, None)
+
+
+class GatePayload(msgspec.Struct, forbid_unknown_fields=True):
+    gate: str
+
+
+async def block(payload: GatePayload) -> JSON:
+    """Run until the test releases the gate; mark the gate if the run is cancelled."""
+    gate = GATES[payload.gate]
+    gate.runs += 1
+    gate.started.set()
+    try:
+        await gate.release.wait()
+    except asyncio.CancelledError:
+        gate.cancelled.set()
+        raise
+    return {"gate": payload.gate, "runs": gate.runs}
+
+
+class FlagPayload(msgspec.Struct, forbid_unknown_fields=True):
+    flag: str
+
+
+def fail_while_flag(payload: FlagPayload) -> JSON:
+    """Fail while the file `flag` exists. A plain function: it runs in the thread pool."""
+    if Path(payload.flag).exists():
+        raise RuntimeError(f"flag {payload.flag} is set")
+    return {"ok": True}
+
+
+async def always_fail(payload: JSON) -> JSON:
+    raise RuntimeError("always fails")
+
+
+async def permanent(payload: JSON) -> JSON:
+    raise Permanent("this input can never work")

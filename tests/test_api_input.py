@@ -1,0 +1,142 @@
+"""Bad input to POST /v1/tasks: each gets the right 4xx at once, naming the field, the daemon
+stays up, and nothing reaches the store (promise 5 of DESIGN.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from daemon.models import Counts
+from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
+    Daemon,
+    api_fixture,
+    assert_error,
+    stored_counts,
+)
+
+QUICK = 2.0  # seconds a refusal may take
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Bad:
+    body: bytes
+    status: int
+    code: str
+    field: str | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=lambda: dict(JSON_TYPE))
+    chunked: bool = False
+
+
+def js(value: Any) -> bytes:
+    return json.dumps(value).encode()
+
+
+def invalid(value: Any, field: str | None) -> Bad:
+    return Bad(js(value), 422, "invalid", field)
+
+
+DEEP = 10_000
+
+CASES = [
+    pytest.param(Bad(b'{"type": "noop",', 400, "bad_request"), id="malformed-json"),
+    pytest.param(Bad(b"", 400, "bad_request"), id="empty-body"),
+    pytest.param(invalid({"type": 5}, "type"), id="type-not-a-string"),
+    pytest.param(invalid({"type": "noop", "priority": "high"}, "priority"), id="priority-str"),
+    pytest.param(invalid({"type": "noop", "delay": "soon"}, "delay"), id="delay-str"),
+    pytest.param(invalid({"type": "noop", "max_attempts": 0}, "max_attempts"), id="attempts-0"),
+    pytest.param(invalid(["noop"], None), id="not-an-object"),
+    pytest.param(invalid({"payload": {}}, "type"), id="type-missing"),
+    pytest.param(invalid({"type": "noop", "colour": "red"}, "colour"), id="unknown-field"),
+    pytest.param(invalid({"type": "nope"}, "type"), id="unknown-type"),
+    pytest.param(
+        invalid({"type": "sleep", "payload": {"seconds": "soon"}}, "payload.seconds"),
+        id="payload-wrong-type",
+    ),
+    pytest.param(
+        invalid({"type": "sleep", "payload": {"seconds": -1}}, "payload.seconds"),
+        id="payload-out-of-range",
+    ),
+    pytest.param(
+        invalid({"type": "sleep", "payload": {}}, "payload.seconds"), id="payload-missing-field"
+    ),
+    pytest.param(
+        invalid({"type": "noop", "delay": 5, "run_at": "2030-01-01T00:00:00Z"}, "run_at"),
+        id="delay-and-run_at",
+    ),
+    pytest.param(
+        invalid({"type": "noop", "run_at": "2030-01-01T00:00:00"}, "run_at"), id="run_at-no-tz"
+    ),
+    pytest.param(invalid({"type": "noop", "timeout": 61}, "timeout"), id="timeout-over-type"),
+    pytest.param(invalid({"type": "noop", "timeout": 0}, "timeout"), id="timeout-zero"),
+    pytest.param(invalid({"type": "noop", "priority": -1001}, "priority"), id="priority-low"),
+    pytest.param(invalid({"type": "noop", "priority": 1001}, "priority"), id="priority-high"),
+    pytest.param(invalid({"type": "noop", "queue": "no spaces"}, "queue"), id="queue-name"),
+    pytest.param(
+        Bad(js({"type": "noop"}), 415, "unsupported_media_type", "Content-Type", headers={}),
+        id="no-content-type",
+    ),
+    pytest.param(
+        Bad(
+            js({"type": "noop"}),
+            415,
+            "unsupported_media_type",
+            "Content-Type",
+            headers={"Content-Type": "text/plain"},
+        ),
+        id="wrong-content-type",
+    ),
+    pytest.param(
+        Bad(js({"type": "noop", "payload": "x" * 70_000}), 413, "too_large"),
+        id="over-max-body",
+    ),
+    pytest.param(
+        Bad(js({"type": "noop", "payload": "x" * 70_000}), 413, "too_large", chunked=True),
+        id="over-max-body-chunked",
+    ),
+    pytest.param(
+        Bad(b'{"type": "noop", "payload": ' + b"[" * DEEP + b"]" * DEEP + b"}", 400, "bad_request"),
+        id="nested-10000-deep",
+    ),
+    pytest.param(Bad(b'{"type": "no\xffop"}', 400, "bad_request"), id="non-utf8-in-type"),
+    pytest.param(
+        Bad(b'{"type": "noop", "payload": {"x": "\xff"}}', 400, "bad_request"),
+        id="non-utf8-in-untyped-payload",
+    ),
+    pytest.param(
+        Bad(b'{"type": "sleep", "payload": {"seconds": 1, "\xff": 2}}', 400, "bad_request"),
+        id="non-utf8-in-typed-payload",
+    ),
+]
+
+
+async def _chunks(body: bytes) -> AsyncIterator[bytes]:
+    for start in range(0, len(body), 8192):
+        yield body[start : start + 8192]
+
+
+@pytest.mark.parametrize("bad", CASES)
+async def test_bad_input_is_refused_and_changes_nothing(api: Daemon, bad: Bad) -> None:
+    assert api.config.server.max_body == 64 * 1024  # what the size cases are built for
+    before = await api.count()
+
+    data: bytes | AsyncIterator[bytes] = _chunks(bad.body) if bad.chunked else bad.body
+    skip = () if "Content-Type" in bad.headers else ("Content-Type",)
+    reply = await api.request(
+        "POST", "/v1/tasks", data=data, headers=bad.headers, skip_auto_headers=skip
+    )
+
+    assert_error(reply, bad.status, bad.code, bad.field)
+    assert reply.elapsed < QUICK
+    assert await api.count() == before
+    # The daemon is still up and takes good work; then the store holds that task alone.
+    good = await api.request("POST", "/v1/tasks", json={"type": "noop", "delay": 3600})
+    assert good.status == 202, good.body
+    assert not api.serving.done()
+    await api.shutdown()
+    counts = await stored_counts(api.config)
+    assert counts == Counts(queued=1)

@@ -1,0 +1,198 @@
+"""The configuration: config.example.toml loads and documents the defaults exactly, durations
+and sizes parse, and a bad config is refused with one problem per mistake, each naming its
+dotted key."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from daemon.config import Config, Duration, Size, load, parse, parse_duration, parse_size
+from daemon.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
+
+
+def example_toml() -> dict[str, Any]:
+    return tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+
+
+def keys_and_values(
+    raw: dict[str, Any], loaded: msgspec.Struct, default: msgspec.Struct, path: str = ""
+) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in the loaded example, default) for every key of `raw`, walking
+    sub-tables that are structs."""
+    found = []
+    for key, value in raw.items():
+        dotted = f"{path}{key}"
+        here, there = getattr(loaded, key), getattr(default, key)
+        if isinstance(value, dict) and isinstance(there, msgspec.Struct):
+            assert isinstance(here, msgspec.Struct)
+            found += keys_and_values(value, here, there, f"{dotted}.")
+        else:
+            found.append((dotted, here, there))
+    return found
+
+
+def struct_keys(struct: msgspec.Struct, path: str = "") -> set[str]:
+    """Every dotted key of a (default) struct, sub-structs included."""
+    keys = set()
+    for name in struct.__struct_fields__:
+        value = getattr(struct, name)
+        if isinstance(value, msgspec.Struct):
+            keys |= struct_keys(value, f"{path}{name}.")
+        else:
+            keys.add(f"{path}{name}")
+    return keys
+
+
+def test_the_example_config_loads() -> None:
+    config = load(EXAMPLE)
+    assert isinstance(config, Config)
+    assert {"sleep", "noop"} <= set(config.types)
+
+
+def test_every_key_of_the_example_is_the_default() -> None:
+    raw = example_toml()
+    types = raw.pop("types", {})
+    loaded, default = load(EXAMPLE), Config()
+
+    differing = [
+        (key, value, want)
+        for key, value, want in keys_and_values(raw, loaded, default)
+        if value != want
+    ]
+
+    assert differing == [], "config.example.toml must show the defaults"
+    # Task types are examples, not defaults: only their presence is compared.
+    assert set(types) == set(loaded.types)
+    assert set(default.types) == set()
+
+
+def test_the_example_lists_every_key() -> None:
+    raw = example_toml()
+    raw.pop("types", None)
+    default = Config(types={})
+    listed = {key for key, _, _ in keys_and_values(raw, load(EXAMPLE), default)}
+
+    missing = struct_keys(default) - listed - {"types"}
+
+    assert missing == set(), "document these keys in config.example.toml"
+
+
+SEVERAL_PROBLEMS: dict[str, Any] = {
+    "server": {"listen": "127.0.0.1:8080", "bogus": 1},
+    "workers": {"concurrency": "many", "grace_period": "soon", "prefetch": 5000},
+    "types": {"y": {"kind": "shell"}},
+}
+EXPECTED_KEYS = [
+    "server.bogus",
+    "workers.concurrency",
+    "workers.grace_period",
+    "workers.prefetch",
+    "types.y.kind",
+]
+
+
+def problem_keys(problems: list[str]) -> list[str]:
+    """The dotted key each problem starts with ("key: ..." or "key = value: ...")."""
+    return sorted(p.split(":", 1)[0].split(" = ", 1)[0] for p in problems)
+
+
+def test_every_problem_is_reported_once_naming_its_key() -> None:
+    with pytest.raises(ConfigError) as refused:
+        parse(SEVERAL_PROBLEMS, source="several.toml")
+
+    problems = refused.value.problems
+    assert problem_keys(problems) == sorted(EXPECTED_KEYS), problems
+    assert refused.value.path == "several.toml"
+    by_key = dict(zip(problem_keys(problems), sorted(problems), strict=True))
+    assert "unknown key" in by_key["server.bogus"]
+    assert "'many'" in by_key["workers.concurrency"]
+    assert "duration" in by_key["workers.grace_period"]
+    assert "4096" in by_key["workers.prefetch"]
+    assert "'python'" in by_key["types.y.kind"]
+
+
+def test_problems_found_after_decoding_are_reported_together() -> None:
+    raw = {
+        "workers": {"concurrency": 8, "max_pending": 4},
+        "types": {
+            "x": {"kind": "python", "handler": "no_such_module_offload_test:run"},
+            "z": {"kind": "python", "handler": "daemon.builtins:noop", "backoff": {"max": "0s"}},
+        },
+    }
+
+    with pytest.raises(ConfigError) as refused:
+        parse(raw)
+
+    problems = refused.value.problems
+    assert problem_keys(problems) == [
+        "types.x.handler",
+        "types.z.backoff.max",
+        "workers.max_pending",
+    ]
+    assert "no_such_module_offload_test" in next(p for p in problems if p.startswith("types.x"))
+
+
+def test_a_bad_handler_is_reported_alongside_other_problems() -> None:
+    raw = dict(SEVERAL_PROBLEMS)
+    raw["types"] = {
+        **SEVERAL_PROBLEMS["types"],
+        "x": {"kind": "python", "handler": "no_such_module_offload_test:run"},
+    }
+
+    with pytest.raises(ConfigError) as refused:
+        parse(raw)
+
+    assert problem_keys(refused.value.problems) == sorted([*EXPECTED_KEYS, "types.x.handler"])
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("30s", 30), ("5m", 300), ("2h", 7200), ("7d", 604800), ("1.5s", 1.5), (2, 2)],
+)
+def test_durations_parse(text: str | int, seconds: float) -> None:
+    value = parse_duration(text)
+    assert isinstance(value, Duration)
+    assert value == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1MiB", 1 << 20), ("64KiB", 65536), ("2GiB", 2 << 30), ("10B", 10), (4096, 4096)],
+)
+def test_sizes_parse(text: str | int, size: int) -> None:
+    value = parse_size(text)
+    assert isinstance(value, Size)
+    assert value == size
+
+
+@pytest.mark.parametrize("bad", ["5 minutes", "-1s", "1w", "", True, -1, None])
+def test_bad_durations_are_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize("bad", ["1MB", "1.5MiB", "-1", True, -1, None])
+def test_bad_sizes_are_refused(bad: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(bad)
+
+
+def test_durations_and_sizes_in_a_config() -> None:
+    config = parse(
+        {
+            "server": {"max_body": "1MiB", "max_wait": "500ms"},
+            "workers": {"grace_period": "5m", "lease": 90},
+        }
+    )
+
+    assert config.server.max_body == 1024 * 1024
+    assert config.server.max_wait == pytest.approx(0.5)
+    assert config.workers.grace_period == pytest.approx(300)
+    assert config.workers.lease == pytest.approx(90)
