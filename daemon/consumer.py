@@ -14,7 +14,7 @@ import msgspec
 
 from daemon.backoff import backoff_delay
 from daemon.errors import OffloadError
-from daemon.executors.base import Job, Permanent, TaskLogger
+from daemon.executors.base import Job, Permanent, RetryAfter, TaskLogger
 from daemon.models import Claim, Failed, Outcome, Released, Retry, Succeeded, TaskState
 
 if TYPE_CHECKING:
@@ -137,6 +137,8 @@ async def _outcome(workers: Workers, run: Run, started: float) -> Outcome | None
         return None
     except TimeoutError:
         return _failure(workers, claim, f"timed out after {claim.task.timeout:g}s", started)
+    except RetryAfter as exc:
+        return _failure(workers, claim, _describe(exc), started, not_before=exc.delay)
     except Permanent as exc:
         return Failed(error=_describe(exc), finished_at=time.time(), duration=_since(started))
     except Exception as exc:
@@ -166,13 +168,17 @@ def _success(workers: Workers, claim: Claim, value: object, started: float) -> O
     return Succeeded(result=result, finished_at=time.time())
 
 
-def _failure(workers: Workers, claim: Claim, error: str, started: float) -> Outcome:
+def _failure(
+    workers: Workers, claim: Claim, error: str, started: float, *, not_before: float = 0.0
+) -> Outcome:
+    """Retry after the backoff (but not before `not_before` seconds, the server's
+    Retry-After), or fail when no attempt is left."""
     task = claim.task
     used = claim.attempt - task.attempt_floor
     task_type = workers.types.get(task.type)
     if used >= task.max_attempts or task_type is None:
         return Failed(error=error, finished_at=time.time(), duration=_since(started))
-    delay = backoff_delay(task_type.config.backoff, used)
+    delay = max(backoff_delay(task_type.config.backoff, used), not_before)
     return Retry(error=error, run_at=time.time() + delay, duration=_since(started))
 
 

@@ -19,6 +19,7 @@ from daemon import logs
 from daemon.api import make_app
 from daemon.auth import Authenticator, load_tokens
 from daemon.config import load
+from daemon.executors.http import HttpClient
 from daemon.metrics import Metrics
 from daemon.runtime import Runtime
 from daemon.stats import Stats
@@ -41,7 +42,9 @@ async def create_app() -> web.Application:
     owner = f"dev:{os.getpid()}"
     stats, watchers = Stats(), Watchers()
     stats.recovered = await store.recover(owner=owner, now=time.time())
-    types = build_types(config, threads)
+    http = HttpClient()
+    stack.push_async_callback(http.aclose)
+    types = build_types(config, threads, http)
     workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
     authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
     rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator, ready=True)

@@ -21,6 +21,7 @@ from contextlib import nullcontext
 from daemon.api import make_app
 from daemon.auth import Authenticator, load_tokens
 from daemon.config import Config
+from daemon.executors.http import HttpClient
 from daemon.http_server import open_http
 from daemon.metrics import Metrics
 from daemon.reload import reload_on_request
@@ -87,13 +88,15 @@ async def _run(
     reload: asyncio.Event,
     config_path: str | None,
 ) -> None:
-    types = build_types(config, threads)
+    http = HttpClient()  # the http executor's one session; opens on first use
+    types = build_types(config, threads, http)
     watchers = Watchers()
     owner = f"{socket.gethostname()}:{os.getpid()}"
     notifier = Notifier()
     watchdog = watchdog_interval()
     metrics = Metrics()
-    async with open_store(config.store, on_commit=metrics.observe_commit) as store:
+    # The http session closes after the consumers exit and before the store closes.
+    async with open_store(config.store, on_commit=metrics.observe_commit) as store, http:
         stats.recovered = await store.recover(owner=owner, now=time.time())
         workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
         authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
@@ -114,7 +117,9 @@ async def _run(
             ]
             background.append(tg.create_task(keep_pruning(rt), name="retention"))
             if config_path is not None:
-                reloader = reload_on_request(rt, config_path, reload, threads, notifier)
+                reloader = reload_on_request(
+                    rt, config_path, requested=reload, threads=threads, http=http, notifier=notifier
+                )
                 background.append(tg.create_task(reloader, name="reloader"))
             async with open_http(make_app(rt), config.server) as where:
                 rt.ready = True

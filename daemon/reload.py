@@ -19,6 +19,7 @@ from daemon import logs
 from daemon.auth import TokenFileError, load_tokens
 from daemon.config import Config, load
 from daemon.errors import ConfigError
+from daemon.executors.http import HttpClient
 from daemon.runtime import Runtime
 from daemon.systemd import Notifier
 from daemon.tasktypes import build_types
@@ -29,8 +30,10 @@ logger = logging.getLogger(__name__)
 async def reload_on_request(
     rt: Runtime,
     path: str,
+    *,
     requested: asyncio.Event,
     threads: ThreadPoolExecutor,
+    http: HttpClient,
     notifier: Notifier,
 ) -> None:
     """Each time `requested` is set, reload `path` (see the module docstring)."""
@@ -40,7 +43,7 @@ async def reload_on_request(
         notifier.send("RELOADING=1", "STATUS=reloading the configuration")
         try:
             new = await asyncio.to_thread(load, path)
-            summary = apply(rt, new, threads)
+            summary = apply(rt, new, threads, http)
         except (ConfigError, TokenFileError) as exc:
             logger.error(
                 "reload refused, the running configuration stays: %s",
@@ -53,7 +56,7 @@ async def reload_on_request(
         notifier.send("READY=1", f"STATUS=reloaded: {summary}")
 
 
-def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor) -> str:
+def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor, http: HttpClient) -> str:
     """Make `new` the running configuration; returns a one-line summary of the changes."""
     old = rt.config
     changes: list[str] = []
@@ -62,7 +65,7 @@ def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor) -> str:
     removed = sorted(set(old.types) - set(new.types))
     changed = sorted(n for n in set(new.types) & set(old.types) if new.types[n] != old.types[n])
     if added or removed or changed:
-        built = build_types(new, threads)
+        built = build_types(new, threads, http)
         rt.types.clear()
         rt.types.update(built)  # the workers share this dict
         for word, names in (("added", added), ("changed", changed), ("removed", removed)):
