@@ -68,16 +68,21 @@ def serve(path: str) -> int:
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(config, config_path=path))
-    except ConfigError as exc:
-        logger.error("configuration error: %s", exc, extra={"event": "config.invalid"})
-        return EX_CONFIG
-    except OffloadError as exc:
-        logger.error("cannot start: %s", exc, extra={"event": "daemon.start_failed"})
-        return EX_START
-    except OSError as exc:
-        logger.error("cannot start: %s", exc, extra={"event": "daemon.start_failed"})
-        return EX_START
-    except BaseException:
-        logger.critical("offload stopped by a bug", exc_info=True, extra={"event": "daemon.bug"})
-        return EX_SOFTWARE
+    except BaseException as exc:  # the one place errors become exit codes
+        return _exit_code(exc)
     return EX_OK
+
+
+def _exit_code(exc: BaseException) -> int:
+    # A start failure inside the TaskGroup (the bind, say) arrives wrapped in a group of one.
+    leaf = exc
+    while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+        leaf = leaf.exceptions[0]
+    if isinstance(leaf, ConfigError):
+        logger.error("configuration error: %s", leaf, extra={"event": "config.invalid"})
+        return EX_CONFIG
+    if isinstance(leaf, OffloadError | OSError):
+        logger.error("cannot start: %s", leaf, extra={"event": "daemon.start_failed"})
+        return EX_START
+    logger.critical("offload stopped by a bug", exc_info=exc, extra={"event": "daemon.bug"})
+    return EX_SOFTWARE
