@@ -419,6 +419,35 @@ def sqlite_config(tmp_path: Path) -> StoreConfig:
     return StoreConfig(url=f"sqlite:{tmp_path / 'solo.db'}", synchronous="normal")
 
 
+async def test_purge_deletes_only_ended_tasks_finished_before_the_cutoff(store: Store) -> None:
+    old, fresh, other, pending = (new_task(n, type="t" if n != 2 else "u") for n in range(4))
+    await admit(store, old, fresh, other, pending)
+    claims = {c.task.id: c for c in await claim(store, limit=3)}
+    for task, finished in ((old, T0 + 10), (fresh, T0 + 100), (other, T0 + 10)):
+        await store.record(claims[task.id], Succeeded(result=None, finished_at=finished))
+
+    # Only `t` tasks, ended before T0 + 50: `old`. Not `fresh` (too recent), not `other` (a
+    # `u`), never `pending` (not ended).
+    assert await store.purge(finished_before=T0 + 50, limit=10, only_type="t") == 1
+    assert await store.get(old.id) is None
+    assert {t.id for t in await store.list(TaskQuery())} == {fresh.id, other.id, pending.id}
+
+    # Every type but `t`, in batches of `limit`.
+    assert await store.purge(finished_before=T0 + 200, limit=10, skip_types=("t",)) == 1
+    assert await store.get(other.id) is None
+    assert await store.purge(finished_before=T0 + 200, limit=10) == 1
+    assert {t.id for t in await store.list(TaskQuery())} == {pending.id}
+
+
+async def test_purge_deletes_in_batches_of_limit(store: Store) -> None:
+    tasks = [new_task(n) for n in range(7)]
+    await admit(store, *tasks)
+    for claimed in await claim(store, limit=7):
+        await store.record(claimed, Succeeded(result=None, finished_at=T0 + 1))
+    deleted = [await store.purge(finished_before=T0 + 2, limit=3) for _ in range(4)]
+    assert deleted == [3, 3, 1, 0]
+
+
 async def test_sqlite_second_open_is_locked_out(tmp_path: Path) -> None:
     config = sqlite_config(tmp_path)
     async with open_sqlite(config) as first:
