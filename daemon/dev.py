@@ -24,6 +24,7 @@ from daemon.metrics import Metrics
 from daemon.runtime import Runtime
 from daemon.stats import Stats
 from daemon.store import open_store
+from daemon.store.base import Hooks
 from daemon.tasktypes import build_types
 from daemon.watch import Watchers
 from daemon.workers import Workers
@@ -37,7 +38,7 @@ async def create_app() -> web.Application:
     stack.callback(threads.shutdown, wait=False, cancel_futures=True)
     metrics = Metrics()
     store = await stack.enter_async_context(
-        open_store(config.store, on_commit=metrics.observe_commit)
+        open_store(config.store, Hooks(on_commit=metrics.observe_commit))
     )
     owner = f"dev:{os.getpid()}"
     stats, watchers = Stats(), Watchers()

@@ -30,6 +30,7 @@ from daemon.runtime import Runtime
 from daemon.signals import Stop, handle_signals
 from daemon.stats import Stats
 from daemon.store import open_store
+from daemon.store.base import Hooks
 from daemon.systemd import Notifier, pulse, watchdog_interval
 from daemon.tasktypes import build_types
 from daemon.watch import Watchers
@@ -96,9 +97,12 @@ async def _run(
     watchdog = watchdog_interval()
     metrics = Metrics()
     # The http session closes after the consumers exit and before the store closes.
-    async with open_store(config.store, on_commit=metrics.observe_commit) as store, http:
+    hooks = Hooks(on_commit=metrics.observe_commit, on_ended=watchers.ended)
+    async with open_store(config.store, hooks) as store, http:
         stats.recovered = await store.recover(owner=owner, now=time.time())
         workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
+        hooks.on_new_work = workers.wake
+        hooks.on_lost = lambda task_id: workers.stop_run(task_id, "cancel")
         authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
         rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator)
         async with asyncio.TaskGroup() as tg:

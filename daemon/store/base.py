@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
@@ -103,20 +104,35 @@ class Store(Protocol):
         ...
 
 
-CommitObserver = Callable[[float, int], None]
+def _ignore(*args: object) -> None:
+    return None
+
+
+@dataclass
+class Hooks:
+    """What a store tells the daemon that it learns on its own. A store shared by several
+    daemons (PostgreSQL) calls the last three when another node changes things; all may be
+    called from the event loop only, except `on_commit` (any thread)."""
+
+    on_commit: Callable[[float, int], None] = _ignore
+    """(seconds, operations) after each committed batch."""
+    on_new_work: Callable[[], None] = _ignore
+    """Work may have become due (an admission or retry elsewhere): wake the feeder."""
+    on_lost: Callable[[str], object] = _ignore
+    """A task this node runs was cancelled or taken back elsewhere: stop its run."""
+    on_ended: Callable[[str], None] = _ignore
+    """A task ended elsewhere: answer its long-poll waiters."""
 
 
 @asynccontextmanager
-async def open_store(
-    config: StoreConfig, *, on_commit: CommitObserver | None = None
-) -> AsyncIterator[Store]:
-    """Open, migrate and lock the store named by `config.url`; close it on exit.
-    `on_commit(seconds, operations)` is called after each committed batch, from any thread."""
+async def open_store(config: StoreConfig, hooks: Hooks | None = None) -> AsyncIterator[Store]:
+    """Open, migrate and lock the store named by `config.url`; close it on exit."""
+    hooks = hooks or Hooks()
     scheme = config.url.partition(":")[0]
     if scheme == "sqlite":
         from daemon.store.sqlite import open_sqlite
 
-        async with open_sqlite(config, on_commit=on_commit) as store:
+        async with open_sqlite(config, on_commit=hooks.on_commit) as store:
             yield store
     else:
-        raise ConfigError("store.url", [f"store.url = {config.url!r}: expected a sqlite: URL"])
+        raise ConfigError("<config>", [f"store.url = {config.url!r}: expected a sqlite: URL"])
