@@ -154,6 +154,35 @@ class HttpType(_TypeBase, frozen=True, tag="http", kw_only=True):
 TypeConfig = PythonType | CommandType | HttpType
 
 
+class QueueConfig(_Section, frozen=True):
+    """`[queues.NAME]`: how this queue shares the workers."""
+
+    # Share of claims when several queues have due work (weighted fair selection).
+    weight: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 1
+    # At most this many of the queue's tasks run at once; 0: no own cap.
+    concurrency: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    # Tasks started per second at most (token bucket); 0: unlimited.
+    rate: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # Tokens the bucket holds: how many may start at once after a quiet spell; 0: max(1, rate).
+    burst: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class ScheduleConfig(_Section, frozen=True):
+    """`[[schedules]]`: enqueue a task on a cron schedule, each fire exactly once."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    cron: str
+    type: str
+    timezone: str = "UTC"
+    payload: Any = msgspec.field(default_factory=dict)
+    queue: QueueName | None = None
+    # "skip": fires missed while no daemon ran are skipped; "catch_up": one task makes up
+    # for all of them, then the schedule goes on.
+    misfire: Literal["skip", "catch_up"] = "skip"
+    # A fire this late (a restart at the moment of the fire) still counts as on time.
+    misfire_grace: Duration = Duration(60)
+
+
 class AuthConfig(_Section, frozen=True):
     tokens_file: str = ""
     credential: str = ""
@@ -172,9 +201,26 @@ class Config(_Section, frozen=True):
     workers: WorkersConfig = msgspec.field(default_factory=WorkersConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    # `strict = true` (always the first non-empty queue, in the order of weight) and
+    # `[queues.NAME]` tables share this table.
+    queues: dict[QueueName, QueueConfig | bool] = msgspec.field(default_factory=dict)
+    schedules: list[ScheduleConfig] = msgspec.field(default_factory=list)
     types: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], TypeConfig] = (
         msgspec.field(default_factory=dict)
     )
+
+
+def queue_settings(config: Config) -> tuple[bool, dict[str, QueueConfig]]:
+    """(strict, every known queue with its settings): the `[queues.NAME]` tables, plus the
+    queues the task types name, with the defaults."""
+    strict = config.queues.get("strict") is True
+    queues = {n: q for n, q in config.queues.items() if isinstance(q, QueueConfig)}
+    for tc in config.types.values():
+        queues.setdefault(tc.queue, QueueConfig())
+    for schedule in config.schedules:
+        if schedule.queue is not None:
+            queues.setdefault(schedule.queue, QueueConfig())
+    return strict, queues
 
 
 def load(path: str | Path) -> Config:
@@ -220,6 +266,8 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     server, auth = _part(raw, "server", ServerConfig), _part(raw, "auth", AuthConfig)
     if server is not None and auth is not None:
         problems += _check_auth(server, auth)
+    problems += _queue_problems(raw.get("queues"))
+    problems += _schedule_problems(raw)
     types = raw.get("types")
     for name, item in (types if isinstance(types, dict) else {}).items():
         try:
@@ -227,6 +275,47 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
         except msgspec.ValidationError:
             continue
         problems += _type_problems(str(name), tc)
+    return problems
+
+
+def _queue_problems(queues: object) -> list[str]:
+    if not isinstance(queues, dict):
+        return []
+    problems = []
+    for name, value in queues.items():
+        if name == "strict" and not isinstance(value, bool):
+            problems.append(f"queues.strict = {_show(value)}: expected true or false")
+        elif name != "strict" and isinstance(value, bool):
+            problems.append(f"queues.{name} = {_show(value)}: expected a [queues.{name}] table")
+    return problems
+
+
+def _schedule_problems(raw: dict[str, Any]) -> list[str]:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from croniter import croniter
+
+    schedules, types = raw.get("schedules"), raw.get("types")
+    if not isinstance(schedules, list):
+        return []
+    problems, names = [], set()
+    for i, item in enumerate(schedules):
+        try:
+            schedule = msgspec.convert(item, ScheduleConfig, dec_hook=_dec_hook)
+        except msgspec.ValidationError:
+            continue
+        path = f"schedules[{i}]"
+        if schedule.name in names:
+            problems.append(f"{path}.name = {schedule.name!r}: used by another schedule")
+        names.add(schedule.name)
+        if not croniter.is_valid(schedule.cron):
+            problems.append(f"{path}.cron = {schedule.cron!r}: not a cron expression")
+        try:
+            ZoneInfo(schedule.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            problems.append(f"{path}.timezone = {schedule.timezone!r}: not a known time zone")
+        if not isinstance(types, dict) or schedule.type not in types:
+            problems.append(f"{path}.type = {schedule.type!r}: not a [types.NAME] of this file")
     return problems
 
 

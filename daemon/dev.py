@@ -20,6 +20,7 @@ from daemon.api import make_app
 from daemon.auth import Authenticator, load_tokens
 from daemon.config import load
 from daemon.executors.http import HttpClient
+from daemon.flow import load_flow
 from daemon.metrics import Metrics
 from daemon.runtime import Runtime
 from daemon.stats import Stats
@@ -46,7 +47,8 @@ async def create_app() -> web.Application:
     http = HttpClient()
     stack.push_async_callback(http.aclose)
     types = build_types(config, threads, http)
-    workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
+    flow = await load_flow(config, store)
+    workers = Workers(config.workers, store, types, stats, watchers, metrics, owner, flow)
     authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
     rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator, ready=True)
     app = make_app(rt)

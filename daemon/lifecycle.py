@@ -22,6 +22,7 @@ from daemon.api import make_app
 from daemon.auth import Authenticator, load_tokens
 from daemon.config import Config
 from daemon.executors.http import HttpClient
+from daemon.flow import load_flow
 from daemon.http_server import open_http
 from daemon.metrics import Metrics
 from daemon.reload import reload_on_request
@@ -100,7 +101,17 @@ async def _run(
     hooks = Hooks(on_commit=metrics.observe_commit, on_ended=watchers.ended)
     async with open_store(config.store, hooks) as store, http:
         stats.recovered = await store.recover(owner=owner, now=time.time())
-        workers = Workers(config.workers, store, types, stats, watchers, metrics, owner)
+        flow = await load_flow(config, store)
+        workers = Workers(
+            config.workers,
+            store,
+            types,
+            stats,
+            watchers,
+            metrics,
+            owner,
+            flow,
+        )
         hooks.on_new_work = workers.wake
         hooks.on_lost = lambda task_id: workers.stop_run(task_id, "cancel")
         authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))

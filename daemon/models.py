@@ -151,3 +151,11 @@ class Counts(msgspec.Struct, frozen=True):
     @property
     def pending(self) -> int:
         return self.queued + self.running
+
+
+class ScheduleState(msgspec.Struct, frozen=True):
+    """What the store remembers of a cron schedule: its last fire (the time it was due,
+    not when it ran) and whether it is paused."""
+
+    last_fire: float | None = None
+    paused: bool = False

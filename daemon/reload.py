@@ -17,7 +17,7 @@ import msgspec
 
 from daemon import logs
 from daemon.auth import TokenFileError, load_tokens
-from daemon.config import Config, load
+from daemon.config import Config, load, queue_settings
 from daemon.errors import ConfigError
 from daemon.executors.http import HttpClient
 from daemon.runtime import Runtime
@@ -74,6 +74,10 @@ def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor, http: HttpClien
     if new.log != old.log:
         logs.set_level(new.log.level)
         changes.append(f"log level {new.log.level}")
+    if new.queues != old.queues or new.types != old.types:
+        rt.workers.flow.configure(*queue_settings(new))
+        if new.queues != old.queues:
+            changes.append("queues")
     if new.workers != old.workers:
         rt.workers.resize(new.workers)
         changes.append(

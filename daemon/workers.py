@@ -20,10 +20,11 @@ from typing import Any
 
 from daemon.config import WorkersConfig
 from daemon.consumer import Run, consume
+from daemon.flow import Flow
 from daemon.metrics import Metrics
 from daemon.models import Claim, Released
 from daemon.stats import Stats
-from daemon.store.base import ClaimBatch, Store
+from daemon.store.base import Store
 from daemon.tasktypes import TaskType
 from daemon.watch import Watchers
 
@@ -44,6 +45,7 @@ class Workers:
     watchers: Watchers
     metrics: Metrics
     owner: str
+    flow: Flow
     runs: dict[str, Run] = field(default_factory=dict)
     inflight: int = 0  # claimed and not yet recorded
     busy: collections.Counter[str] = field(default_factory=collections.Counter)  # per type
@@ -54,6 +56,8 @@ class Workers:
     _nudge: asyncio.Event = field(default_factory=asyncio.Event)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _fed: asyncio.Event = field(default_factory=asyncio.Event)  # the feeder has exited
+    _full: bool = False  # the current feeder round: a claim came back full
+    _due: list[float] = field(default_factory=list)  # the current round: next run_at seen
 
     def __post_init__(self) -> None:
         self.handoff: asyncio.Queue[Claim] = asyncio.Queue(self.capacity)
@@ -102,6 +106,7 @@ class Workers:
         self.inflight += len(claims)
         for claim in claims:
             self.busy[claim.task.type] += 1
+            self.flow.busy[claim.task.queue] += 1
         if claims:
             self._idle.clear()
 
@@ -109,6 +114,7 @@ class Workers:
         """A claim left the process: recorded, or put back."""
         self.inflight -= 1
         self.busy[claim.task.type] -= 1
+        self.flow.busy[claim.task.queue] -= 1
         if self.inflight == 0:
             self._idle.set()
         self._nudge.set()
@@ -141,25 +147,54 @@ class Workers:
         # Claim in batches: wait for a quarter of the room unless the consumers are starving.
         if room <= 0 or (room < max(1, self.capacity // 4) and not self.handoff.empty()):
             return None
+        self._full, self._due = False, []
+        paused = tuple(self.flow.paused)
+        # Types with their own cap are claimed apart, never past their free slots.
         caps = {n: t.config.concurrency for n, t in self.types.items() if t.config.concurrency}
-        batches: list[tuple[ClaimBatch, int]] = []
         for name, cap in caps.items():
             free = min(room, cap - self.busy[name])
             if free > 0:
-                batches.append((await self._claim(free, only_type=name), free))
-                room -= len(batches[-1][0].claims)
-        if room > 0:
-            batches.append((await self._claim(room, skip_types=tuple(caps)), room))
-        if any(len(batch.claims) == limit for batch, limit in batches):
+                room -= await self._claim(free, only_type=name, skip_queues=paused)
+        if room > 0 and self.flow.simple:
+            await self._claim(room, skip_types=tuple(caps), skip_queues=paused)
+        elif room > 0:
+            await self._claim_by_queue(room, tuple(caps))
+        if self._full:
             return 0.0
-        due = [batch.next_due for batch, _ in batches if batch.next_due is not None]
-        if not due:
-            return None
-        return max(0.001, min(due) - time.time())
+        waits = [due - time.time() for due in self._due]
+        if (token := self.flow.wake_in()) is not None:
+            waits.append(token)
+        return max(0.001, min(waits)) if waits else None
+
+    async def _claim_by_queue(self, room: int, skip_types: tuple[str, ...]) -> None:
+        """Share `room` among the queues by the flow's plan until it is used or they run dry."""
+        active = list(self.flow.queues)
+        while room > 0 and active:
+            plan = self.flow.shares(room, active)
+            if not plan:
+                break
+            for queue, asked in plan:
+                got = await self._claim(asked, only_queue=queue, skip_types=skip_types)
+                self.flow.taken(queue, got, asked)
+                room -= got
+                if got < asked:
+                    active.remove(queue)
+        if room > 0:
+            # Tasks of queues no longer configured still run, after the others.
+            known = tuple(self.flow.queues)
+            await self._claim(room, skip_types=skip_types, skip_queues=known)
 
     async def _claim(
-        self, limit: int, *, only_type: str | None = None, skip_types: tuple[str, ...] = ()
-    ) -> ClaimBatch:
+        self,
+        limit: int,
+        *,
+        only_type: str | None = None,
+        skip_types: tuple[str, ...] = (),
+        only_queue: str | None = None,
+        skip_queues: tuple[str, ...] = (),
+    ) -> int:
+        """Claim into the hand-off queue; returns how many. Notes in `_full` whether the
+        claim came back full (there may be more) and in `_due` when the next task is due."""
         batch = await self.store.claim(
             owner=self.owner,
             limit=limit,
@@ -167,14 +202,20 @@ class Workers:
             lease=self.config.lease,
             only_type=only_type,
             skip_types=skip_types,
+            only_queue=only_queue,
+            skip_queues=skip_queues,
         )
         self.claimed(batch.claims)
         if self.stopping.is_set():
             await self._put_back(batch.claims)
-            return ClaimBatch(claims=[], next_due=None)
+            return 0
         for claim in batch.claims:
             self.handoff.put_nowait(claim)
-        return batch
+        if len(batch.claims) == limit:
+            self._full = True
+        if batch.next_due is not None:
+            self._due.append(batch.next_due)
+        return len(batch.claims)
 
     async def _put_back(self, claims: list[Claim]) -> None:
         results = await asyncio.gather(

@@ -17,7 +17,16 @@ import msgspec
 
 from daemon.config import StoreConfig
 from daemon.errors import ConfigError
-from daemon.models import Claim, Counts, NewTask, Outcome, Task, TaskQuery, TaskState
+from daemon.models import (
+    Claim,
+    Counts,
+    NewTask,
+    Outcome,
+    ScheduleState,
+    Task,
+    TaskQuery,
+    TaskState,
+)
 
 
 class ClaimBatch(msgspec.Struct, frozen=True):
@@ -47,10 +56,12 @@ class Store(Protocol):
         lease: float,
         only_type: str | None = None,
         skip_types: Collection[str] = (),
+        only_queue: str | None = None,
+        skip_queues: Collection[str] = (),
     ) -> ClaimBatch:
         """Move up to `limit` due queued tasks to `running` for `owner`, counting an attempt,
-        leased until `now + lease`. Highest priority first, then oldest. `only_type` and
-        `skip_types` narrow the claim (per-type concurrency caps)."""
+        leased until `now + lease`. Highest priority first, then oldest. The `only_*` and
+        `skip_*` filters narrow the claim (caps, weights, paused queues)."""
         ...
 
     async def record(self, claim: Claim, outcome: Outcome) -> Task | None:
@@ -96,6 +107,27 @@ class Store(Protocol):
 
     async def unfinished_by_queue(self) -> dict[str, Counts]:
         """Queued and running tasks per queue (the other states are left at 0)."""
+        ...
+
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        """Remember that `queue` is paused (or not): a paused queue accepts tasks and runs none."""
+        ...
+
+    async def paused_queues(self) -> set[str]: ...
+
+    async def schedules(self) -> dict[str, ScheduleState]:
+        """The stored state of every schedule that has fired or been paused."""
+        ...
+
+    async def set_schedule_paused(self, name: str, paused: bool) -> None: ...
+
+    async def fire(
+        self, name: str, *, due: float, previous: float | None, task: NewTask | None
+    ) -> bool:
+        """Record that schedule `name` fired for the time `due` and admit `task` (None: the
+        fire is skipped), in one transaction, only if the stored last fire is still
+        `previous`: of several schedulers (or a restart racing a fire) exactly one wins.
+        Returns whether this call fired."""
         ...
 
     async def check(self) -> None:

@@ -31,6 +31,7 @@ from daemon.models import (
     Outcome,
     Released,
     Retry,
+    ScheduleState,
     Succeeded,
     Task,
     TaskQuery,
@@ -84,12 +85,14 @@ def _task(row: tuple[Any, ...]) -> Task:
     )
 
 
-def _type_filter(only_type: str | None, skip_types: Collection[str]) -> tuple[str, list[str]]:
-    """An SQL condition (with its arguments) narrowing a query to some task types."""
-    if only_type is not None:
-        return " AND type = ?", [only_type]
-    if skip_types:
-        return f" AND type NOT IN ({', '.join('?' * len(skip_types))})", list(skip_types)
+def _type_filter(
+    only: str | None, skip: Collection[str], *, column: str = "type"
+) -> tuple[str, list[str]]:
+    """An SQL condition (with its arguments) narrowing a query to some types (or queues)."""
+    if only is not None:
+        return f" AND {column} = ?", [only]
+    if skip:
+        return f" AND {column} NOT IN ({', '.join('?' * len(skip))})", list(skip)
     return "", []
 
 
@@ -162,35 +165,36 @@ class SQLiteStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    async def admit(self, tasks: Sequence[NewTask], *, max_pending: int) -> list[Task]:
-        rows = [
-            (
-                t.id,
-                t.type,
-                t.queue,
-                t.payload,
-                t.priority,
-                t.run_at,
-                t.created_at,
-                t.timeout,
-                t.max_attempts,
-            )
-            for t in tasks
-        ]
+    def _insert(self, conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
+        conn.executemany(
+            "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, "
+            "created_at, timeout, max_attempts) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    t.id,
+                    t.type,
+                    t.queue,
+                    t.payload,
+                    t.priority,
+                    t.run_at,
+                    t.created_at,
+                    t.timeout,
+                    t.max_attempts,
+                )
+                for t in tasks
+            ],
+        )
+        self._pending += len(tasks)
 
+    async def admit(self, tasks: Sequence[NewTask], *, max_pending: int) -> list[Task]:
         def op(conn: sqlite3.Connection) -> None:
-            if self._pending + len(rows) > max_pending:
+            if self._pending + len(tasks) > max_pending:
                 raise QueueFull(
                     f"{self._pending} tasks are unfinished (max_pending is {max_pending})",
                     pending=self._pending,
-                    needed=self._pending + len(rows) - max_pending,
+                    needed=self._pending + len(tasks) - max_pending,
                 )
-            conn.executemany(
-                "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, "
-                "created_at, timeout, max_attempts) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
-            self._pending += len(rows)
+            self._insert(conn, tasks)
 
         await self._write(op)
         return [Task.admitted(t) for t in tasks]
@@ -204,8 +208,12 @@ class SQLiteStore:
         lease: float,
         only_type: str | None = None,
         skip_types: Collection[str] = (),
+        only_queue: str | None = None,
+        skip_queues: Collection[str] = (),
     ) -> ClaimBatch:
         narrow, narrow_args = _type_filter(only_type, skip_types)
+        by_queue, queue_args = _type_filter(only_queue, skip_queues, column="queue")
+        narrow, narrow_args = narrow + by_queue, narrow_args + queue_args
         claim_sql = (
             f"UPDATE tasks SET state = 'running', attempts = attempts + 1, owner = ?, "
             f"lease_until = ?, started_at = ? WHERE seq IN (SELECT seq FROM tasks "
@@ -371,6 +379,56 @@ class SQLiteStore:
 
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute(sql, (finished_before, *args, limit)).rowcount
+
+        return await self._write(op)  # type: ignore[no-any-return]
+
+    async def set_paused(self, queue: str, paused: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO queues (name, paused) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+                (queue, int(paused)),
+            )
+
+        await self._write(op)
+
+    async def paused_queues(self) -> set[str]:
+        def fn(conn: sqlite3.Connection) -> set[str]:
+            return {r[0] for r in conn.execute("SELECT name FROM queues WHERE paused = 1")}
+
+        return await self._read(fn)  # type: ignore[no-any-return]
+
+    async def schedules(self) -> dict[str, ScheduleState]:
+        def fn(conn: sqlite3.Connection) -> dict[str, ScheduleState]:
+            rows = conn.execute("SELECT name, last_fire, paused FROM schedules")
+            return {name: ScheduleState(last, bool(paused)) for name, last, paused in rows}
+
+        return await self._read(fn)  # type: ignore[no-any-return]
+
+    async def set_schedule_paused(self, name: str, paused: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO schedules (name, paused) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
+                (name, int(paused)),
+            )
+
+        await self._write(op)
+
+    async def fire(
+        self, name: str, *, due: float, previous: float | None, task: NewTask | None
+    ) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            conn.execute("INSERT OR IGNORE INTO schedules (name) VALUES (?)", (name,))
+            won = conn.execute(
+                "UPDATE schedules SET last_fire = ? WHERE name = ? AND last_fire IS ?",
+                (due, name, previous),
+            ).rowcount
+            if not won:
+                return False
+            if task is not None:
+                self._insert(conn, [task])
+            return True
 
         return await self._write(op)  # type: ignore[no-any-return]
 

@@ -37,6 +37,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_unfinished ON tasks (queue, state) WHERE state IN ('queued', 'running');
     CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
     """,
+    """
+    CREATE TABLE queues (
+        name   TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE schedules (
+        name      TEXT PRIMARY KEY,
+        last_fire REAL,
+        paused    INTEGER NOT NULL DEFAULT 0
+    );
+    """,
 )
 
 LATEST = len(MIGRATIONS)
