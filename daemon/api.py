@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 from multidict import MultiMapping
 
-from daemon import admission, auth
+from daemon import admission, api_flow, auth
 from daemon.errors import (
     Invalid,
     NotFound,
@@ -21,6 +21,7 @@ from daemon.ids import is_id
 from daemon.metrics import CONTENT_TYPE
 from daemon.middleware import errors
 from daemon.models import Task, TaskQuery, TaskState
+from daemon.openapi import serve_openapi
 from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import SubmitRequest, TaskPage, decode_body, encode, view
 
@@ -40,6 +41,8 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    api_flow.add_routes(app)
+    app.router.add_get("/openapi.json", serve_openapi)
     return app
 
 

@@ -90,7 +90,9 @@ def load_tokens(config: AuthConfig) -> list[Token]:
 
 
 def required_scope(method: str, path: str) -> str:
-    """submit: POST /v1/tasks; admin: cancel and retry; read: everything else."""
+    """submit: POST /v1/tasks; admin: cancel, retry, pause and resume; read: the rest."""
+    if method == "POST" and (path.endswith("/pause") or path.endswith("/resume")):
+        return "admin"
     if path.startswith("/v1/tasks"):
         if method == "POST" and path.rstrip("/") == "/v1/tasks":
             return "submit"

@@ -88,7 +88,7 @@ async def _run(workers: Workers, claim: Claim) -> None:
             extra=_fields(claim, "task.record_failed"),
         )
         return
-    workers.stats.completed()
+    workers.stats.completed(task.queue)
     if recorded is None:
         logger.warning(
             "task %s was taken from this run (cancelled or rescued); its outcome is dropped",

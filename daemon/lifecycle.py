@@ -28,6 +28,7 @@ from daemon.metrics import Metrics
 from daemon.reload import reload_on_request
 from daemon.retention import keep_pruning
 from daemon.runtime import Runtime
+from daemon.scheduler import Scheduler
 from daemon.signals import Stop, handle_signals
 from daemon.stats import Stats
 from daemon.store import open_store
@@ -131,6 +132,7 @@ async def _run(
                 )
             ]
             background.append(tg.create_task(keep_pruning(rt), name="retention"))
+            background.append(tg.create_task(Scheduler(rt).run(), name="scheduler"))
             if config_path is not None:
                 reloader = reload_on_request(
                     rt, config_path, requested=reload, threads=threads, http=http, notifier=notifier

@@ -78,6 +78,8 @@ def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor, http: HttpClien
         rt.workers.flow.configure(*queue_settings(new))
         if new.queues != old.queues:
             changes.append("queues")
+    if new.schedules != old.schedules:
+        changes.append("schedules")
     if new.workers != old.workers:
         rt.workers.resize(new.workers)
         changes.append(
@@ -92,4 +94,5 @@ def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor, http: HttpClien
         if getattr(new, section) != getattr(old, section):
             changes.append(f"[{section}] changed: takes effect at the next restart")
     rt.config = msgspec.structs.replace(new, server=old.server, store=old.store)
+    rt.schedules_changed.set()
     return "; ".join(changes) or "nothing changed"

@@ -30,6 +30,8 @@ class Runtime:
     ready: bool = False
     """True once recovery is done and the listener is bound, until the stop begins."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
+    schedules_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set on a pause, resume or reload, so the scheduler recomputes its next fire."""
 
 
 RUNTIME = web.AppKey("runtime", Runtime)

@@ -1,4 +1,5 @@
-"""Counters of what this process did, and the recent completion rate behind `Retry-After`."""
+"""Counters of what this process did, and recent completion rates: overall (behind
+`Retry-After`) and per queue (in GET /v1/queues)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,30 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-WINDOW = 30  # seconds of completions the rate is averaged over
+WINDOW = 30  # seconds of completions a rate is averaged over
+
+
+class Rate:
+    """Events per second over the last `WINDOW` seconds, in one-second buckets."""
+
+    def __init__(self, started: float) -> None:
+        self.started = started
+        self._buckets: deque[list[int]] = deque()  # [second, events]
+
+    def add(self, now: float) -> None:
+        second = int(now)
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += 1
+            return
+        self._buckets.append([second, 1])
+        while self._buckets[0][0] <= second - WINDOW:
+            self._buckets.popleft()
+
+    def per_second(self, now: float) -> float:
+        second = int(now)
+        recent = sum(n for s, n in self._buckets if s > second - WINDOW)
+        span = min(WINDOW, max(1.0, second - self.started))
+        return recent / span
 
 
 @dataclass
@@ -20,24 +44,24 @@ class Stats:
     cancelled: int = 0
     released: int = 0
     recovered: int = 0
-    _buckets: deque[list[int]] = field(default_factory=deque)  # [second, completions]
+    _all: Rate | None = None
+    _queues: dict[str, Rate] = field(default_factory=dict)
 
-    def completed(self, now: float | None = None) -> None:
+    def completed(self, queue: str = "", now: float | None = None) -> None:
         """Count one run that ended, whatever its outcome: it freed a slot."""
-        second = int(time.monotonic() if now is None else now)
-        if self._buckets and self._buckets[-1][0] == second:
-            self._buckets[-1][1] += 1
-            return
-        self._buckets.append([second, 1])
-        while self._buckets[0][0] <= second - WINDOW:
-            self._buckets.popleft()
+        now = time.monotonic() if now is None else now
+        if self._all is None:
+            self._all = Rate(self.started)
+        self._all.add(now)
+        if queue:
+            self._queues.setdefault(queue, Rate(self.started)).add(now)
 
-    def completion_rate(self, now: float | None = None) -> float:
-        """Runs ended per second over the last `WINDOW` seconds (0.0 if none)."""
-        second = int(time.monotonic() if now is None else now)
-        recent = sum(n for s, n in self._buckets if s > second - WINDOW)
-        span = min(WINDOW, max(1.0, second - self.started))
-        return recent / span
+    def completion_rate(self, now: float | None = None, *, queue: str = "") -> float:
+        """Runs ended per second over the last `WINDOW` seconds (0.0 if none), overall or
+        for one queue."""
+        now = time.monotonic() if now is None else now
+        rate = self._queues.get(queue) if queue else self._all
+        return 0.0 if rate is None else rate.per_second(now)
 
     def retry_after(self, needed: int, *, cap: int = 60, now: float | None = None) -> int:
         """Whole seconds until `needed` slots should have freed at the recent rate."""

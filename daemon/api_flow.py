@@ -1,0 +1,140 @@
+"""The HTTP API for flow control: queues (list, pause, resume) and cron schedules (list,
+pause, resume). Pauses are kept in the store, so they survive a restart."""
+
+from __future__ import annotations
+
+import time
+
+import msgspec
+from aiohttp import web
+
+from daemon.config import ScheduleConfig
+from daemon.errors import NotFound
+from daemon.models import Counts, ScheduleState
+from daemon.runtime import RUNTIME, Runtime
+from daemon.scheduler import next_fire
+from daemon.wire import encode, rfc3339
+
+
+class QueueView(msgspec.Struct, frozen=True):
+    name: str
+    paused: bool
+    weight: int
+    concurrency: int
+    rate: float
+    burst: int
+    queued: int
+    running: int
+    completed_per_second: float
+
+
+class ScheduleView(msgspec.Struct, frozen=True):
+    name: str
+    cron: str
+    timezone: str
+    type: str
+    queue: str | None
+    misfire: str
+    paused: bool
+    last_fire: str | None
+    next_fire: str | None
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/queues", list_queues)
+    app.router.add_post("/v1/queues/{name}/pause", pause_queue)
+    app.router.add_post("/v1/queues/{name}/resume", resume_queue)
+    app.router.add_get("/v1/schedules", list_schedules)
+    app.router.add_post("/v1/schedules/{name}/pause", pause_schedule)
+    app.router.add_post("/v1/schedules/{name}/resume", resume_schedule)
+
+
+def _json(value: object) -> web.Response:
+    return web.Response(body=encode(value), content_type="application/json")
+
+
+def _queue_view(rt: Runtime, name: str, counts: Counts) -> QueueView:
+    q = rt.workers.flow.queues[name]
+    return QueueView(
+        name=name,
+        paused=name in rt.workers.flow.paused,
+        weight=q.weight,
+        concurrency=q.concurrency,
+        rate=q.rate,
+        burst=q.burst,
+        queued=counts.queued,
+        running=counts.running,
+        completed_per_second=round(rt.stats.completion_rate(queue=name), 3),
+    )
+
+
+async def list_queues(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    counts = await rt.store.unfinished_by_queue()
+    views = [_queue_view(rt, n, counts.get(n, Counts())) for n in sorted(rt.workers.flow.queues)]
+    return _json({"queues": views})
+
+
+async def _set_queue_paused(request: web.Request, paused: bool) -> web.Response:
+    rt = request.app[RUNTIME]
+    name = request.match_info["name"]
+    if name not in rt.workers.flow.queues:
+        raise NotFound(f"no queue {name!r} is configured", field="name")
+    await rt.store.set_paused(name, paused)
+    if paused:
+        rt.workers.flow.paused.add(name)
+    else:
+        rt.workers.flow.paused.discard(name)
+        rt.workers.wake()
+    counts = (await rt.store.unfinished_by_queue()).get(name, Counts())
+    return _json(_queue_view(rt, name, counts))
+
+
+async def pause_queue(request: web.Request) -> web.Response:
+    return await _set_queue_paused(request, True)
+
+
+async def resume_queue(request: web.Request) -> web.Response:
+    return await _set_queue_paused(request, False)
+
+
+def _schedule_view(schedule: ScheduleConfig, state: ScheduleState) -> ScheduleView:
+    base = state.last_fire if state.last_fire is not None else time.time()
+    return ScheduleView(
+        name=schedule.name,
+        cron=schedule.cron,
+        timezone=schedule.timezone,
+        type=schedule.type,
+        queue=schedule.queue,
+        misfire=schedule.misfire,
+        paused=state.paused,
+        last_fire=rfc3339(state.last_fire),
+        next_fire=None if state.paused else rfc3339(next_fire(schedule, base)),
+    )
+
+
+async def list_schedules(request: web.Request) -> web.Response:
+    rt = request.app[RUNTIME]
+    states = await rt.store.schedules()
+    views = [_schedule_view(s, states.get(s.name, ScheduleState())) for s in rt.config.schedules]
+    return _json({"schedules": views})
+
+
+async def _set_schedule_paused(request: web.Request, paused: bool) -> web.Response:
+    rt = request.app[RUNTIME]
+    name = request.match_info["name"]
+    schedule = next((s for s in rt.config.schedules if s.name == name), None)
+    if schedule is None:
+        raise NotFound(f"no schedule {name!r} is configured", field="name")
+    await rt.store.set_schedule_paused(name, paused)
+    rt.schedules_changed.set()
+    state = (await rt.store.schedules()).get(name, ScheduleState())
+    return _json(_schedule_view(schedule, state))
+
+
+async def pause_schedule(request: web.Request) -> web.Response:
+    return await _set_schedule_paused(request, True)
+
+
+async def resume_schedule(request: web.Request) -> web.Response:
+    return await _set_schedule_paused(request, False)
