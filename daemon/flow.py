@@ -1,7 +1,7 @@
 """Flow control: which queues the feeder claims from, and how many tasks from each.
 
 Weighted fair selection shares each round's room among the queues with due work in
-proportion to their weights (rounded at random, so shares are fair on average); strict
+proportion to their weights (smooth weighted round robin, as nginx balances upstreams); strict
 order gives the room to the heaviest queue first and to the next only when it runs dry.
 Per-queue concurrency caps and token-bucket rate limits bound each share; paused queues get
 none. The plan is recomputed every round, so no state but the buckets persists.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 import math
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +50,7 @@ class Flow:
     queues: dict[str, QueueConfig]
     paused: set[str] = field(default_factory=set)
     busy: collections.Counter[str] = field(default_factory=collections.Counter)
-    rand: random.Random = field(default_factory=random.Random)
+    credit: collections.Counter[str] = field(default_factory=collections.Counter)
     buckets: dict[str, TokenBucket] = field(default_factory=dict)
     # Queues whose last claim came back full (or that were nudged): they may have due work.
     hungry: set[str] = field(default_factory=set)
@@ -105,7 +104,9 @@ class Flow:
         return max(0, int(min(left, 1 << 30)))
 
     def shares(self, room: int, active: list[str]) -> list[tuple[str, int]]:
-        """Split `room` among `active` queues: by weight, or all to the first in strict order."""
+        """Split `room` among `active` queues: by weight (smooth weighted round robin, whose
+        credits carry over between rounds, so any run of claims matches the weights), or
+        all to the heaviest in strict order."""
         limits = {n: self.limit(n) for n in active}
         active = [n for n in active if limits[n] > 0]
         if not active or room <= 0:
@@ -113,18 +114,17 @@ class Flow:
         if self.strict:
             first = max(active, key=lambda n: (self.queues[n].weight, n))
             return [(first, min(room, limits[first]))]
-        total = sum(self.queues[n].weight for n in active)
-        exact = {n: room * self.queues[n].weight / total for n in active}
-        share = {n: int(exact[n]) for n in active}
-        spare = room - sum(share.values())
-        # Hand out what rounding left, one at a time, drawn by the fractional parts.
-        fractions = {n: exact[n] - share[n] for n in active}
-        while spare > 0 and any(fractions.values()):
-            pick = self.rand.choices(list(fractions), weights=list(fractions.values()))[0]
+        share: collections.Counter[str] = collections.Counter()
+        for _ in range(room):
+            open_ = [n for n in active if share[n] < limits[n]]
+            if not open_:
+                break
+            for n in open_:
+                self.credit[n] += self.queues[n].weight
+            pick = max(open_, key=lambda n: self.credit[n])
+            self.credit[pick] -= sum(self.queues[n].weight for n in open_)
             share[pick] += 1
-            fractions[pick] = 0.0
-            spare -= 1
-        return [(n, min(share[n], limits[n])) for n in active if min(share[n], limits[n]) > 0]
+        return [(n, share[n]) for n in active if share[n]]
 
     def taken(self, name: str, n: int, asked: int) -> None:
         bucket = self.buckets.get(name)
@@ -136,12 +136,16 @@ class Flow:
             self.hungry.add(name)
 
     def wake_in(self) -> float | None:
-        """When a rate-limited queue that may have work gets its next token."""
-        waits = [
-            b.next_token_in()
-            for name, b in self.buckets.items()
-            if name in self.hungry and name not in self.paused and self.limit(name) == 0
-        ]
+        """When a rate-limited queue that may have work gets its next token (0: it has one
+        now). A queue at its concurrency cap is left out: a run that ends wakes the feeder."""
+        waits = []
+        for name, bucket in self.buckets.items():
+            q = self.queues[name]
+            if name not in self.hungry or name in self.paused:
+                continue
+            if q.concurrency and self.busy[name] >= q.concurrency:
+                continue
+            waits.append(bucket.next_token_in())
         return min(waits) if waits else None
 
 

@@ -52,22 +52,33 @@ async def wait_draining(daemon: Daemon) -> None:
         await eventually(probe)
 
 
+async def wait_all_claimed(daemon: Daemon, ids: set[str]) -> None:
+    """Until every task of `ids` is claimed: `running`, one attempt counted."""
+
+    async def probe() -> bool | None:
+        found = [await daemon.task(i) for i in ids]
+        return True if {(t.state, t.attempts) for t in found} == {("running", 1)} else None
+
+    async with asyncio.timeout(10):
+        await eventually(probe)
+
+
 @pytest.mark.parametrize("sig", STOP_SIGNALS)
 async def test_runs_that_outlast_the_grace_are_put_back_unspent_and_run_after_restart(
     offload: Offload, tmp_path: Path, sig: signal.Signals
 ) -> None:
     grace = 1.0
-    config = offload.config(types=HOLD, workers={"concurrency": 4, "grace_period": "1s"})
+    config = offload.config(
+        types=HOLD, workers={"concurrency": 4, "prefetch": 2, "grace_period": "1s"}
+    )
     daemon = await offload.start(config)
-    # Six 60 s tasks: four run, two wait (claimed ahead in the hand-off queue, or queued).
+    # Six 60 s tasks: four run, two are claimed ahead into the hand-off queue.
     tasks = await daemon.submit_many("hold", [hold_payload(tmp_path)] * 6)
     ids = {t.id for t in tasks}
     assert {(t.state, t.attempts) for t in tasks} == {("queued", 0)}
     started = await wait_started(tmp_path / "runs.log", 4)
     assert len(started) == 4  # the concurrency
-    for task_id in started:
-        running = await daemon.task(task_id)
-        assert (running.state, running.attempts) == ("running", 1)
+    await wait_all_claimed(daemon, ids)
 
     t0 = time.monotonic()
     daemon.signal(sig)
@@ -142,21 +153,24 @@ async def test_draining_refuses_work_keeps_reads_and_a_second_signal_skips_the_g
 
 
 async def test_runs_that_end_within_the_grace_succeed(offload: Offload, tmp_path: Path) -> None:
-    config = offload.config(types=HOLD, workers={"concurrency": 2, "grace_period": "60s"})
+    config = offload.config(
+        types=HOLD, workers={"concurrency": 2, "prefetch": 2, "grace_period": "60s"}
+    )
     daemon = await offload.start(config)
     tasks = await daemon.submit_many("hold", [hold_payload(tmp_path)] * 4)
     ids = {t.id for t in tasks}
     started = await wait_started(tmp_path / "runs.log", 2)
     assert len(started) == 2  # the concurrency
     waiting = ids - started
+    await wait_all_claimed(daemon, ids)  # two run, two wait in the hand-off queue
 
     daemon.signal(signal.SIGTERM)
     await wait_draining(daemon)
 
-    # The drain puts back at once what was claimed ahead but not started.
+    # The drain puts back at once, unspent, what was claimed ahead but not started.
     async def put_back() -> bool | None:
-        states = {(await daemon.task(i)).state for i in waiting}
-        return True if states == {"queued"} else None
+        found = [await daemon.task(i) for i in waiting]
+        return True if {(t.state, t.attempts) for t in found} == {("queued", 0)} else None
 
     async with asyncio.timeout(10):
         await eventually(put_back)
