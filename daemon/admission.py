@@ -6,13 +6,14 @@ input), then commit; the store enforces `max_pending` in the same transaction as
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import msgspec
 
 from daemon.errors import Invalid, QueueFull, Unavailable
 from daemon.ids import new_id
-from daemon.models import NewTask, Task
+from daemon.models import IdempotencyKey, NewTask, Task
 from daemon.runtime import Runtime
 from daemon.wire import SubmitRequest, invalid
 
@@ -66,17 +67,46 @@ def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
     )
 
 
-async def admit(rt: Runtime, tasks: list[NewTask]) -> list[Task]:
-    """Commit `tasks`; on a full queue, say when to come back from the completion rate."""
+MAX_KEY = 255
+
+
+def idempotency(
+    rt: Runtime, key: str | None, caller: str, body: bytes, now: float
+) -> IdempotencyKey | None:
+    """The Idempotency-Key of a request, scoped to its caller, or None without one."""
+    if key is None:
+        return None
+    if not 1 <= len(key) <= MAX_KEY or not key.isprintable():
+        raise Invalid(
+            f"Idempotency-Key must be 1 to {MAX_KEY} printable characters",
+            field="Idempotency-Key",
+        )
+    return IdempotencyKey(
+        scope=caller,
+        key=key,
+        fingerprint=hashlib.sha256(body).digest(),
+        not_before=now - rt.config.server.idempotency_window,
+    )
+
+
+async def admit(
+    rt: Runtime, tasks: list[NewTask], key: IdempotencyKey | None = None
+) -> tuple[list[Task], bool]:
+    """Commit `tasks` (or find what an earlier request with the same key committed: then the
+    second value is True); on a full queue, say when to come back from the completion rate."""
     if rt.draining.is_set():
         raise draining_refusal(rt)
     try:
-        admitted = await rt.store.admit(tasks, max_pending=rt.config.workers.max_pending)
+        admitted = await rt.store.admit(
+            tasks, max_pending=rt.config.workers.max_pending, idempotency=key
+        )
     except QueueFull as exc:
         exc.retry_after = rt.stats.retry_after(exc.needed)
         raise
+    if admitted and tasks and admitted[0].id != tasks[0].id:
+        return admitted, True
     rt.stats.accepted += len(admitted)
     for task in admitted:
         rt.metrics.accepted.labels(task.type, task.queue).inc()
     rt.workers.wake()
-    return admitted
+    return admitted, False

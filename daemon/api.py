@@ -20,10 +20,10 @@ from daemon.errors import (
 from daemon.ids import is_id
 from daemon.metrics import CONTENT_TYPE
 from daemon.middleware import errors
-from daemon.models import Task, TaskQuery, TaskState
+from daemon.models import NewTask, Task, TaskQuery, TaskState
 from daemon.openapi import serve_openapi
 from daemon.runtime import RUNTIME, Runtime
-from daemon.wire import SubmitRequest, TaskPage, decode_body, encode, view
+from daemon.wire import BatchRequest, SubmitRequest, TaskPage, decode_body, encode, view
 
 MAX_PAGE = 1000
 
@@ -34,6 +34,7 @@ def make_app(rt: Runtime) -> web.Application:
     )
     app[RUNTIME] = rt
     app.router.add_post("/v1/tasks", submit)
+    app.router.add_post("/v1/tasks/batch", submit_batch)
     app.router.add_get("/v1/tasks", list_tasks)
     app.router.add_get("/v1/tasks/{id}", get_task)
     app.router.add_delete("/v1/tasks/{id}", cancel_task)
@@ -66,20 +67,58 @@ async def _read_json(request: web.Request) -> bytes:
 
 
 async def submit(request: web.Request) -> web.Response:
+    """One task: 202 with it. A replay of an Idempotency-Key answers the original task."""
+    tasks, replayed = await _admit(request, batch=False)
+    (task,) = tasks
+    response = _json(view(task), status=202)
+    response.headers["Location"] = f"/v1/tasks/{task.id}"
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def submit_batch(request: web.Request) -> web.Response:
+    """Up to `server.max_batch` tasks, validated all-or-nothing, committed in one
+    transaction, answered in order."""
+    tasks, replayed = await _admit(request, batch=True)
+    response = _json({"tasks": [view(t) for t in tasks]}, status=202)
+    if replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return response
+
+
+async def _admit(request: web.Request, *, batch: bool) -> tuple[list[Task], bool]:
     rt = request.app[RUNTIME]
     try:
         if rt.draining.is_set():
             raise admission.draining_refusal(rt)
         body = await _read_json(request)
-        req = decode_body(body, SubmitRequest)
-        new = admission.build(rt, req, time.time())
-        (task,) = await admission.admit(rt, [new])
+        now = time.time()
+        if batch:
+            reqs = decode_body(body, BatchRequest).tasks
+            if not 1 <= len(reqs) <= rt.config.server.max_batch:
+                raise Invalid(
+                    f"a batch holds 1 to {rt.config.server.max_batch} tasks", field="tasks"
+                )
+            new = [_build(rt, req, now, f"tasks[{i}].") for i, req in enumerate(reqs)]
+        else:
+            new = [admission.build(rt, decode_body(body, SubmitRequest), now)]
+        key = admission.idempotency(
+            rt, request.headers.get("Idempotency-Key"), request[auth.CALLER], body, now
+        )
+        return await admission.admit(rt, new, key)
     except OffloadError as exc:
         rt.metrics.rejected.labels(exc.code).inc()
         raise
-    response = _json(view(task), status=202)
-    response.headers["Location"] = f"/v1/tasks/{task.id}"
-    return response
+
+
+def _build(rt: Runtime, req: SubmitRequest, now: float, prefix: str) -> NewTask:
+    """`admission.build` for the i-th task of a batch: errors name `tasks[i].field`."""
+    try:
+        return admission.build(rt, req, now)
+    except OffloadError as exc:
+        exc.field = prefix + exc.field if exc.field else prefix.rstrip(".")
+        raise
 
 
 async def _task_or_404(rt: Runtime, task_id: str) -> Task:

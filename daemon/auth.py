@@ -94,7 +94,7 @@ def required_scope(method: str, path: str) -> str:
     if method == "POST" and (path.endswith("/pause") or path.endswith("/resume")):
         return "admin"
     if path.startswith("/v1/tasks"):
-        if method == "POST" and path.rstrip("/") == "/v1/tasks":
+        if method == "POST" and path.rstrip("/") in ("/v1/tasks", "/v1/tasks/batch"):
             return "submit"
         if method == "DELETE" or (method == "POST" and path.endswith("/retry")):
             return "admin"

@@ -83,11 +83,18 @@ class ServerConfig(_Section, frozen=True):
     listen: str = "127.0.0.1:8080"
     max_body: Size = Size(1024 * 1024)
     max_wait: Duration = Duration(60)
+    # How long an Idempotency-Key is remembered (IETF httpapi idempotency-key draft).
+    idempotency_window: Duration = Duration(86400)
+    # Most tasks in one POST /v1/tasks/batch.
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 
 
 class StoreConfig(_Section, frozen=True):
     url: str = "sqlite:var/offload.db"
+    # SQLite only: "full" fsyncs every group commit, "normal" survives a crash, not power loss.
     synchronous: Literal["normal", "full"] = "full"
+    # PostgreSQL only: connections this daemon opens (plus one for LISTEN/NOTIFY).
+    pool_size: Annotated[int, msgspec.Meta(ge=2, le=100)] = 10
 
 
 class WorkersConfig(_Section, frozen=True):

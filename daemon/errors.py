@@ -65,6 +65,13 @@ class Invalid(OffloadError):
     code = "invalid"
 
 
+class IdempotencyKeyReused(Invalid):
+    """The Idempotency-Key was used within its window for a different request body
+    (422, as the IETF httpapi idempotency-key draft says)."""
+
+    code = "idempotency_key_reused"
+
+
 class Unavailable(OffloadError):
     """We cannot take the work now; the client should come back after `retry_after` s."""
 

@@ -131,6 +131,16 @@ class Released(msgspec.Struct, frozen=True, tag=True):
 Outcome = Succeeded | Failed | Retry | Released
 
 
+class IdempotencyKey(msgspec.Struct, frozen=True):
+    """An Idempotency-Key as the store checks it: scoped (to the caller), with the digest
+    of the request body, valid for keys first seen after `not_before`."""
+
+    scope: str
+    key: str
+    fingerprint: bytes
+    not_before: float
+
+
 class TaskQuery(msgspec.Struct, frozen=True):
     """A page of tasks, newest first; `before` is the id the previous page ended at."""
 

@@ -26,6 +26,9 @@ async def sweep(rt: Runtime) -> int:
     ]
     plans.append((now - DEFAULT_RETENTION, None, tuple(rt.types)))
     deleted = 0
+    window = rt.config.server.idempotency_window
+    while await rt.store.forget_keys(before=now - window, limit=BATCH) == BATCH:
+        pass
     for cutoff, only_type, skip in plans:
         while True:
             n = await rt.store.purge(

@@ -27,6 +27,10 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
 
 
+class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    tasks: list[SubmitRequest]
+
+
 class AttemptView(msgspec.Struct, frozen=True):
     attempt: int
     started_at: str | None

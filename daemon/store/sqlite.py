@@ -22,11 +22,19 @@ from typing import Any, TypeVar
 import msgspec
 
 from daemon.config import StoreConfig
-from daemon.errors import Conflict, NotFound, QueueFull, StoreLocked, StoreUnavailable
+from daemon.errors import (
+    Conflict,
+    IdempotencyKeyReused,
+    NotFound,
+    QueueFull,
+    StoreLocked,
+    StoreUnavailable,
+)
 from daemon.models import (
     Attempt,
     Claim,
     Counts,
+    IdempotencyKey,
     NewTask,
     Outcome,
     Released,
@@ -186,8 +194,18 @@ class SQLiteStore:
         )
         self._pending += len(tasks)
 
-    async def admit(self, tasks: Sequence[NewTask], *, max_pending: int) -> list[Task]:
-        def op(conn: sqlite3.Connection) -> None:
+    async def admit(
+        self,
+        tasks: Sequence[NewTask],
+        *,
+        max_pending: int,
+        idempotency: IdempotencyKey | None = None,
+    ) -> list[Task]:
+        def op(conn: sqlite3.Connection) -> list[Task] | None:
+            if idempotency is not None:
+                seen = self._seen(conn, idempotency)
+                if seen is not None:
+                    return seen
             if self._pending + len(tasks) > max_pending:
                 raise QueueFull(
                     f"{self._pending} tasks are unfinished (max_pending is {max_pending})",
@@ -195,9 +213,54 @@ class SQLiteStore:
                     needed=self._pending + len(tasks) - max_pending,
                 )
             self._insert(conn, tasks)
+            if idempotency is not None:
+                conn.execute(
+                    "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, task_ids, "
+                    "created_at) VALUES (?, ?, ?, ?, ?)",
+                    (
+                        idempotency.scope,
+                        idempotency.key,
+                        idempotency.fingerprint,
+                        _encode([t.id for t in tasks]),
+                        tasks[0].created_at,
+                    ),
+                )
+            return None
 
-        await self._write(op)
-        return [Task.admitted(t) for t in tasks]
+        replayed = await self._write(op)
+        return replayed if replayed is not None else [Task.admitted(t) for t in tasks]
+
+    @staticmethod
+    def _seen(conn: sqlite3.Connection, idem: IdempotencyKey) -> list[Task] | None:
+        """The tasks admitted under this key within its window, as they are now."""
+        row = conn.execute(
+            "SELECT fingerprint, task_ids FROM idempotency WHERE scope = ? AND key = ? "
+            "AND created_at >= ?",
+            (idem.scope, idem.key, idem.not_before),
+        ).fetchone()
+        if row is None:
+            return None
+        if row[0] != idem.fingerprint:
+            raise IdempotencyKeyReused(
+                "this Idempotency-Key was used for a different request body",
+                field="Idempotency-Key",
+            )
+        found = []
+        for task_id in msgspec.json.decode(row[1], type=list[str]):
+            task = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
+            if task is not None:  # retention may have deleted it since
+                found.append(_task(task))
+        return found
+
+    async def forget_keys(self, *, before: float, limit: int) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            return conn.execute(
+                "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency "
+                "WHERE created_at < ? LIMIT ?)",
+                (before, limit),
+            ).rowcount
+
+        return await self._write(op)  # type: ignore[no-any-return]
 
     async def claim(
         self,

@@ -47,6 +47,15 @@ MIGRATIONS: tuple[str, ...] = (
         last_fire REAL,
         paused    INTEGER NOT NULL DEFAULT 0
     );
+    CREATE TABLE idempotency (
+        scope       TEXT NOT NULL,
+        key         TEXT NOT NULL,
+        fingerprint BLOB NOT NULL,
+        task_ids    BLOB NOT NULL,
+        created_at  REAL NOT NULL,
+        PRIMARY KEY (scope, key)
+    );
+    CREATE INDEX idempotency_age ON idempotency (created_at);
     """,
 )
 

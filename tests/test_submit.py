@@ -1,0 +1,136 @@
+"""Submitting safely and in bulk: Idempotency-Key (replay, reuse with another body, racing
+duplicates, scope per token, window) and batches (order, all-or-nothing, limits)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+from tests.inproc import assert_error, open_daemon
+
+KEYED = {"Idempotency-Key": "order-42"}
+
+
+async def test_a_replay_returns_the_original_task_and_creates_none(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        body = {"type": "noop", "payload": {"n": 1}}
+        first = await daemon.request("POST", "/v1/tasks", json=body, headers=KEYED)
+        again = await daemon.request("POST", "/v1/tasks", json=body, headers=KEYED)
+        assert (first.status, again.status) == (202, 202)
+        assert again.body["id"] == first.body["id"]
+        assert again.headers["Location"] == first.headers["Location"]
+        assert again.headers.get("Idempotent-Replayed") == "true"
+        assert "Idempotent-Replayed" not in first.headers
+        assert await daemon.count() == 1
+
+
+async def test_the_same_key_with_another_body_is_refused(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        await daemon.request("POST", "/v1/tasks", json={"type": "noop"}, headers=KEYED)
+        other = {"type": "noop", "payload": {"different": True}}
+        reply = await daemon.request("POST", "/v1/tasks", json=other, headers=KEYED)
+        assert_error(reply, 422, "idempotency_key_reused", "Idempotency-Key")
+        assert await daemon.count() == 1
+
+
+async def test_racing_duplicates_create_exactly_one_task(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        body = {"type": "noop", "payload": {"race": True}}
+        replies = await asyncio.gather(
+            *(daemon.request("POST", "/v1/tasks", json=body, headers=KEYED) for _ in range(20))
+        )
+        assert {r.status for r in replies} == {202}
+        assert len({r.body["id"] for r in replies}) == 1
+        assert sum(r.headers.get("Idempotent-Replayed") == "true" for r in replies) == 19
+        assert await daemon.count() == 1
+
+
+async def test_keys_are_scoped_per_token(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("a submit,read aaaaaaaaaaaaaaaaaaaa\nb submit,read bbbbbbbbbbbbbbbbbbbb\n")
+    async with open_daemon(tmp_path, {"auth": {"tokens_file": str(tokens)}}) as daemon:
+        ids = set()
+        for secret in ("a" * 20, "b" * 20, "a" * 20):
+            headers = {**KEYED, "Authorization": f"Bearer {secret}"}
+            reply = await daemon.request(
+                "POST", "/v1/tasks", json={"type": "noop"}, headers=headers
+            )
+            assert reply.status == 202
+            ids.add(reply.body["id"])
+        assert len(ids) == 2  # one per token; the third request replayed the first
+
+
+async def test_a_key_is_forgotten_after_its_window(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path, {"server": {"idempotency_window": "300ms"}}) as daemon:
+        first = await daemon.request("POST", "/v1/tasks", json={"type": "noop"}, headers=KEYED)
+        deadline = time.monotonic() + 10
+        while True:
+            reply = await daemon.request("POST", "/v1/tasks", json={"type": "noop"}, headers=KEYED)
+            if reply.body["id"] != first.body["id"]:
+                break
+            assert time.monotonic() < deadline, "the key was never forgotten"
+            await asyncio.sleep(0.05)  # waiting for wall time to pass the window, bounded
+        assert reply.status == 202
+        assert "Idempotent-Replayed" not in reply.headers
+
+
+async def test_a_bad_key_is_refused(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        reply = await daemon.request(
+            "POST", "/v1/tasks", json={"type": "noop"}, headers={"Idempotency-Key": "x" * 256}
+        )
+        assert_error(reply, 422, "invalid", "Idempotency-Key")
+        assert await daemon.count() == 0
+
+
+async def test_a_batch_is_committed_in_order(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        tasks = [{"type": "noop", "payload": {"n": n}} for n in range(100)]
+        reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": tasks})
+        assert reply.status == 202
+        assert [t["payload"]["n"] for t in reply.body["tasks"]] == list(range(100))
+        assert len({t["id"] for t in reply.body["tasks"]}) == 100
+        for task in reply.body["tasks"]:
+            assert (await daemon.ended(task["id"]))["state"] == "succeeded"
+
+
+async def test_a_batch_is_all_or_nothing(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        tasks: list[dict[str, object]] = [{"type": "noop"} for _ in range(5)]
+        tasks[3] = {"type": "sleep", "payload": {"seconds": "soon"}}
+        reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": tasks})
+        assert_error(reply, 422, "invalid", "tasks[3].payload.seconds")
+        tasks[3] = {"type": "nope"}
+        reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": tasks})
+        assert_error(reply, 422, "invalid", "tasks[3].type")
+        assert await daemon.count() == 0
+
+
+async def test_a_batch_that_does_not_fit_is_refused_whole(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path, {"workers": {"max_pending": 10}}) as daemon:
+        tasks = [{"type": "sleep", "payload": {"seconds": 60}} for _ in range(11)]
+        reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": tasks})
+        assert_error(reply, 503, "queue_full")
+        assert int(reply.headers["Retry-After"]) >= 1
+        assert await daemon.count() == 0
+        reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": tasks[:10]})
+        assert reply.status == 202
+
+
+async def test_a_batch_has_limits(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path, {"server": {"max_batch": 3}}) as daemon:
+        for size in (0, 4):
+            tasks = [{"type": "noop"}] * size
+            reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": tasks})
+            assert_error(reply, 422, "invalid", "tasks")
+        assert await daemon.count() == 0
+
+
+async def test_a_batch_replay_returns_the_same_tasks(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        body = {"tasks": [{"type": "noop", "payload": {"n": n}} for n in range(3)]}
+        first = await daemon.request("POST", "/v1/tasks/batch", json=body, headers=KEYED)
+        again = await daemon.request("POST", "/v1/tasks/batch", json=body, headers=KEYED)
+        assert [t["id"] for t in again.body["tasks"]] == [t["id"] for t in first.body["tasks"]]
+        assert await daemon.count() == 3
