@@ -20,6 +20,7 @@ from daemon.errors import ConfigError
 from daemon.models import (
     Claim,
     Counts,
+    IdempotencyKey,
     NewTask,
     Outcome,
     ScheduleState,
@@ -42,9 +43,18 @@ class Store(Protocol):
         """Where the data lives, for the startup line (no secrets)."""
         ...
 
-    async def admit(self, tasks: Sequence[NewTask], *, max_pending: int) -> list[Task]:
+    async def admit(
+        self,
+        tasks: Sequence[NewTask],
+        *,
+        max_pending: int,
+        idempotency: IdempotencyKey | None = None,
+    ) -> list[Task]:
         """Commit all of `tasks` as `queued`, or none: raises `QueueFull` if they would take
-        the unfinished count past `max_pending`. Returns only after the commit."""
+        the unfinished count past `max_pending`. Returns only after the commit. With
+        `idempotency`, a key first seen after its `not_before` returns the tasks it admitted
+        then, as they are now, and admits nothing (the caller tells by the ids); with
+        another fingerprint it raises `IdempotencyKeyReused`."""
         ...
 
     async def claim(
@@ -89,6 +99,10 @@ class Store(Protocol):
         """Put back every `running` task whose owner is gone (for an exclusive store: every
         one), counting the interrupted run as an attempt; fails those with none left.
         Returns how many were put back or failed."""
+        ...
+
+    async def forget_keys(self, *, before: float, limit: int) -> int:
+        """Delete up to `limit` idempotency keys first seen before `before`."""
         ...
 
     async def purge(
@@ -166,5 +180,14 @@ async def open_store(config: StoreConfig, hooks: Hooks | None = None) -> AsyncIt
 
         async with open_sqlite(config, on_commit=hooks.on_commit) as store:
             yield store
+    elif scheme in ("postgresql", "postgres"):
+        from daemon.store.postgres import open_postgres
+
+        async with open_postgres(config, hooks) as pg_store:
+            yield pg_store
     else:
-        raise ConfigError("<config>", [f"store.url = {config.url!r}: expected a sqlite: URL"])
+        # The URL may hold a password: name only its scheme.
+        raise ConfigError(
+            "<config>",
+            [f"store.url: expected a sqlite: or postgresql:// URL, not a {scheme}: one"],
+        )
