@@ -9,7 +9,7 @@ import time
 from aiohttp import web
 from multidict import MultiMapping
 
-from daemon import admission, api_flow, auth
+from daemon import admission, api_events, api_flow, auth
 from daemon.errors import (
     Invalid,
     NotFound,
@@ -43,6 +43,7 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     api_flow.add_routes(app)
+    api_events.add_routes(app)
     app.router.add_get("/openapi.json", serve_openapi)
     return app
 

@@ -85,6 +85,8 @@ class ServerConfig(_Section, frozen=True):
     max_wait: Duration = Duration(60)
     # How long an Idempotency-Key is remembered (IETF httpapi idempotency-key draft).
     idempotency_window: Duration = Duration(86400)
+    # A comment line this often keeps idle GET /v1/events streams open through proxies.
+    sse_heartbeat: Duration = Duration(15)
     # Most tasks in one POST /v1/tasks/batch.
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 

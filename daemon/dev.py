@@ -38,9 +38,8 @@ async def create_app() -> web.Application:
     threads = ThreadPoolExecutor(config.workers.concurrency, thread_name_prefix="handler")
     stack.callback(threads.shutdown, wait=False, cancel_futures=True)
     metrics = Metrics()
-    store = await stack.enter_async_context(
-        open_store(config.store, Hooks(on_commit=metrics.observe_commit))
-    )
+    hooks = Hooks(on_commit=metrics.observe_commit)
+    store = await stack.enter_async_context(open_store(config.store, hooks))
     owner = f"dev:{os.getpid()}"
     stats, watchers = Stats(), Watchers()
     stats.recovered = await store.recover(owner=owner, now=time.time())
@@ -51,6 +50,8 @@ async def create_app() -> web.Application:
     workers = Workers(config.workers, store, types, stats, watchers, metrics, owner, flow)
     authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
     rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator, ready=True)
+    hooks.on_change = rt.events.publish
+    hooks.on_new_work = workers.wake
     app = make_app(rt)
 
     async def run_workers(app: web.Application) -> AsyncIterator[None]:
@@ -64,6 +65,7 @@ async def create_app() -> web.Application:
         yield
         rt.draining.set()
         await workers.drain(config.workers.grace_period, asyncio.Event())
+        rt.events.close()
         await asyncio.gather(*tasks, return_exceptions=True)
         await stack.aclose()
 

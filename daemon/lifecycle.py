@@ -117,6 +117,7 @@ async def _run(
         hooks.on_lost = lambda task_id: workers.stop_run(task_id, "cancel")
         authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
         rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator)
+        hooks.on_change = rt.events.publish
         async with asyncio.TaskGroup() as tg:
             workers.start(lambda coro, name: tg.create_task(coro, name=name))
             background = [
@@ -156,6 +157,7 @@ async def _run(
                 )
                 await workers.drain(grace, stop.hurry)
                 watchers.wake_all()
+                rt.events.close()
             # HTTP is closed; the consumers were told to exit by drain() and do so now. The
             # watchdog pings until here, since a drain may outlast WatchdogSec.
             for task in background:

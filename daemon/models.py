@@ -72,9 +72,11 @@ class Task(msgspec.Struct, frozen=True):
     result: bytes | None = None
     last_error: str | None = None
     history: tuple[Attempt, ...] = ()
+    changed: int = 0
+    """The store's change sequence at this task's last state change: the event id of it."""
 
     @classmethod
-    def admitted(cls, new: NewTask) -> Task:
+    def admitted(cls, new: NewTask, changed: int = 0) -> Task:
         return cls(
             id=new.id,
             type=new.type,
@@ -86,6 +88,7 @@ class Task(msgspec.Struct, frozen=True):
             created_at=new.created_at,
             timeout=new.timeout,
             max_attempts=new.max_attempts,
+            changed=changed,
         )
 
     @property

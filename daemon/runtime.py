@@ -9,6 +9,7 @@ from aiohttp import web
 
 from daemon.auth import Authenticator
 from daemon.config import Config
+from daemon.events import Bus
 from daemon.metrics import Metrics
 from daemon.stats import Stats
 from daemon.store.base import Store
@@ -31,6 +32,7 @@ class Runtime:
     """True once recovery is done and the listener is bound, until the stop begins."""
     draining: asyncio.Event = field(default_factory=asyncio.Event)
     schedules_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    events: Bus = field(default_factory=Bus)
     """Set on a pause, resume or reload, so the scheduler recomputes its next fire."""
 
 

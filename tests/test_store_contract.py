@@ -98,7 +98,8 @@ async def test_admitted_tasks_are_queued_and_readable(store: Store) -> None:
     (admitted,) = await admit(store, new)
 
     assert await store.get(new.id) == admitted
-    assert admitted == Task.admitted(new)
+    assert admitted == Task.admitted(new, changed=admitted.changed)
+    assert admitted.changed > 0
     assert admitted.state is TaskState.QUEUED
     assert (admitted.attempts, admitted.started_at, admitted.history) == (0, None, ())
     assert await store.get(new_id()) is None
@@ -417,6 +418,26 @@ async def test_check_answers(store: Store) -> None:
 
 def sqlite_config(tmp_path: Path) -> StoreConfig:
     return StoreConfig(url=f"sqlite:{tmp_path / 'solo.db'}", synchronous="normal")
+
+
+async def test_changes_list_each_changed_task_once_in_change_order(store: Store) -> None:
+    first, second, third = (new_task(n, type="t" if n else "u") for n in range(3))
+    (a,) = await admit(store, first)
+    await admit(store, second, third)
+    claims = await claim(store, limit=1)  # `first`, the oldest
+    done = await store.record(claims[0], Succeeded(result=None, finished_at=T0 + 2))
+    assert done is not None
+
+    changes = await store.changes(after=a.changed - 1, limit=10)
+    # `first` changed last (it ran): once, in its latest state, after the others.
+    assert ids(changes) == [second.id, third.id, first.id]
+    assert changes[-1].state is TaskState.SUCCEEDED
+    assert [c.changed for c in changes] == sorted(c.changed for c in changes)
+    # Resume after an event: only what came later; filters narrow it.
+    assert ids(await store.changes(after=changes[0].changed, limit=10)) == [third.id, first.id]
+    assert ids(await store.changes(after=0, limit=10, type="t")) == [second.id, third.id]
+    assert ids(await store.changes(after=0, limit=10, task_id=first.id)) == [first.id]
+    assert len(await store.changes(after=0, limit=2)) == 2
 
 
 async def test_purge_deletes_only_ended_tasks_finished_before_the_cutoff(store: Store) -> None:

@@ -8,6 +8,7 @@ storage; they never acknowledge what they did not commit.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -119,6 +120,19 @@ class Store(Protocol):
 
     async def counts(self) -> Counts: ...
 
+    async def changes(
+        self,
+        *,
+        after: int,
+        limit: int,
+        task_id: str | None = None,
+        type: str | None = None,
+        queue: str | None = None,
+    ) -> builtins.list[Task]:
+        """Tasks whose last change is after the sequence value `after`, oldest change first:
+        each task once, in its current state (the event stream's resume)."""
+        ...
+
     async def unfinished_by_queue(self) -> dict[str, Counts]:
         """Queued and running tasks per queue (the other states are left at 0)."""
         ...
@@ -168,6 +182,9 @@ class Hooks:
     """A task this node runs was cancelled or taken back elsewhere: stop its run."""
     on_ended: Callable[[str], None] = _ignore
     """A task ended elsewhere: answer its long-poll waiters."""
+    on_change: Callable[[list[Task]], None] = _ignore
+    """Tasks whose state this store just changed (each with its `changed` sequence), after
+    the commit, on the event loop: the live event stream."""
 
 
 @asynccontextmanager
@@ -178,7 +195,7 @@ async def open_store(config: StoreConfig, hooks: Hooks | None = None) -> AsyncIt
     if scheme == "sqlite":
         from daemon.store.sqlite import open_sqlite
 
-        async with open_sqlite(config, on_commit=hooks.on_commit) as store:
+        async with open_sqlite(config, hooks) as store:
             yield store
     elif scheme in ("postgresql", "postgres"):
         from daemon.store.postgres import open_postgres

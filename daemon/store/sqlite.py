@@ -10,10 +10,11 @@ from the table whenever a transaction rolls back.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import fcntl
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -45,7 +46,7 @@ from daemon.models import (
     TaskQuery,
     TaskState,
 )
-from daemon.store.base import ClaimBatch
+from daemon.store.base import ClaimBatch, Hooks
 from daemon.store.sqlite_schema import SchemaTooNew, migrate
 from daemon.store.sqlite_writer import Writer
 
@@ -53,7 +54,7 @@ T = TypeVar("T")
 HISTORY_LIMIT = 10
 COLUMNS = (
     "id, type, queue, state, payload, priority, run_at, created_at, timeout, max_attempts, "
-    "attempts, attempt_floor, started_at, finished_at, result, last_error, history"
+    "attempts, attempt_floor, started_at, finished_at, result, last_error, history, changed"
 )
 FENCE = "id = ? AND state = 'running' AND attempts = ? AND owner = ?"
 _history_decoder = msgspec.json.Decoder(list[Attempt])
@@ -90,6 +91,7 @@ def _task(row: tuple[Any, ...]) -> Task:
         result=row[14],
         last_error=row[15],
         history=history,
+        changed=row[17],
     )
 
 
@@ -121,6 +123,8 @@ class SQLiteStore:
         self._readers = ThreadPoolExecutor(1, "sqlite-reader", initializer=self._open_reader)
         self._local: dict[str, sqlite3.Connection] = {}
         self._pending = 0  # touched only in the writer thread
+        self._change = 0  # the change sequence; touched only in the writer thread
+        self.hooks = Hooks()  # read at each call: the daemon fills some in after opening
 
     @property
     def description(self) -> str:
@@ -164,6 +168,12 @@ class SQLiteStore:
     def _setup(self, conn: sqlite3.Connection) -> None:
         migrate(conn)
         self._recount(conn)
+        self._change = conn.execute("SELECT coalesce(max(changed), 0) FROM tasks").fetchone()[0]
+        conn.create_function("next_change", 0, self._next_change)
+
+    def _changed(self, tasks: list[Task]) -> None:
+        if tasks:
+            self.hooks.on_change(tasks)
 
     def _recount(self, conn: sqlite3.Connection) -> None:
         row = conn.execute(
@@ -173,10 +183,12 @@ class SQLiteStore:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _insert(self, conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> None:
+    def _insert(self, conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> list[Task]:
+        admitted = [Task.admitted(t, self._next_change()) for t in tasks]
         conn.executemany(
             "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, "
-            "created_at, timeout, max_attempts) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?)",
+            "created_at, timeout, max_attempts, changed) "
+            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     t.id,
@@ -188,11 +200,19 @@ class SQLiteStore:
                     t.created_at,
                     t.timeout,
                     t.max_attempts,
+                    t.changed,
                 )
-                for t in tasks
+                for t in admitted
             ],
         )
         self._pending += len(tasks)
+        return admitted
+
+    def _next_change(self) -> int:
+        """The next value of the change sequence (writer thread only; also the SQL function
+        `next_change()`, so each row a statement changes gets its own)."""
+        self._change += 1
+        return self._change
 
     async def admit(
         self,
@@ -201,18 +221,18 @@ class SQLiteStore:
         max_pending: int,
         idempotency: IdempotencyKey | None = None,
     ) -> list[Task]:
-        def op(conn: sqlite3.Connection) -> list[Task] | None:
+        def op(conn: sqlite3.Connection) -> tuple[list[Task], bool]:
             if idempotency is not None:
                 seen = self._seen(conn, idempotency)
                 if seen is not None:
-                    return seen
+                    return seen, True
             if self._pending + len(tasks) > max_pending:
                 raise QueueFull(
                     f"{self._pending} tasks are unfinished (max_pending is {max_pending})",
                     pending=self._pending,
                     needed=self._pending + len(tasks) - max_pending,
                 )
-            self._insert(conn, tasks)
+            admitted = self._insert(conn, tasks)
             if idempotency is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, task_ids, "
@@ -225,10 +245,12 @@ class SQLiteStore:
                         tasks[0].created_at,
                     ),
                 )
-            return None
+            return admitted, False
 
-        replayed = await self._write(op)
-        return replayed if replayed is not None else [Task.admitted(t) for t in tasks]
+        found, replayed = await self._write(op)
+        if not replayed:
+            self._changed(found)
+        return found  # type: ignore[no-any-return]
 
     @staticmethod
     def _seen(conn: sqlite3.Connection, idem: IdempotencyKey) -> list[Task] | None:
@@ -278,7 +300,8 @@ class SQLiteStore:
         by_queue, queue_args = _type_filter(only_queue, skip_queues, column="queue")
         narrow, narrow_args = narrow + by_queue, narrow_args + queue_args
         claim_sql = (
-            f"UPDATE tasks SET state = 'running', attempts = attempts + 1, owner = ?, "
+            f"UPDATE tasks SET state = 'running', changed = next_change(), "
+            f"attempts = attempts + 1, owner = ?, "
             f"lease_until = ?, started_at = ? WHERE seq IN (SELECT seq FROM tasks "
             f"WHERE state = 'queued' AND run_at <= ?{narrow} ORDER BY priority DESC, seq "
             f"LIMIT ?) RETURNING seq, {COLUMNS}"
@@ -300,7 +323,9 @@ class SQLiteStore:
                 ).fetchone()[0]
             return ClaimBatch(claims=claims, next_due=next_due)
 
-        return await self._write(op)  # type: ignore[no-any-return]
+        batch: ClaimBatch = await self._write(op)
+        self._changed([c.task for c in batch.claims])
+        return batch
 
     async def record(self, claim: Claim, outcome: Outcome) -> Task | None:
         fence = (claim.task.id, claim.attempt, claim.owner)
@@ -314,7 +339,10 @@ class SQLiteStore:
                 self._pending -= 1
             return task
 
-        return await self._write(op)  # type: ignore[no-any-return]
+        recorded: Task | None = await self._write(op)
+        if recorded is not None:
+            self._changed([recorded])
+        return recorded
 
     def _apply_outcome(
         self, conn: sqlite3.Connection, claim: Claim, outcome: Outcome, fence: tuple[Any, ...]
@@ -322,13 +350,15 @@ class SQLiteStore:
         ret = f"RETURNING {COLUMNS}"
         if isinstance(outcome, Succeeded):
             return conn.execute(  # type: ignore[no-any-return]
-                f"UPDATE tasks SET state = 'succeeded', result = ?, finished_at = ?, "
+                f"UPDATE tasks SET state = 'succeeded', changed = next_change(), "
+                f"result = ?, finished_at = ?, "
                 f"owner = NULL, lease_until = NULL WHERE {FENCE} {ret}",
                 (outcome.result, outcome.finished_at, *fence),
             ).fetchone()
         if isinstance(outcome, Released):
             return conn.execute(  # type: ignore[no-any-return]
-                f"UPDATE tasks SET state = 'queued', attempts = attempts - 1, owner = NULL, "
+                f"UPDATE tasks SET state = 'queued', changed = next_change(), "
+                f"attempts = attempts - 1, owner = NULL, "
                 f"lease_until = NULL, started_at = NULL WHERE {FENCE} {ret}",
                 fence,
             ).fetchone()
@@ -340,12 +370,14 @@ class SQLiteStore:
         history = _with_attempt(found[0], entry)
         if isinstance(outcome, Retry):
             return conn.execute(  # type: ignore[no-any-return]
-                f"UPDATE tasks SET state = 'queued', run_at = ?, last_error = ?, history = ?, "
+                f"UPDATE tasks SET state = 'queued', changed = next_change(), "
+                f"run_at = ?, last_error = ?, history = ?, "
                 f"owner = NULL, lease_until = NULL WHERE {FENCE} {ret}",
                 (outcome.run_at, outcome.error, history, *fence),
             ).fetchone()
         return conn.execute(  # type: ignore[no-any-return]
-            f"UPDATE tasks SET state = 'failed', finished_at = ?, last_error = ?, history = ?, "
+            f"UPDATE tasks SET state = 'failed', changed = next_change(), "
+            f"finished_at = ?, last_error = ?, history = ?, "
             f"owner = NULL, lease_until = NULL WHERE {FENCE} {ret}",
             (outcome.finished_at, outcome.error, history, *fence),
         ).fetchone()
@@ -356,14 +388,17 @@ class SQLiteStore:
             if before.terminal:
                 raise Conflict(f"task {task_id} already ended {before.value}", field="id")
             row = conn.execute(
-                f"UPDATE tasks SET state = 'cancelled', finished_at = ?, owner = NULL, "
+                f"UPDATE tasks SET state = 'cancelled', changed = next_change(), "
+                f"finished_at = ?, owner = NULL, "
                 f"lease_until = NULL WHERE id = ? RETURNING {COLUMNS}",
                 (now, task_id),
             ).fetchone()
             self._pending -= 1
             return _task(row), before
 
-        return await self._write(op)  # type: ignore[no-any-return]
+        cancelled: tuple[Task, TaskState] = await self._write(op)
+        self._changed([cancelled[0]])
+        return cancelled
 
     async def retry(self, task_id: str, *, now: float, max_pending: int) -> Task:
         def op(conn: sqlite3.Connection) -> Task:
@@ -381,7 +416,8 @@ class SQLiteStore:
                     needed=1,
                 )
             row = conn.execute(
-                f"UPDATE tasks SET state = 'queued', attempt_floor = attempts, run_at = ?, "
+                f"UPDATE tasks SET state = 'queued', changed = next_change(), "
+                f"attempt_floor = attempts, run_at = ?, "
                 f"started_at = NULL, finished_at = NULL, result = NULL WHERE id = ? "
                 f"RETURNING {COLUMNS}",
                 (now, task_id),
@@ -389,7 +425,9 @@ class SQLiteStore:
             self._pending += 1
             return _task(row)
 
-        return await self._write(op)  # type: ignore[no-any-return]
+        retried: Task = await self._write(op)
+        self._changed([retried])
+        return retried
 
     @staticmethod
     def _state_of(conn: sqlite3.Connection, task_id: str) -> TaskState:
@@ -411,13 +449,15 @@ class SQLiteStore:
                 history = _with_attempt(row[16], entry)
                 if task.attempts_left > 0:
                     conn.execute(
-                        "UPDATE tasks SET state = 'queued', run_at = ?, last_error = ?, "
+                        "UPDATE tasks SET state = 'queued', changed = next_change(), "
+                        "run_at = ?, last_error = ?, "
                         "history = ?, owner = NULL, lease_until = NULL WHERE id = ?",
                         (now, error, history, task.id),
                     )
                 else:
                     conn.execute(
-                        "UPDATE tasks SET state = 'failed', finished_at = ?, last_error = ?, "
+                        "UPDATE tasks SET state = 'failed', changed = next_change(), "
+                        "finished_at = ?, last_error = ?, "
                         "history = ?, owner = NULL, lease_until = NULL WHERE id = ?",
                         (now, error, history, task.id),
                     )
@@ -481,19 +521,20 @@ class SQLiteStore:
     async def fire(
         self, name: str, *, due: float, previous: float | None, task: NewTask | None
     ) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
+        def op(conn: sqlite3.Connection) -> list[Task] | None:
             conn.execute("INSERT OR IGNORE INTO schedules (name) VALUES (?)", (name,))
             won = conn.execute(
                 "UPDATE schedules SET last_fire = ? WHERE name = ? AND last_fire IS ?",
                 (due, name, previous),
             ).rowcount
             if not won:
-                return False
-            if task is not None:
-                self._insert(conn, [task])
-            return True
+                return None
+            return self._insert(conn, [task]) if task is not None else []
 
-        return await self._write(op)  # type: ignore[no-any-return]
+        admitted: list[Task] | None = await self._write(op)
+        if admitted:
+            self._changed(admitted)
+        return admitted is not None
 
     async def check(self) -> None:
         def op(conn: sqlite3.Connection) -> None:
@@ -537,6 +578,27 @@ class SQLiteStore:
 
         return await self._read(fn)  # type: ignore[no-any-return]
 
+    async def changes(
+        self,
+        *,
+        after: int,
+        limit: int,
+        task_id: str | None = None,
+        type: str | None = None,
+        queue: str | None = None,
+    ) -> builtins.list[Task]:
+        where, args = ["changed > ?"], [str(after)]
+        for column, value in (("id", task_id), ("type", type), ("queue", queue)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
+        sql = f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY changed LIMIT ?"
+
+        def fn(conn: sqlite3.Connection) -> builtins.list[Task]:
+            return [_task(r) for r in conn.execute(sql, (*args, limit)).fetchall()]
+
+        return await self._read(fn)  # type: ignore[no-any-return]
+
     async def unfinished_by_queue(self) -> dict[str, Counts]:
         def fn(conn: sqlite3.Connection) -> dict[str, Counts]:
             found: dict[str, dict[str, int]] = {}
@@ -563,7 +625,7 @@ class SQLiteStore:
 
 @asynccontextmanager
 async def open_sqlite(
-    config: StoreConfig, *, on_commit: Callable[[float, int], None] | None = None
+    config: StoreConfig, hooks: Hooks | None = None
 ) -> AsyncIterator[SQLiteStore]:
     """Lock the file, migrate, and serve; on exit the writer commits what was queued, then
     both connections close and the lock is released."""
@@ -575,7 +637,9 @@ async def open_sqlite(
     lock_fd = _lock(path)
     try:
         store = SQLiteStore(path, config.synchronous)
-        store.writer.on_commit = on_commit
+        hooks = hooks or Hooks()
+        store.writer.on_commit = hooks.on_commit
+        store.hooks = hooks
         try:
             await store.writer.start(store._setup)
         except SchemaTooNew as exc:

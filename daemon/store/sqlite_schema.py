@@ -56,6 +56,8 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (scope, key)
     );
     CREATE INDEX idempotency_age ON idempotency (created_at);
+    ALTER TABLE tasks ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX tasks_changed ON tasks (changed);
     """,
 )
 

@@ -1,0 +1,107 @@
+"""`GET /v1/events`: task state changes as Server-Sent Events.
+
+Each event is `id: <change sequence>`, `event: task`, `data: <the task>`. With
+`Last-Event-ID` (header, or `last_event_id` in the query) the stream first replays, from the
+store, every matching task changed since, once each in its current state, then goes live.
+A comment line every `server.sse_heartbeat` keeps proxies from closing an idle stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from daemon.errors import Invalid
+from daemon.events import Filter, Subscription
+from daemon.ids import is_id
+from daemon.models import Task
+from daemon.runtime import RUNTIME, Runtime
+from daemon.wire import encode, view
+
+PAGE = 500
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/events", events)
+
+
+def _filter(request: web.Request) -> Filter:
+    q = request.query
+    unknown = set(q) - {"task_id", "type", "queue", "last_event_id"}
+    if unknown:
+        name = sorted(unknown)[0]
+        raise Invalid(f"unknown query parameter {name!r}", field=name)
+    task_id = q.get("task_id")
+    if task_id is not None and not is_id(task_id):
+        raise Invalid("task_id is not a task id", field="task_id")
+    return Filter(task_id=task_id, type=q.get("type"), queue=q.get("queue"))
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id"))
+    if raw is None or raw == "":
+        return None
+    if not raw.isdigit():
+        raise Invalid("Last-Event-ID must be an id this server sent", field="Last-Event-ID")
+    return int(raw)
+
+
+async def _send(response: web.StreamResponse, task: Task) -> None:
+    data = encode(view(task)).decode()
+    await response.write(f"id: {task.changed}\nevent: task\ndata: {data}\n\n".encode())
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    rt = request.app[RUNTIME]
+    wanted = _filter(request)
+    last = _last_event_id(request)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
+        }
+    )
+    # Subscribe before replaying, so nothing that changes meanwhile is missed; what the
+    # replay already sent is skipped by its change sequence.
+    with rt.events.subscribe(wanted) as sub:
+        await response.prepare(request)
+        await response.write(b": connected\n\n")
+        if last is not None:
+            last = await _replay(rt, response, wanted, last)
+        await _live(rt, response, sub, last or 0)
+    return response
+
+
+async def _replay(rt: Runtime, response: web.StreamResponse, wanted: Filter, last: int) -> int:
+    while True:
+        page = await rt.store.changes(
+            after=last, limit=PAGE, task_id=wanted.task_id, type=wanted.type, queue=wanted.queue
+        )
+        for task in page:
+            await _send(response, task)
+            last = task.changed
+        if len(page) < PAGE:
+            return last
+
+
+async def _live(rt: Runtime, response: web.StreamResponse, sub: Subscription, last: int) -> None:
+    heartbeat = rt.config.server.sse_heartbeat
+    while not rt.events.closed.is_set():
+        try:
+            async with asyncio.timeout(heartbeat):
+                await sub.ready.wait()
+        except TimeoutError:
+            await response.write(b": keep-alive\n\n")
+            continue
+        sub.ready.clear()
+        while sub.pending:
+            task = sub.pending.popleft()
+            if task.changed > last:
+                await _send(response, task)
+                last = task.changed
+        if sub.overflowed:
+            # Too far behind: end the stream; the client resumes with Last-Event-ID.
+            await response.write(b"event: overflow\ndata: {}\n\n")
+            return

@@ -1,0 +1,123 @@
+"""GET /v1/events: Server-Sent Events of task state changes, live and resumed from the store
+with Last-Event-ID, filtered, with heartbeats. A real in-process daemon over real HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tests.inproc import Daemon, assert_error, open_daemon
+
+
+@dataclass(frozen=True)
+class Event:
+    id: str | None
+    name: str | None
+    data: Any
+    comment: str | None = None
+
+
+async def read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:
+    """Parse an event stream: events and comment lines, as they arrive."""
+    fields: dict[str, str] = {}
+    async for raw in resp.content:
+        line = raw.decode().rstrip("\n")
+        if line.startswith(":"):
+            yield Event(None, None, None, comment=line[1:].strip())
+        elif line == "":
+            if "data" in fields:
+                yield Event(fields.get("id"), fields.get("event"), json.loads(fields["data"]))
+            fields = {}
+        else:
+            name, _, value = line.partition(": ")
+            fields[name] = value
+
+
+async def states(daemon: Daemon, query: str, until: str, headers: dict[str, str]) -> list[Event]:
+    """Task events of one stream until a task reaches state `until`."""
+    seen = []
+    async with daemon.http.get(f"/v1/events?{query}", headers=headers) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/event-stream")
+        async with asyncio.timeout(15):
+            async for event in read_events(resp):
+                if event.name == "task":
+                    seen.append(event)
+                    if event.data["state"] == until:
+                        return seen
+    raise AssertionError("the stream ended")
+
+
+async def test_a_stream_carries_the_transitions_of_a_real_task(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        gate = daemon.gate()
+        task = await daemon.submit({"type": "block", "payload": {"gate": gate.key}, "delay": 0.3})
+        watching = asyncio.create_task(states(daemon, f"task_id={task['id']}", "succeeded", {}))
+        async with asyncio.timeout(10):
+            await gate.started.wait()
+        gate.release.set()
+        events = await watching
+    # Subscribed after admission, so the stream starts at `running` (or at `queued` if the
+    # delay had not passed yet); every event is this task, ids increase, and it ends well.
+    assert {e.data["id"] for e in events} == {task["id"]}
+    assert [e.data["state"] for e in events][-2:] == ["running", "succeeded"]
+    ids = [int(e.id or 0) for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def test_last_event_id_resumes_from_the_store(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        first = await daemon.submit({"type": "noop", "payload": {"n": 1}})
+        await daemon.ended(first["id"])
+        # Everything since the start: `first` once, in its final state.
+        replay = await states(daemon, "type=noop", "succeeded", {"Last-Event-ID": "0"})
+        assert [(e.data["id"], e.data["state"]) for e in replay] == [(first["id"], "succeeded")]
+        mark = replay[-1].id
+        assert mark is not None
+
+        second = await daemon.submit({"type": "noop", "payload": {"n": 2}})
+        await daemon.ended(second["id"])
+        resumed = await states(daemon, "type=noop", "succeeded", {"Last-Event-ID": mark})
+        # Only what changed after the mark.
+        assert [(e.data["id"], e.data["state"]) for e in resumed] == [(second["id"], "succeeded")]
+
+
+async def test_filters_keep_other_tasks_out(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        other = await daemon.submit({"type": "sleep", "payload": {"seconds": 0}})
+        mine = await daemon.submit({"type": "noop"})
+        await daemon.ended(other["id"])
+        await daemon.ended(mine["id"])
+        replay = await states(daemon, "type=noop", "succeeded", {"Last-Event-ID": "0"})
+        assert {e.data["id"] for e in replay} == {mine["id"]}
+
+
+async def test_an_idle_stream_gets_heartbeats(tmp_path: Path) -> None:
+    async with (
+        open_daemon(tmp_path, {"server": {"sse_heartbeat": "100ms"}}) as daemon,
+        daemon.http.get("/v1/events") as resp,
+    ):
+        comments = []
+        async with asyncio.timeout(10):
+            async for event in read_events(resp):
+                if event.comment is not None:
+                    comments.append(event.comment)
+                if comments.count("keep-alive") == 2:
+                    break
+        assert comments[0] == "connected"
+
+
+async def test_bad_stream_parameters_are_refused(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path) as daemon:
+        reply = await daemon.request("GET", "/v1/events", headers={"Last-Event-ID": "abc"})
+        assert_error(reply, 422, "invalid", "Last-Event-ID")
+        reply = await daemon.request("GET", "/v1/events?task_id=nope")
+        assert_error(reply, 422, "invalid", "task_id")
+        reply = await daemon.request("GET", "/v1/events?colour=red")
+        assert_error(reply, 422, "invalid", "colour")
