@@ -54,6 +54,9 @@ def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
                 field="timeout",
             )
         timeout = req.timeout
+    if req.callback is not None and req.callback not in rt.config.callbacks:
+        known = ", ".join(sorted(rt.config.callbacks)) or "none"
+        raise Invalid(f"unknown callback {req.callback!r} (configured: {known})", field="callback")
     return NewTask(
         id=new_id(now),
         type=req.type,
@@ -64,6 +67,7 @@ def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
         created_at=now,
         timeout=timeout,
         max_attempts=req.max_attempts or tc.max_attempts,
+        callback=req.callback,
     )
 
 

@@ -192,6 +192,18 @@ class ScheduleConfig(_Section, frozen=True):
     misfire_grace: Duration = Duration(60)
 
 
+class CallbackConfig(_Section, frozen=True):
+    """`[callbacks.NAME]`: where a task's final representation is POSTed when it ends, for
+    tasks submitted with `"callback": "NAME"` (clients name a target, never a URL)."""
+
+    url: str
+    # HMAC-SHA256 key, read at load: X-Offload-Signature: t=<unix s>,v1=<hex>.
+    secret_file: str | None = None
+    timeout: Duration = Duration(10)
+    max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
+
+
 class AuthConfig(_Section, frozen=True):
     tokens_file: str = ""
     credential: str = ""
@@ -214,6 +226,7 @@ class Config(_Section, frozen=True):
     # `[queues.NAME]` tables share this table.
     queues: dict[QueueName, QueueConfig | bool] = msgspec.field(default_factory=dict)
     schedules: list[ScheduleConfig] = msgspec.field(default_factory=list)
+    callbacks: dict[QueueName, CallbackConfig] = msgspec.field(default_factory=dict)
     types: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], TypeConfig] = (
         msgspec.field(default_factory=dict)
     )
@@ -276,6 +289,7 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     if server is not None and auth is not None:
         problems += _check_auth(server, auth)
     problems += _queue_problems(raw.get("queues"))
+    problems += _callback_problems(raw.get("callbacks"))
     problems += _schedule_problems(raw)
     types = raw.get("types")
     for name, item in (types if isinstance(types, dict) else {}).items():
@@ -284,6 +298,25 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
         except msgspec.ValidationError:
             continue
         problems += _type_problems(str(name), tc)
+    return problems
+
+
+def _callback_problems(callbacks: object) -> list[str]:
+    if not isinstance(callbacks, dict):
+        return []
+    problems = []
+    for name, item in callbacks.items():
+        try:
+            cb = msgspec.convert(item, CallbackConfig, dec_hook=_dec_hook)
+        except msgspec.ValidationError:
+            continue
+        if (why := check_url(cb.url)) is not None:
+            problems.append(f"callbacks.{name}.url = {cb.url!r}: {why}")
+        if cb.secret_file is not None:
+            try:
+                read_secret(cb.secret_file)
+            except (OSError, ValueError) as exc:
+                problems.append(f"callbacks.{name}.secret_file = {cb.secret_file!r}: {exc}")
     return problems
 
 

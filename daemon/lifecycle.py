@@ -20,11 +20,13 @@ from contextlib import nullcontext
 
 from daemon.api import make_app
 from daemon.auth import Authenticator, load_tokens
+from daemon.callbacks import Deliverer
 from daemon.config import Config
 from daemon.executors.http import HttpClient
 from daemon.flow import load_flow
 from daemon.http_server import open_http
 from daemon.metrics import Metrics
+from daemon.models import Task
 from daemon.reload import reload_on_request
 from daemon.retention import keep_pruning
 from daemon.runtime import Runtime
@@ -117,7 +119,13 @@ async def _run(
         hooks.on_lost = lambda task_id: workers.stop_run(task_id, "cancel")
         authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
         rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator)
-        hooks.on_change = rt.events.publish
+        deliverer = Deliverer(rt, http)
+
+        def changed(tasks: list[Task]) -> None:
+            rt.events.publish(tasks)
+            deliverer.changed(tasks)
+
+        hooks.on_change = changed
         async with asyncio.TaskGroup() as tg:
             workers.start(lambda coro, name: tg.create_task(coro, name=name))
             background = [
@@ -133,6 +141,7 @@ async def _run(
                 )
             ]
             background.append(tg.create_task(keep_pruning(rt), name="retention"))
+            background.append(tg.create_task(deliverer.run(), name="callbacks"))
             background.append(tg.create_task(Scheduler(rt).run(), name="scheduler"))
             if config_path is not None:
                 reloader = reload_on_request(

@@ -48,6 +48,7 @@ class NewTask(msgspec.Struct, frozen=True):
     created_at: float
     timeout: float
     max_attempts: int
+    callback: str | None = None
 
 
 class Task(msgspec.Struct, frozen=True):
@@ -72,6 +73,10 @@ class Task(msgspec.Struct, frozen=True):
     result: bytes | None = None
     last_error: str | None = None
     history: tuple[Attempt, ...] = ()
+    callback: str | None = None
+    callback_state: str | None = None  # "pending" (until delivered), "delivered", "failed"
+    callback_attempts: int = 0
+    callback_error: str | None = None
     changed: int = 0
     """The store's change sequence at this task's last state change: the event id of it."""
 
@@ -88,6 +93,8 @@ class Task(msgspec.Struct, frozen=True):
             created_at=new.created_at,
             timeout=new.timeout,
             max_attempts=new.max_attempts,
+            callback=new.callback,
+            callback_state="pending" if new.callback else None,
             changed=changed,
         )
 

@@ -25,6 +25,7 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     run_at: dt.datetime | None = None
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
+    callback: QueueName | None = None
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -36,6 +37,13 @@ class AttemptView(msgspec.Struct, frozen=True):
     started_at: str | None
     duration: float
     error: str
+
+
+class CallbackView(msgspec.Struct, frozen=True):
+    name: str
+    state: str
+    attempts: int
+    last_error: str | None
 
 
 class TaskView(msgspec.Struct, frozen=True):
@@ -55,6 +63,7 @@ class TaskView(msgspec.Struct, frozen=True):
     result: msgspec.Raw | None
     last_error: str | None
     history: list[AttemptView]
+    callback: CallbackView | None
 
 
 class TaskPage(msgspec.Struct, frozen=True):
@@ -100,6 +109,14 @@ def view(task: Task) -> TaskView:
             AttemptView(a.attempt, rfc3339(a.started_at), round(a.duration, 6), a.error)
             for a in task.history
         ],
+        callback=None
+        if task.callback is None
+        else CallbackView(
+            task.callback,
+            task.callback_state or "pending",
+            task.callback_attempts,
+            task.callback_error,
+        ),
     )
 
 

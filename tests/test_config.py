@@ -58,7 +58,7 @@ def test_the_example_config_loads() -> None:
 
 # Tables of named examples (task types, queues, schedules): their presence is compared, not
 # their values, since the defaults have none.
-EXAMPLES = ("types", "queues", "schedules")
+EXAMPLES = ("types", "queues", "schedules", "callbacks")
 
 
 def test_every_key_of_the_example_is_the_default() -> None:

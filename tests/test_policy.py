@@ -45,11 +45,14 @@ async def test_a_type_never_runs_more_than_its_concurrency(tmp_path: Path) -> No
     async with open_daemon(tmp_path, POLICY_TYPES) as daemon:
         capped = policyhandlers.GAUGES["capped-load"] = policyhandlers.Gauge()
         free = policyhandlers.GAUGES["free-load"] = policyhandlers.Gauge()
-        submitted = [
-            await daemon.submit({"type": kind, "payload": {"gauge": f"{kind}-load"}})
+        batch = [
+            {"type": kind, "payload": {"gauge": f"{kind}-load"}}
             for _ in range(30)
             for kind in ("capped", "free")
         ]
+        reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": batch})
+        assert reply.status == 202
+        submitted = reply.body["tasks"]
         for task in submitted:
             assert (await daemon.ended(task["id"], within=30))["state"] == "succeeded"
         assert (capped.done, free.done) == (30, 30)

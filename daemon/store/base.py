@@ -120,6 +120,20 @@ class Store(Protocol):
 
     async def counts(self) -> Counts: ...
 
+    async def due_callbacks(
+        self, *, now: float, limit: int
+    ) -> tuple[builtins.list[Task], float | None]:
+        """Ended tasks whose completion callback is due by `now` (at most `limit`), and when
+        the next later one is due (None: none waits)."""
+        ...
+
+    async def callback_attempted(
+        self, task_id: str, *, error: str | None, retry_at: float | None
+    ) -> Task | None:
+        """Record a delivery attempt: delivered (`error` None), to be retried at `retry_at`,
+        or failed for good (`retry_at` None). None if no delivery was pending."""
+        ...
+
     async def changes(
         self,
         *,

@@ -54,7 +54,8 @@ T = TypeVar("T")
 HISTORY_LIMIT = 10
 COLUMNS = (
     "id, type, queue, state, payload, priority, run_at, created_at, timeout, max_attempts, "
-    "attempts, attempt_floor, started_at, finished_at, result, last_error, history, changed"
+    "attempts, attempt_floor, started_at, finished_at, result, last_error, history, changed, "
+    "callback, callback_state, callback_attempts, callback_error"
 )
 FENCE = "id = ? AND state = 'running' AND attempts = ? AND owner = ?"
 _history_decoder = msgspec.json.Decoder(list[Attempt])
@@ -92,6 +93,10 @@ def _task(row: tuple[Any, ...]) -> Task:
         last_error=row[15],
         history=history,
         changed=row[17],
+        callback=row[18],
+        callback_state=row[19],
+        callback_attempts=row[20],
+        callback_error=row[21],
     )
 
 
@@ -187,8 +192,8 @@ class SQLiteStore:
         admitted = [Task.admitted(t, self._next_change()) for t in tasks]
         conn.executemany(
             "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, "
-            "created_at, timeout, max_attempts, changed) "
-            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?)",
+            "created_at, timeout, max_attempts, changed, callback, callback_state) "
+            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (
                     t.id,
@@ -201,6 +206,8 @@ class SQLiteStore:
                     t.timeout,
                     t.max_attempts,
                     t.changed,
+                    t.callback,
+                    t.callback_state,
                 )
                 for t in admitted
             ],
@@ -418,7 +425,9 @@ class SQLiteStore:
             row = conn.execute(
                 f"UPDATE tasks SET state = 'queued', changed = next_change(), "
                 f"attempt_floor = attempts, run_at = ?, "
-                f"started_at = NULL, finished_at = NULL, result = NULL WHERE id = ? "
+                f"started_at = NULL, finished_at = NULL, result = NULL, callback_attempts = 0, "
+                f"callback_next = 0, callback_error = NULL, callback_state = CASE WHEN callback "
+                f"IS NULL THEN NULL ELSE 'pending' END WHERE id = ? "
                 f"RETURNING {COLUMNS}",
                 (now, task_id),
             ).fetchone()
@@ -577,6 +586,44 @@ class SQLiteStore:
             return Counts(**{state: n for state, n in rows})
 
         return await self._read(fn)  # type: ignore[no-any-return]
+
+    async def due_callbacks(
+        self, *, now: float, limit: int
+    ) -> tuple[builtins.list[Task], float | None]:
+        ended = "callback_state = 'pending' AND state IN ('succeeded', 'failed', 'cancelled')"
+
+        def fn(conn: sqlite3.Connection) -> tuple[builtins.list[Task], float | None]:
+            rows = conn.execute(
+                f"SELECT {COLUMNS} FROM tasks WHERE {ended} AND callback_next <= ? "
+                f"ORDER BY callback_next LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            later = conn.execute(
+                f"SELECT min(callback_next) FROM tasks WHERE {ended} AND callback_next > ?",
+                (now,),
+            ).fetchone()[0]
+            return [_task(r) for r in rows], later
+
+        return await self._read(fn)  # type: ignore[no-any-return]
+
+    async def callback_attempted(
+        self, task_id: str, *, error: str | None, retry_at: float | None
+    ) -> Task | None:
+        state = "delivered" if error is None else ("pending" if retry_at is not None else "failed")
+
+        def op(conn: sqlite3.Connection) -> Task | None:
+            row = conn.execute(
+                f"UPDATE tasks SET callback_state = ?, callback_attempts = callback_attempts + 1, "
+                f"callback_error = ?, callback_next = ?, changed = next_change() "
+                f"WHERE id = ? AND callback_state = 'pending' RETURNING {COLUMNS}",
+                (state, error, retry_at or 0.0, task_id),
+            ).fetchone()
+            return None if row is None else _task(row)
+
+        task: Task | None = await self._write(op)
+        if task is not None:
+            self._changed([task])
+        return task
 
     async def changes(
         self,

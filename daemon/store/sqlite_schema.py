@@ -57,6 +57,13 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX idempotency_age ON idempotency (created_at);
     ALTER TABLE tasks ADD COLUMN changed INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN callback TEXT;
+    ALTER TABLE tasks ADD COLUMN callback_state TEXT;
+    ALTER TABLE tasks ADD COLUMN callback_attempts INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN callback_next REAL NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN callback_error TEXT;
+    CREATE INDEX tasks_callbacks ON tasks (callback_next) WHERE callback_state = 'pending'
+        AND state IN ('succeeded', 'failed', 'cancelled');
     CREATE INDEX tasks_changed ON tasks (changed);
     """,
 )
