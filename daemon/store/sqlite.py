@@ -9,16 +9,14 @@ from the table whenever a transaction rolls back.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 
@@ -34,32 +32,27 @@ from daemon.errors import (
 from daemon.models import (
     Attempt,
     Claim,
-    Counts,
     IdempotencyKey,
     NewTask,
     Outcome,
     Released,
     Retry,
-    ScheduleState,
     Succeeded,
     Task,
     TaskQuery,
     TaskState,
 )
 from daemon.store.base import ClaimBatch, Hooks
-from daemon.store.sqlite_schema import SchemaTooNew, migrate
-from daemon.store.sqlite_writer import Writer
-
-T = TypeVar("T")
-HISTORY_LIMIT = 10
-COLUMNS = (
-    "id, type, queue, state, payload, priority, run_at, created_at, timeout, max_attempts, "
-    "attempts, attempt_floor, started_at, finished_at, result, last_error, history, changed, "
-    "callback, callback_state, callback_attempts, callback_error"
+from daemon.store.sqlite_rows import (
+    COLUMNS,
+    FENCE,
+    encode,
+    task_from_row,
+    type_filter,
+    with_attempt,
 )
-FENCE = "id = ? AND state = 'running' AND attempts = ? AND owner = ?"
-_history_decoder = msgspec.json.Decoder(list[Attempt])
-_encode = msgspec.json.encode
+from daemon.store.sqlite_schema import SchemaTooNew
+from daemon.store.sqlite_side import SideOps
 
 
 def database_path(url: str) -> Path:
@@ -72,154 +65,8 @@ def database_path(url: str) -> Path:
     return Path(rest)
 
 
-def _task(row: tuple[Any, ...]) -> Task:
-    history = () if row[16] is None else tuple(_history_decoder.decode(row[16]))
-    return Task(
-        id=row[0],
-        type=row[1],
-        queue=row[2],
-        state=TaskState(row[3]),
-        payload=row[4],
-        priority=row[5],
-        run_at=row[6],
-        created_at=row[7],
-        timeout=row[8],
-        max_attempts=row[9],
-        attempts=row[10],
-        attempt_floor=row[11],
-        started_at=row[12],
-        finished_at=row[13],
-        result=row[14],
-        last_error=row[15],
-        history=history,
-        changed=row[17],
-        callback=row[18],
-        callback_state=row[19],
-        callback_attempts=row[20],
-        callback_error=row[21],
-    )
-
-
-def _type_filter(
-    only: str | None, skip: Collection[str], *, column: str = "type"
-) -> tuple[str, list[str]]:
-    """An SQL condition (with its arguments) narrowing a query to some types (or queues)."""
-    if only is not None:
-        return f" AND {column} = ?", [only]
-    if skip:
-        return f" AND {column} NOT IN ({', '.join('?' * len(skip))})", list(skip)
-    return "", []
-
-
-def _with_attempt(history: bytes | None, entry: Attempt) -> bytes:
-    past = [] if history is None else _history_decoder.decode(history)
-    past.append(entry)
-    return _encode(past[-HISTORY_LIMIT:])
-
-
-class SQLiteStore:
+class SQLiteStore(SideOps):
     """The `Store` over one SQLite file. Build it with `open_sqlite()`."""
-
-    def __init__(self, path: Path, synchronous: str) -> None:
-        self._path = path
-        self._synchronous = synchronous.upper()
-        self._writer = Writer(self._connect, f"{path}-wal")
-        self._writer.on_rollback = self._recount
-        self._readers = ThreadPoolExecutor(1, "sqlite-reader", initializer=self._open_reader)
-        self._local: dict[str, sqlite3.Connection] = {}
-        self._pending = 0  # touched only in the writer thread
-        self._change = 0  # the change sequence; touched only in the writer thread
-        self.hooks = Hooks()  # read at each call: the daemon fills some in after opening
-
-    @property
-    def description(self) -> str:
-        return f"sqlite:{self._path} (synchronous={self._synchronous.lower()})"
-
-    @property
-    def writer(self) -> Writer:
-        return self._writer
-
-    # -- connections -------------------------------------------------------------------
-
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA journal_mode = WAL")
-        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
-        conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA journal_size_limit = 67108864")
-        conn.execute("PRAGMA cache_size = -16384")  # 16 MiB
-        conn.execute("PRAGMA temp_store = MEMORY")
-        return conn
-
-    def _open_reader(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA query_only = 1")
-        conn.execute("PRAGMA cache_size = -8192")
-        self._local["reader"] = conn
-
-    async def _read(self, fn: Any, *args: Any) -> Any:
-        def call() -> Any:
-            return fn(self._local["reader"], *args)
-
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._readers, call)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the store could not be read: {exc}") from exc
-
-    async def _write(self, op: Any) -> Any:
-        return await self._writer.submit(op)
-
-    def _setup(self, conn: sqlite3.Connection) -> None:
-        migrate(conn)
-        self._recount(conn)
-        self._change = conn.execute("SELECT coalesce(max(changed), 0) FROM tasks").fetchone()[0]
-        conn.create_function("next_change", 0, self._next_change)
-
-    def _changed(self, tasks: list[Task]) -> None:
-        if tasks:
-            self.hooks.on_change(tasks)
-
-    def _recount(self, conn: sqlite3.Connection) -> None:
-        row = conn.execute(
-            "SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')"
-        ).fetchone()
-        self._pending = int(row[0])
-
-    # -- writes ---------------------------------------------------------------------------
-
-    def _insert(self, conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> list[Task]:
-        admitted = [Task.admitted(t, self._next_change()) for t in tasks]
-        conn.executemany(
-            "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, "
-            "created_at, timeout, max_attempts, changed, callback, callback_state) "
-            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            [
-                (
-                    t.id,
-                    t.type,
-                    t.queue,
-                    t.payload,
-                    t.priority,
-                    t.run_at,
-                    t.created_at,
-                    t.timeout,
-                    t.max_attempts,
-                    t.changed,
-                    t.callback,
-                    t.callback_state,
-                )
-                for t in admitted
-            ],
-        )
-        self._pending += len(tasks)
-        return admitted
-
-    def _next_change(self) -> int:
-        """The next value of the change sequence (writer thread only; also the SQL function
-        `next_change()`, so each row a statement changes gets its own)."""
-        self._change += 1
-        return self._change
 
     async def admit(
         self,
@@ -248,7 +95,7 @@ class SQLiteStore:
                         idempotency.scope,
                         idempotency.key,
                         idempotency.fingerprint,
-                        _encode([t.id for t in tasks]),
+                        encode([t.id for t in tasks]),
                         tasks[0].created_at,
                     ),
                 )
@@ -278,18 +125,8 @@ class SQLiteStore:
         for task_id in msgspec.json.decode(row[1], type=list[str]):
             task = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
             if task is not None:  # retention may have deleted it since
-                found.append(_task(task))
+                found.append(task_from_row(task))
         return found
-
-    async def forget_keys(self, *, before: float, limit: int) -> int:
-        def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(
-                "DELETE FROM idempotency WHERE rowid IN (SELECT rowid FROM idempotency "
-                "WHERE created_at < ? LIMIT ?)",
-                (before, limit),
-            ).rowcount
-
-        return await self._write(op)  # type: ignore[no-any-return]
 
     async def claim(
         self,
@@ -303,8 +140,8 @@ class SQLiteStore:
         only_queue: str | None = None,
         skip_queues: Collection[str] = (),
     ) -> ClaimBatch:
-        narrow, narrow_args = _type_filter(only_type, skip_types)
-        by_queue, queue_args = _type_filter(only_queue, skip_queues, column="queue")
+        narrow, narrow_args = type_filter(only_type, skip_types)
+        by_queue, queue_args = type_filter(only_queue, skip_queues, column="queue")
         narrow, narrow_args = narrow + by_queue, narrow_args + queue_args
         claim_sql = (
             f"UPDATE tasks SET state = 'running', changed = next_change(), "
@@ -319,7 +156,9 @@ class SQLiteStore:
             rows = conn.execute(claim_sql, claim_args).fetchall()
             rows.sort(key=lambda r: (-r[6], r[0]))
             claims = [
-                Claim(task=_task(r[1:]), owner=owner, attempt=r[11], lease_until=now + lease)
+                Claim(
+                    task=task_from_row(r[1:]), owner=owner, attempt=r[11], lease_until=now + lease
+                )
                 for r in rows
             ]
             next_due = None
@@ -341,7 +180,7 @@ class SQLiteStore:
             row = self._apply_outcome(conn, claim, outcome, fence)
             if row is None:
                 return None
-            task = _task(row)
+            task = task_from_row(row)
             if task.state.terminal:
                 self._pending -= 1
             return task
@@ -374,7 +213,7 @@ class SQLiteStore:
             return None
         started = claim.task.started_at or 0.0
         entry = Attempt(claim.attempt, started, outcome.duration, outcome.error)
-        history = _with_attempt(found[0], entry)
+        history = with_attempt(found[0], entry)
         if isinstance(outcome, Retry):
             return conn.execute(  # type: ignore[no-any-return]
                 f"UPDATE tasks SET state = 'queued', changed = next_change(), "
@@ -401,7 +240,7 @@ class SQLiteStore:
                 (now, task_id),
             ).fetchone()
             self._pending -= 1
-            return _task(row), before
+            return task_from_row(row), before
 
         cancelled: tuple[Task, TaskState] = await self._write(op)
         self._changed([cancelled[0]])
@@ -432,7 +271,7 @@ class SQLiteStore:
                 (now, task_id),
             ).fetchone()
             self._pending += 1
-            return _task(row)
+            return task_from_row(row)
 
         retried: Task = await self._write(op)
         self._changed([retried])
@@ -452,10 +291,10 @@ class SQLiteStore:
         def op(conn: sqlite3.Connection) -> int:
             rows = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE state = 'running'").fetchall()
             for row in rows:
-                task = _task(row)
+                task = task_from_row(row)
                 started = task.started_at or now
                 entry = Attempt(task.attempts, started, max(0.0, now - started), error)
-                history = _with_attempt(row[16], entry)
+                history = with_attempt(row[16], entry)
                 if task.attempts_left > 0:
                     conn.execute(
                         "UPDATE tasks SET state = 'queued', changed = next_change(), "
@@ -475,88 +314,10 @@ class SQLiteStore:
 
         return await self._write(op)  # type: ignore[no-any-return]
 
-    async def purge(
-        self,
-        *,
-        finished_before: float,
-        limit: int,
-        only_type: str | None = None,
-        skip_types: Collection[str] = (),
-    ) -> int:
-        narrow, args = _type_filter(only_type, skip_types)
-        sql = (
-            f"DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at < ? "
-            f"AND state IN ('succeeded', 'failed', 'cancelled'){narrow} LIMIT ?)"
-        )
-
-        def op(conn: sqlite3.Connection) -> int:
-            return conn.execute(sql, (finished_before, *args, limit)).rowcount
-
-        return await self._write(op)  # type: ignore[no-any-return]
-
-    async def set_paused(self, queue: str, paused: bool) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO queues (name, paused) VALUES (?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-                (queue, int(paused)),
-            )
-
-        await self._write(op)
-
-    async def paused_queues(self) -> set[str]:
-        def fn(conn: sqlite3.Connection) -> set[str]:
-            return {r[0] for r in conn.execute("SELECT name FROM queues WHERE paused = 1")}
-
-        return await self._read(fn)  # type: ignore[no-any-return]
-
-    async def schedules(self) -> dict[str, ScheduleState]:
-        def fn(conn: sqlite3.Connection) -> dict[str, ScheduleState]:
-            rows = conn.execute("SELECT name, last_fire, paused FROM schedules")
-            return {name: ScheduleState(last, bool(paused)) for name, last, paused in rows}
-
-        return await self._read(fn)  # type: ignore[no-any-return]
-
-    async def set_schedule_paused(self, name: str, paused: bool) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "INSERT INTO schedules (name, paused) VALUES (?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-                (name, int(paused)),
-            )
-
-        await self._write(op)
-
-    async def fire(
-        self, name: str, *, due: float, previous: float | None, task: NewTask | None
-    ) -> bool:
-        def op(conn: sqlite3.Connection) -> list[Task] | None:
-            conn.execute("INSERT OR IGNORE INTO schedules (name) VALUES (?)", (name,))
-            won = conn.execute(
-                "UPDATE schedules SET last_fire = ? WHERE name = ? AND last_fire IS ?",
-                (due, name, previous),
-            ).rowcount
-            if not won:
-                return None
-            return self._insert(conn, [task]) if task is not None else []
-
-        admitted: list[Task] | None = await self._write(op)
-        if admitted:
-            self._changed(admitted)
-        return admitted is not None
-
-    async def check(self) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            return None
-
-        await self._write(op)
-
-    # -- reads ---------------------------------------------------------------------------
-
     async def get(self, task_id: str) -> Task | None:
         def fn(conn: sqlite3.Connection, task_id: str) -> Task | None:
             row = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            return None if row is None else _task(row)
+            return None if row is None else task_from_row(row)
 
         return await self._read(fn, task_id)  # type: ignore[no-any-return]
 
@@ -576,54 +337,9 @@ class SQLiteStore:
         args.append(str(query.limit))
 
         def fn(conn: sqlite3.Connection) -> list[Task]:
-            return [_task(r) for r in conn.execute(sql, args).fetchall()]
+            return [task_from_row(r) for r in conn.execute(sql, args).fetchall()]
 
         return await self._read(fn)  # type: ignore[no-any-return]
-
-    async def counts(self) -> Counts:
-        def fn(conn: sqlite3.Connection) -> Counts:
-            rows = conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
-            return Counts(**{state: n for state, n in rows})
-
-        return await self._read(fn)  # type: ignore[no-any-return]
-
-    async def due_callbacks(
-        self, *, now: float, limit: int
-    ) -> tuple[builtins.list[Task], float | None]:
-        ended = "callback_state = 'pending' AND state IN ('succeeded', 'failed', 'cancelled')"
-
-        def fn(conn: sqlite3.Connection) -> tuple[builtins.list[Task], float | None]:
-            rows = conn.execute(
-                f"SELECT {COLUMNS} FROM tasks WHERE {ended} AND callback_next <= ? "
-                f"ORDER BY callback_next LIMIT ?",
-                (now, limit),
-            ).fetchall()
-            later = conn.execute(
-                f"SELECT min(callback_next) FROM tasks WHERE {ended} AND callback_next > ?",
-                (now,),
-            ).fetchone()[0]
-            return [_task(r) for r in rows], later
-
-        return await self._read(fn)  # type: ignore[no-any-return]
-
-    async def callback_attempted(
-        self, task_id: str, *, error: str | None, retry_at: float | None
-    ) -> Task | None:
-        state = "delivered" if error is None else ("pending" if retry_at is not None else "failed")
-
-        def op(conn: sqlite3.Connection) -> Task | None:
-            row = conn.execute(
-                f"UPDATE tasks SET callback_state = ?, callback_attempts = callback_attempts + 1, "
-                f"callback_error = ?, callback_next = ?, changed = next_change() "
-                f"WHERE id = ? AND callback_state = 'pending' RETURNING {COLUMNS}",
-                (state, error, retry_at or 0.0, task_id),
-            ).fetchone()
-            return None if row is None else _task(row)
-
-        task: Task | None = await self._write(op)
-        if task is not None:
-            self._changed([task])
-        return task
 
     async def changes(
         self,
@@ -642,32 +358,9 @@ class SQLiteStore:
         sql = f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY changed LIMIT ?"
 
         def fn(conn: sqlite3.Connection) -> builtins.list[Task]:
-            return [_task(r) for r in conn.execute(sql, (*args, limit)).fetchall()]
+            return [task_from_row(r) for r in conn.execute(sql, (*args, limit)).fetchall()]
 
         return await self._read(fn)  # type: ignore[no-any-return]
-
-    async def unfinished_by_queue(self) -> dict[str, Counts]:
-        def fn(conn: sqlite3.Connection) -> dict[str, Counts]:
-            found: dict[str, dict[str, int]] = {}
-            for queue, state, n in conn.execute(
-                "SELECT queue, state, count(*) FROM tasks "
-                "WHERE state IN ('queued', 'running') GROUP BY queue, state"
-            ):
-                found.setdefault(queue, {})[state] = n
-            return {queue: Counts(**by_state) for queue, by_state in found.items()}
-
-        return await self._read(fn)  # type: ignore[no-any-return]
-
-    # -- lifecycle -----------------------------------------------------------------------
-
-    async def _close_readers(self) -> None:
-        def close() -> None:
-            conn = self._local.pop("reader", None)
-            if conn is not None:
-                conn.close()
-
-        await asyncio.get_running_loop().run_in_executor(self._readers, close)
-        self._readers.shutdown(wait=True)
 
 
 @asynccontextmanager

@@ -1,0 +1,131 @@
+"""The SQLite store's connections: one writer thread with group commit, one reader thread,
+the change sequence and the unfinished-task count (both kept in the writer thread)."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from daemon.errors import StoreUnavailable
+from daemon.models import NewTask, Task
+from daemon.store.base import Hooks
+from daemon.store.sqlite_schema import migrate
+from daemon.store.sqlite_writer import Writer
+
+
+class Connections:
+    """What every part of the SQLite store stands on. Constructing it opens nothing."""
+
+    def __init__(self, path: Path, synchronous: str) -> None:
+        self._path = path
+        self._synchronous = synchronous.upper()
+        self._writer = Writer(self._connect, f"{path}-wal")
+        self._writer.on_rollback = self._recount
+        self._readers = ThreadPoolExecutor(1, "sqlite-reader", initializer=self._open_reader)
+        self._local: dict[str, sqlite3.Connection] = {}
+        self._pending = 0  # touched only in the writer thread
+        self._change = 0  # the change sequence; touched only in the writer thread
+        self.hooks = Hooks()  # read at each call: the daemon fills some in after opening
+
+    @property
+    def description(self) -> str:
+        return f"sqlite:{self._path} (synchronous={self._synchronous.lower()})"
+
+    @property
+    def writer(self) -> Writer:
+        return self._writer
+
+    # -- connections -------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute(f"PRAGMA synchronous = {self._synchronous}")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA journal_size_limit = 67108864")
+        conn.execute("PRAGMA cache_size = -16384")  # 16 MiB
+        conn.execute("PRAGMA temp_store = MEMORY")
+        return conn
+
+    def _open_reader(self) -> None:
+        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.execute("PRAGMA query_only = 1")
+        conn.execute("PRAGMA cache_size = -8192")
+        self._local["reader"] = conn
+
+    async def _read(self, fn: Any, *args: Any) -> Any:
+        def call() -> Any:
+            return fn(self._local["reader"], *args)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._readers, call)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the store could not be read: {exc}") from exc
+
+    async def _write(self, op: Any) -> Any:
+        return await self._writer.submit(op)
+
+    def _setup(self, conn: sqlite3.Connection) -> None:
+        migrate(conn)
+        self._recount(conn)
+        self._change = conn.execute("SELECT coalesce(max(changed), 0) FROM tasks").fetchone()[0]
+        conn.create_function("next_change", 0, self._next_change)
+
+    def _changed(self, tasks: list[Task]) -> None:
+        if tasks:
+            self.hooks.on_change(tasks)
+
+    def _recount(self, conn: sqlite3.Connection) -> None:
+        row = conn.execute(
+            "SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')"
+        ).fetchone()
+        self._pending = int(row[0])
+
+    # -- writes ---------------------------------------------------------------------------
+
+    def _insert(self, conn: sqlite3.Connection, tasks: Sequence[NewTask]) -> list[Task]:
+        admitted = [Task.admitted(t, self._next_change()) for t in tasks]
+        conn.executemany(
+            "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, "
+            "created_at, timeout, max_attempts, changed, callback, callback_state) "
+            "VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    t.id,
+                    t.type,
+                    t.queue,
+                    t.payload,
+                    t.priority,
+                    t.run_at,
+                    t.created_at,
+                    t.timeout,
+                    t.max_attempts,
+                    t.changed,
+                    t.callback,
+                    t.callback_state,
+                )
+                for t in admitted
+            ],
+        )
+        self._pending += len(tasks)
+        return admitted
+
+    def _next_change(self) -> int:
+        """The next value of the change sequence (writer thread only; also the SQL function
+        `next_change()`, so each row a statement changes gets its own)."""
+        self._change += 1
+        return self._change
+
+    async def _close_readers(self) -> None:
+        def close() -> None:
+            conn = self._local.pop("reader", None)
+            if conn is not None:
+                conn.close()
+
+        await asyncio.get_running_loop().run_in_executor(self._readers, close)
+        self._readers.shutdown(wait=True)
