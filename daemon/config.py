@@ -6,10 +6,7 @@ what was expected, as one `ConfigError`. Nothing else in the daemon reads TOML.
 
 from __future__ import annotations
 
-import re
 import tomllib
-import types
-import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -24,50 +21,19 @@ from daemon.executors.command import (
 )
 from daemon.executors.http import check_url, read_secret
 from daemon.executors.python import HandlerError, resolve_handler
+from daemon.validation import (
+    Duration,
+    Size,
+    dec_hook,
+    parse_duration,
+    parse_size,
+    show,
+)
+from daemon.validation import problems as walk
+
+__all__ = ["Duration", "Size", "parse_duration", "parse_size"]  # part of this module's API
 
 T = TypeVar("T")
-
-
-class Duration(float):
-    """Seconds, written in the config as "500ms", "30s", "5m", "2h", "7d" or a plain number."""
-
-
-class Size(int):
-    """Bytes, written as "64KiB", "1MiB" or a plain integer."""
-
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
-_SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
-
-
-def parse_duration(value: object) -> Duration:
-    if isinstance(value, bool):
-        raise ValueError('expected a duration like "30s"')
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("expected a duration >= 0")
-        return Duration(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
-    raise ValueError('expected a duration like "500ms", "30s", "5m", "2h" or "7d"')
-
-
-def parse_size(value: object) -> Size:
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return Size(value)
-    if isinstance(value, str) and (m := _SIZE.match(value)):
-        return Size(int(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    raise ValueError('expected a size like 65536, "64KiB" or "1MiB"')
-
-
-def _dec_hook(tp: type, value: object) -> object:
-    if tp is Duration:
-        return parse_duration(value)
-    if tp is Size:
-        return parse_size(value)
-    raise NotImplementedError
 
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -260,17 +226,17 @@ def load(path: str | Path) -> Config:
 def parse(raw: dict[str, Any], *, source: str = "<config>") -> Config:
     """Validate in two passes, structure then meaning; each part whose structure is sound
     gets its meaning checked too, so one problem never hides another."""
-    problems = _problems(raw, Config, "")
+    problems = walk(raw, Config, "")
     problems += _semantic_problems(raw)
     if problems:
         raise ConfigError(source, problems)
-    return msgspec.convert(raw, Config, dec_hook=_dec_hook)
+    return msgspec.convert(raw, Config, dec_hook=dec_hook)
 
 
 def _part(raw: dict[str, Any], key: str, tp: type[T]) -> T | None:
     """`raw[key]` as a `tp`, or None if it does not convert (already reported)."""
     try:
-        return msgspec.convert(raw.get(key, {}), tp, dec_hook=_dec_hook)
+        return msgspec.convert(raw.get(key, {}), tp, dec_hook=dec_hook)
     except msgspec.ValidationError:
         return None
 
@@ -294,7 +260,7 @@ def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     types = raw.get("types")
     for name, item in (types if isinstance(types, dict) else {}).items():
         try:
-            tc = msgspec.convert(item, TypeConfig, dec_hook=_dec_hook)
+            tc = msgspec.convert(item, TypeConfig, dec_hook=dec_hook)
         except msgspec.ValidationError:
             continue
         problems += _type_problems(str(name), tc)
@@ -307,7 +273,7 @@ def _callback_problems(callbacks: object) -> list[str]:
     problems = []
     for name, item in callbacks.items():
         try:
-            cb = msgspec.convert(item, CallbackConfig, dec_hook=_dec_hook)
+            cb = msgspec.convert(item, CallbackConfig, dec_hook=dec_hook)
         except msgspec.ValidationError:
             continue
         if (why := check_url(cb.url)) is not None:
@@ -326,9 +292,9 @@ def _queue_problems(queues: object) -> list[str]:
     problems = []
     for name, value in queues.items():
         if name == "strict" and not isinstance(value, bool):
-            problems.append(f"queues.strict = {_show(value)}: expected true or false")
+            problems.append(f"queues.strict = {show(value)}: expected true or false")
         elif name != "strict" and isinstance(value, bool):
-            problems.append(f"queues.{name} = {_show(value)}: expected a [queues.{name}] table")
+            problems.append(f"queues.{name} = {show(value)}: expected a [queues.{name}] table")
     return problems
 
 
@@ -343,7 +309,7 @@ def _schedule_problems(raw: dict[str, Any]) -> list[str]:
     problems, names = [], set()
     for i, item in enumerate(schedules):
         try:
-            schedule = msgspec.convert(item, ScheduleConfig, dec_hook=_dec_hook)
+            schedule = msgspec.convert(item, ScheduleConfig, dec_hook=dec_hook)
         except msgspec.ValidationError:
             continue
         path = f"schedules[{i}]"
@@ -431,77 +397,3 @@ def _http_problems(path: str, tc: HttpType) -> list[str]:
     if tc.connect_timeout <= 0:
         problems.append(f"{path}.connect_timeout = {tc.connect_timeout:g}s: expected more than 0")
     return problems
-
-
-def _problems(value: object, tp: Any, path: str) -> list[str]:
-    """Every problem with `value` as a `tp`, walking tables key by key so none hides another."""
-    origin = typing.get_origin(tp)
-    if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
-        return _struct_problems(value, tp, path)
-    if origin is dict:
-        key_type, item_type = typing.get_args(tp)
-        if not isinstance(value, dict):
-            return [f"{path or 'top level'}: expected a table, got {_show(value)}"]
-        found = []
-        for key, item in value.items():
-            found += _scalar_problems(key, key_type, f"{path}.{key}", what="name")
-            found += _problems(item, item_type, f"{path}.{key}")
-        return found
-    if origin in (types.UnionType, typing.Union) and all(
-        isinstance(a, type) and issubclass(a, msgspec.Struct) for a in typing.get_args(tp)
-    ):
-        return _tagged_problems(value, typing.get_args(tp), path)
-    return _scalar_problems(value, tp, path)
-
-
-def _struct_problems(value: object, tp: type[msgspec.Struct], path: str) -> list[str]:
-    if not isinstance(value, dict):
-        return [f"{path or 'top level'}: expected a table, got {_show(value)}"]
-    info = msgspec.structs.fields(tp)
-    known = {f.encode_name: f for f in info}
-    tag_field = tp.__struct_config__.tag_field
-    found = []
-    for key in value:
-        if key not in known and key != tag_field:
-            found.append(f"{_join(path, key)}: unknown key")
-    for f in info:
-        if f.encode_name in value:
-            found += _problems(value[f.encode_name], f.type, _join(path, f.encode_name))
-        elif f.required:
-            found.append(f"{_join(path, f.encode_name)}: missing, and it has no default")
-    return found
-
-
-def _tagged_problems(value: object, variants: tuple[Any, ...], path: str) -> list[str]:
-    by_tag = {v.__struct_config__.tag: v for v in variants}
-    tag_field = variants[0].__struct_config__.tag_field
-    if not isinstance(value, dict):
-        return [f"{path}: expected a table, got {_show(value)}"]
-    tag = value.get(tag_field)
-    if tag not in by_tag:
-        expected = ", ".join(repr(t) for t in by_tag)
-        return [f"{_join(path, tag_field)} = {_show(tag)}: expected one of {expected}"]
-    return _struct_problems(value, by_tag[tag], path)
-
-
-def _scalar_problems(value: object, tp: Any, path: str, *, what: str = "value") -> list[str]:
-    try:
-        msgspec.convert(value, tp, dec_hook=_dec_hook)
-    except msgspec.ValidationError as exc:
-        reason = str(exc).split(" - at ")[0]
-        cause = exc.__cause__
-        if isinstance(cause, ValueError):
-            reason = str(cause)
-        return [f"{path} = {_show(value)}: {reason[0].lower()}{reason[1:]}"]
-    return []
-
-
-def _join(path: str, key: str) -> str:
-    return f"{path}.{key}" if path else key
-
-
-def _show(value: object) -> str:
-    if value is None:
-        return "(nothing)"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
