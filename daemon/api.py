@@ -246,4 +246,10 @@ async def metrics(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     if rt.metrics.stale():
         rt.metrics.refresh(await rt.store.unfinished_by_queue(), len(rt.workers.runs))
+        health = await rt.store.queue_health()
+        if health is not None:
+            rt.metrics.store_tuples.labels("live").set(health.live_tuples)
+            rt.metrics.store_tuples.labels("dead").set(health.dead_tuples)
+            if health.last_vacuum is not None:
+                rt.metrics.store_vacuumed.set(health.last_vacuum)
     return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE})

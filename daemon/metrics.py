@@ -87,6 +87,17 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.store_tuples = prometheus_client.Gauge(
+            "offload_store_tuples",
+            "Row versions in the task table (PostgreSQL).",
+            ["kind"],
+            registry=r,
+        )
+        self.store_vacuumed = prometheus_client.Gauge(
+            "offload_store_last_vacuum_timestamp_seconds",
+            "Last (auto)vacuum of the task table (PostgreSQL).",
+            registry=r,
+        )
         self._unfinished = _UnfinishedTasks()
         r.register(self._unfinished)
         self._taken = 0.0

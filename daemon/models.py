@@ -173,6 +173,14 @@ class Counts(msgspec.Struct, frozen=True):
         return self.queued + self.running
 
 
+class QueueHealth(msgspec.Struct, frozen=True):
+    """The task table as the database's statistics see it (PostgreSQL)."""
+
+    live_tuples: int
+    dead_tuples: int
+    last_vacuum: float | None  # Unix time of the last (auto)vacuum, None if never
+
+
 class ScheduleState(msgspec.Struct, frozen=True):
     """What the store remembers of a cron schedule: its last fire (the time it was due,
     not when it ran) and whether it is paused."""

@@ -20,6 +20,7 @@ from typing import Any
 
 from daemon.config import WorkersConfig
 from daemon.consumer import Run, consume
+from daemon.errors import OffloadError
 from daemon.flow import Flow
 from daemon.metrics import Metrics
 from daemon.models import Claim, Released
@@ -31,6 +32,7 @@ from daemon.watch import Watchers
 logger = logging.getLogger(__name__)
 
 STOP_DEADLINE = 10.0  # seconds a stopped run gets to unwind after the grace period
+PAUSED_EVERY = 2.0  # seconds between reads of the paused queues
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 
@@ -56,6 +58,7 @@ class Workers:
     _nudge: asyncio.Event = field(default_factory=asyncio.Event)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _fed: asyncio.Event = field(default_factory=asyncio.Event)  # the feeder has exited
+    _paused_read: float = 0.0  # when the paused queues were last read from the store
     _full: bool = False  # the current feeder round: a claim came back full
     _due: list[float] = field(default_factory=list)  # the current round: next run_at seen
 
@@ -148,6 +151,7 @@ class Workers:
         if room <= 0 or (room < max(1, self.capacity // 4) and not self.handoff.empty()):
             return None
         self._full, self._due = False, []
+        await self._refresh_paused()
         paused = tuple(self.flow.paused)
         # Types with their own cap are claimed apart, never past their free slots.
         caps = {n: t.config.concurrency for n, t in self.types.items() if t.config.concurrency}
@@ -165,6 +169,18 @@ class Workers:
         if (token := self.flow.wake_in()) is not None:
             waits.append(token)
         return max(0.001, min(waits)) if waits else None
+
+    async def _refresh_paused(self) -> None:
+        """Re-read paused queues now and then: on a shared store another daemon may have
+        paused or resumed one (its resume also wakes us)."""
+        now = time.monotonic()
+        if now - self._paused_read < PAUSED_EVERY:
+            return
+        self._paused_read = now
+        try:
+            self.flow.paused = await self.store.paused_queues()
+        except OffloadError as exc:
+            logger.warning("could not read paused queues: %s", exc, extra={"event": "flow.stale"})
 
     async def _claim_by_queue(self, room: int, skip_types: tuple[str, ...]) -> None:
         """Share `room` among the queues by the flow's plan until it is used or they run dry."""

@@ -287,9 +287,20 @@ def open_sqlite_store(tmp_path: Path) -> AbstractAsyncContextManager[Store]:
     return open_store(StoreConfig(url=f"sqlite:{tmp_path / 'store.db'}", synchronous="normal"))
 
 
+@asynccontextmanager
+async def open_postgres_store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A fresh database on the session's PostgreSQL (tests/pg.py; the test skips when
+    PostgreSQL is not installed), dropped after the store closes."""
+    from tests import pg
+
+    async with pg.open_database() as url, open_store(StoreConfig(url=url, pool_size=4)) as store:
+        yield store
+
+
 # One entry per backend; each opens an empty store that is closed on exit.
 STORE_BACKENDS: dict[str, Callable[[Path], AbstractAsyncContextManager[Store]]] = {
     "sqlite": open_sqlite_store,
+    "postgres": open_postgres_store,
 }
 
 

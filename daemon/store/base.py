@@ -24,6 +24,7 @@ from daemon.models import (
     IdempotencyKey,
     NewTask,
     Outcome,
+    QueueHealth,
     ScheduleState,
     Task,
     TaskQuery,
@@ -170,6 +171,11 @@ class Store(Protocol):
         fire is skipped), in one transaction, only if the stored last fire is still
         `previous`: of several schedulers (or a restart racing a fire) exactly one wins.
         Returns whether this call fired."""
+        ...
+
+    async def queue_health(self) -> QueueHealth | None:
+        """Dead and live row versions of the task table, where the database keeps such
+        statistics (PostgreSQL); None otherwise."""
         ...
 
     async def check(self) -> None:

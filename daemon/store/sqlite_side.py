@@ -7,12 +7,15 @@ import builtins
 import sqlite3
 from collections.abc import Collection
 
-from daemon.models import Counts, NewTask, ScheduleState, Task
+from daemon.models import Counts, NewTask, QueueHealth, ScheduleState, Task
 from daemon.store.sqlite_connections import Connections
 from daemon.store.sqlite_rows import COLUMNS, ENDED, task_from_row, type_filter
 
 
 class SideOps(Connections):
+    async def queue_health(self) -> QueueHealth | None:
+        return None  # SQLite keeps no such statistics; VACUUM is not needed for a queue
+
     async def forget_keys(self, *, before: float, limit: int) -> int:
         def op(conn: sqlite3.Connection) -> int:
             return conn.execute(
