@@ -102,9 +102,7 @@ def command_executor(
         )
         try:
             try:
-                stdin = cast(asyncio.WriteTransport, transport.get_pipe_transport(0))
-                stdin.write(msgspec.json.encode(job.payload))
-                stdin.close()  # flushed in the background; a program may leave it unread
+                _feed_stdin(transport, msgspec.json.encode(job.payload))
                 await asyncio.shield(output.exited)
             finally:
                 # Exit, timeout or cancel: nothing the program started may outlive the run.
@@ -115,6 +113,19 @@ def command_executor(
         return _outcome(transport.get_returncode(), output, max_output, permanent)
 
     return run
+
+
+def _feed_stdin(transport: asyncio.SubprocessTransport, payload: bytes) -> None:
+    """Write the payload and close stdin; it is flushed in the background. A program may
+    exit without reading it (`true`): then the pipe is already closed, which is no error."""
+    stdin = cast(asyncio.WriteTransport | None, transport.get_pipe_transport(0))
+    if stdin is None or stdin.is_closing():
+        return
+    try:
+        stdin.write(payload)
+        stdin.close()
+    except (RuntimeError, BrokenPipeError, ConnectionResetError):
+        pass  # uvloop raises RuntimeError on a transport the child's exit already closed
 
 
 class _Output(asyncio.SubprocessProtocol):
