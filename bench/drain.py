@@ -41,6 +41,8 @@ class DrainResult:
     fill_seconds: float
     rss_kib: int
     cpu: dict[str, float]  # CPU seconds of the daemon from readiness to done, by thread
+    noise: str
+    commits: str
 
     def cpu_per_task(self, key: str) -> str:
         return f"{self.cpu[key] / self.succeeded * 1e6:.0f} µs" if self.succeeded else "?"
@@ -57,12 +59,14 @@ def drain_once(args: argparse.Namespace, concurrency: int) -> DrainResult:
         settings = harness.Settings(
             synchronous=args.synchronous,
             concurrency=concurrency,
-            prefetch=args.prefetch if args.prefetch is not None else concurrency,
+            prefetch=args.prefetch,
             log_level=args.log_level,
         )
         with harness.daemon(directory, settings, db=db) as d:
             conn = harness.read_only(db)
             try:
+                commits_at_ready = harness.commits(d.url)
+                load = harness.OtherLoad()
                 cpu_at_ready = harness.thread_cpu(d.pid)
                 left_at_ready = harness.unfinished(conn)
                 deadline = time.monotonic() + TIMEOUT
@@ -74,6 +78,8 @@ def drain_once(args: argparse.Namespace, concurrency: int) -> DrainResult:
                     peak_rss = max(peak_rss, d.rss_kib())
                 seen_done = time.time()
                 cpu = harness.cpu_delta(cpu_at_ready, harness.thread_cpu(d.pid))
+                noise = load.report(sum(cpu.values()))
+                commits = harness.commits_since(d.url, commits_at_ready)
                 row = conn.execute(
                     "SELECT count(*), min(started_at), max(finished_at) FROM tasks "
                     "WHERE state = 'succeeded'"
@@ -93,6 +99,8 @@ def drain_once(args: argparse.Namespace, concurrency: int) -> DrainResult:
         fill_seconds=filled,
         rss_kib=peak_rss,
         cpu=cpu,
+        noise=noise,
+        commits=commits,
     )
 
 
@@ -103,29 +111,40 @@ def main() -> None:
         "--concurrency", default="16,64", help="workers.concurrency values, comma-separated"
     )
     parser.add_argument(
-        "--prefetch", type=int, default=None, help="workers.prefetch (default: = concurrency)"
+        "--prefetch", type=int, default=None, help="workers.prefetch (default: the shipped one)"
     )
     parser.add_argument("--synchronous", default="full", choices=("normal", "full"))
     parser.add_argument("--log-level", default="info", help="the daemon's log.level")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per setting; median shown")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
+    if not 1 <= args.tasks <= 1_000_000 or not 1 <= args.repeat <= 10:
+        sys.exit("--tasks must be within 1..1,000,000 and --repeat within 1..10")
 
+    prefetch = "default" if args.prefetch is None else args.prefetch
     out(f"# drain: {args.tasks:,} queued noop tasks, synchronous={args.synchronous}, "
-        f"log.level={args.log_level}")  # fmt: skip
+        f"log.level={args.log_level}, prefetch={prefetch}")  # fmt: skip
     out(f"# {harness.machine()}")
-    results = [drain_once(args, c) for c in levels]
+    runs: dict[int, list[DrainResult]] = {c: [] for c in levels}
+    for _ in range(args.repeat):
+        for c in levels:
+            runs[c].append(drain_once(args, c))
+    results = [sorted(rs, key=lambda r: r.rate)[len(rs) // 2] for rs in runs.values()]
     rows = [
         ["concurrency", "succeeded", "drain time", "tasks/s", "readyz→done", "done before ready",
-         "peak RSS", "CPU/task: loop", "CPU/task: threads"]
+         "peak RSS", "CPU/task: loop", "CPU/task: threads", "every run (tasks/s)"]
     ]  # fmt: skip
     for r in results:
         rows.append(
             [str(r.concurrency), f"{r.succeeded:,}", f"{r.span:.2f}s", f"{r.rate:,.0f}",
              f"{r.from_ready:.2f}s", f"{r.done_at_ready:,}", f"{r.rss_kib / 1024:.0f} MiB",
-             r.cpu_per_task("main"), r.cpu_per_task("threads")]
+             r.cpu_per_task("main"), r.cpu_per_task("threads"),
+             " / ".join(f"{x.rate:,.0f}" for x in runs[r.concurrency])]
         )  # fmt: skip
     out(harness.table(rows))
     out()
+    for r in results:
+        out(f"concurrency {r.concurrency} (median run): {r.commits}; {r.noise}")
     out(f"(filling the store took {results[0].fill_seconds:.1f}s per run, not timed)")
     out(f"reproduce: {harness.command_line()}")
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -62,7 +63,7 @@ class Settings:
 
     synchronous: str = "normal"
     concurrency: int = 16
-    prefetch: int = 16
+    prefetch: int | None = None  # None: the shipped default
     max_pending: int = 10_000_000
     log_level: str = "info"
     extra_toml: str = ""
@@ -79,7 +80,7 @@ synchronous = "{s.synchronous}"
 
 [workers]
 concurrency = {s.concurrency}
-prefetch = {s.prefetch}
+{"" if s.prefetch is None else f"prefetch = {s.prefetch}"}
 max_pending = {s.max_pending}
 grace_period = "5s"
 
@@ -278,6 +279,52 @@ def http(method: str, url: str, body: object | None = None, timeout: float = 10.
         return json.loads(r.read())
 
 
+@dataclass(frozen=True)
+class Commits:
+    """The store's group commits so far, from the daemon's /metrics."""
+
+    count: float
+    seconds: float
+    operations: float
+
+    def since(self, before: Commits) -> str:
+        n = self.count - before.count
+        if n <= 0:
+            return "no commits"
+        ops = (self.operations - before.operations) / n
+        ms = (self.seconds - before.seconds) / n * 1000
+        return f"{n:,.0f} commits, {ops:.1f} operations and {ms:.2f} ms each"
+
+
+def commits(url: str) -> Commits | None:
+    """None when the daemon does not export the commit metrics."""
+    try:
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return None
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("offload_store_commit_"):
+            values[name] = float(value)
+    try:
+        return Commits(
+            count=values["offload_store_commit_duration_seconds_count"],
+            seconds=values["offload_store_commit_duration_seconds_sum"],
+            operations=values["offload_store_commit_batch_size_sum"],
+        )
+    except KeyError:
+        return None
+
+
+def commits_since(url: str, before: Commits | None) -> str:
+    after = commits(url)
+    if before is None or after is None:
+        return "commit metrics unavailable"
+    return after.since(before)
+
+
 # -- measurements -------------------------------------------------------------------------
 
 
@@ -311,6 +358,37 @@ def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, fl
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
+def _machine_busy() -> float:
+    """CPU seconds all CPUs spent not idle since boot, from /proc/stat."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and of its children already waited for (wrk)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+@dataclass
+class OtherLoad:
+    """How much CPU processes other than this benchmark used while it measured: other work
+    on a shared 2-CPU machine skews every figure, so each script reports it."""
+
+    busy: float = field(default_factory=_machine_busy)
+    own: float = field(default_factory=_own_cpu)
+    wall: float = field(default_factory=time.monotonic)
+
+    def report(self, daemon_cpu: float) -> str:
+        """`daemon_cpu`: CPU seconds the measured server used meanwhile (not yet waited for)."""
+        wall = time.monotonic() - self.wall
+        other = (_machine_busy() - self.busy) - (_own_cpu() - self.own) - daemon_cpu
+        share = other / (wall * (os.cpu_count() or 1)) if wall > 0 else 0.0
+        return f"other processes used {max(0.0, other):.1f} CPU-s in {wall:.1f}s ({share:.0%})"
+
+
 def percentile(sorted_values: Sequence[float], p: float) -> float:
     """Nearest-rank percentile (p in 0..100) of already sorted values."""
     if not sorted_values:
@@ -338,4 +416,28 @@ def machine() -> str:
             if text.startswith("model name"):
                 model = text.split(":", 1)[1].strip()
                 break
-    return f"{cpus} CPU ({model or 'unknown'}), Python {sys.version.split()[0]}"
+    return f"{cpus} CPU ({model or 'unknown'}), Python {sys.version.split()[0]}, {revision()}"
+
+
+def revision() -> str:
+    """The commit the daemon's code is at, and whether the work tree differs from it."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "daemon"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "offload at an unknown commit"
+    return f"offload at {head}" + (" + uncommitted changes in daemon/" if dirty else "")

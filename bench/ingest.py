@@ -45,13 +45,20 @@ class WrkResult:
     socket_errors: str
     p50: str
     p99: str
+    cpu: dict[str, float]  # the server's CPU seconds during the run, by thread
+    noise: str
+    commits: str
+
+    def cpu_per_request(self, key: str) -> str:
+        return f"{self.cpu[key] / self.requests * 1e6:.0f} µs" if self.requests else "?"
 
 
-def run_wrk(url: str, lua: Path, threads: int, conns: int, seconds: int) -> WrkResult:
+def run_wrk(url: str, lua: Path, args: argparse.Namespace, seconds: int, pid: int) -> WrkResult:
+    """Run wrk against `url`, whose server is process `pid`."""
     cmd = [
         "wrk",
-        f"-t{threads}",
-        f"-c{conns}",
+        f"-t{args.threads}",
+        f"-c{args.connections}",
         f"-d{seconds}s",
         "--timeout",
         "5s",
@@ -60,7 +67,13 @@ def run_wrk(url: str, lua: Path, threads: int, conns: int, seconds: int) -> WrkR
         str(lua),
         f"{url}/v1/tasks",
     ]
+    commits_before = harness.commits(url)
+    load = harness.OtherLoad()
+    cpu_before = harness.thread_cpu(pid)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
+    cpu = harness.cpu_delta(cpu_before, harness.thread_cpu(pid))
+    noise = load.report(sum(cpu.values()))
+    commits = harness.commits_since(url, commits_before) if commits_before else ""
     text = done.stdout
     rps = float(_find(r"Requests/sec:\s+([\d.]+)", text))
     requests = int(_find(r"(\d+) requests in", text))
@@ -68,7 +81,7 @@ def run_wrk(url: str, lua: Path, threads: int, conns: int, seconds: int) -> WrkR
     errors = _find(r"Socket errors:\s+(.*)", text, "none").strip()
     p50 = _find(r"\n\s+50%\s+(\S+)", text, "?")
     p99 = _find(r"\n\s+99%\s+(\S+)", text, "?")
-    return WrkResult(requests, rps, non_2xx, errors, p50, p99)
+    return WrkResult(requests, rps, non_2xx, errors, p50, p99, cpu, noise, commits)
 
 
 def _find(pattern: str, text: str, default: str | None = None) -> str:
@@ -101,8 +114,8 @@ def bare(directory: Path, lua: Path, args: argparse.Namespace) -> WrkResult:
                     break
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.02)
-        run_wrk(url, lua, args.threads, args.connections, WARMUP)
-        return run_wrk(url, lua, args.threads, args.connections, args.duration)
+        run_wrk(url, lua, args, WARMUP, proc.pid)
+        return run_wrk(url, lua, args, args.duration, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -121,15 +134,17 @@ class DaemonResult:
     catch_up: float  # seconds until the consumers had finished the rest
 
 
-def daemon(directory: Path, lua: Path, args: argparse.Namespace, synchronous: str) -> DaemonResult:
-    sub = directory / synchronous
+def daemon(sub: Path, lua: Path, args: argparse.Namespace, synchronous: str) -> DaemonResult:
     sub.mkdir()
     settings = harness.Settings(
-        synchronous=synchronous, concurrency=args.concurrency, log_level=args.log_level
+        synchronous=synchronous,
+        concurrency=args.concurrency,
+        prefetch=args.prefetch,
+        log_level=args.log_level,
     )
     with harness.daemon(sub, settings) as d:
-        run_wrk(d.url, lua, args.threads, args.connections, WARMUP)
-        result = run_wrk(d.url, lua, args.threads, args.connections, args.duration)
+        run_wrk(d.url, lua, args, WARMUP, d.pid)
+        result = run_wrk(d.url, lua, args, args.duration, d.pid)
         conn = harness.read_only(d.db)
         try:
             total = int(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
@@ -146,6 +161,14 @@ def daemon(directory: Path, lua: Path, args: argparse.Namespace, synchronous: st
     return DaemonResult(result, total, total - left_at_end, catch_up)
 
 
+def _median_run(runs: list[WrkResult]) -> WrkResult:
+    return sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
+
+
+def _all(runs: list[WrkResult]) -> str:
+    return " / ".join(f"{r.rps:,.0f}" for r in runs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of wrk per target")
@@ -153,36 +176,60 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=16, help="workers.concurrency")
     parser.add_argument("--log-level", default="info", help="the daemon's log.level")
+    parser.add_argument("--prefetch", type=int, default=None, help="workers.prefetch")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="rounds (bare, normal, full); the median is shown"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
+    if not 1 <= args.duration <= 120 or not 1 <= args.repeat <= 10:
+        sys.exit("--duration must be within 1..120 and --repeat within 1..10")
 
-    out(f"# ingest: POST /v1/tasks, wrk -t{args.threads} -c{args.connections} -d{args.duration}s")
+    out(
+        f"# ingest: POST /v1/tasks, wrk -t{args.threads} -c{args.connections} "
+        f"-d{args.duration}s, concurrency {args.concurrency}, log.level={args.log_level}, "
+        f"{args.repeat} round(s)"
+    )
     out(f"# {harness.machine()}")
+    bares: list[WrkResult] = []
+    daemons: dict[str, list[DaemonResult]] = {"normal": [], "full": []}
     with harness.workdir() as directory:
         lua = directory / "post.lua"
         lua.write_text(LUA, encoding="utf-8")
-        base = bare(directory, lua, args)
-        results = {s: daemon(directory, lua, args, s) for s in ("normal", "full")}
+        for round_ in range(args.repeat):
+            bares.append(bare(directory, lua, args))
+            for sync, runs in daemons.items():
+                runs.append(daemon(directory / f"{sync}-{round_}", lua, args, sync))
 
-    rows = [["server", "requests/s", "daemon/bare", "non-2xx", "socket errors", "p50", "p99"]]
+    base = _median_run(bares)
+    rows = [
+        ["server", "requests/s", "daemon/bare", "non-2xx", "socket errors", "p50", "p99",
+         "CPU/req: loop", "CPU/req: threads", "every round"]
+    ]  # fmt: skip
     rows.append(
         ["bare aiohttp", f"{base.rps:,.0f}", "1.00", str(base.non_2xx), base.socket_errors,
-         base.p50, base.p99]
+         base.p50, base.p99, base.cpu_per_request("main"), base.cpu_per_request("threads"),
+         _all(bares)]
     )  # fmt: skip
-    for sync, r in results.items():
+    medians: dict[str, DaemonResult] = {}
+    for sync, runs in daemons.items():
+        r = medians[sync] = sorted(runs, key=lambda x: x.wrk.rps)[len(runs) // 2]
         w = r.wrk
         rows.append(
             [f"offload synchronous={sync}", f"{w.rps:,.0f}", f"{w.rps / base.rps:.2f}",
-             str(w.non_2xx), w.socket_errors, w.p50, w.p99]
+             str(w.non_2xx), w.socket_errors, w.p50, w.p99, w.cpu_per_request("main"),
+             w.cpu_per_request("threads"), _all([x.wrk for x in runs])]
         )  # fmt: skip
     out(harness.table(rows))
     out()
-    for sync, r in results.items():
+    out(f"bare (median round): {base.noise}")
+    for sync, r in medians.items():
+        out(f"synchronous={sync} (median round): {r.wrk.commits}; {r.wrk.noise}")
+    for sync, r in medians.items():
         out(
             f"synchronous={sync}: {r.accepted:,} tasks accepted (warm-up included), "
-            f"{r.done_at_end:,} finished when wrk stopped, the rest {r.catch_up:.2f}s later "
-            f"(concurrency {args.concurrency})"
+            f"{r.done_at_end:,} finished when wrk stopped, the rest {r.catch_up:.2f}s later"
         )
     out()
     out(f"reproduce: {harness.command_line()}")

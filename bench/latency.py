@@ -11,7 +11,11 @@ row from the SQLite file (read-only) and reports, over the tasks after the warm-
   API's millisecond-rounded RFC 3339 text): admission to claim;
 - the 202 round trip as the client saw it.
 
-Runs with `store.synchronous` = "normal" and "full".
+Runs with `store.synchronous` = "normal" and "full". For scale it also measures, at the same
+rate, two floors that no daemon code is in: the 202 round trip of `bench/bare_server.py`,
+and a 1-byte ping-pong with an echoing child process (what waking a process that sat idle
+for 1/rate seconds costs on this machine; offload's path from a POST to a handler start
+wakes a thread or process about five times: client → loop → writer → loop → writer → loop).
 
     .venv/bin/python bench/latency.py [--rate 200] [--duration 15]
 """
@@ -20,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -109,6 +116,67 @@ async def submit_steadily(url: str, rate: float, duration: float) -> tuple[list[
     return sent, failures
 
 
+def ping_pong_floor(rate: float, duration: float) -> list[float]:
+    """Round trips of one byte to an echoing child process, one every 1/rate seconds."""
+    parent, child = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:  # the echo child: no Python cleanup, no shared state
+        parent.close()
+        while data := child.recv(64):
+            child.sendall(data)
+        os._exit(0)
+    child.close()
+    times = []
+    try:
+        begin = time.monotonic()
+        for i in range(int(rate * duration)):
+            delay = begin + i / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            t = time.perf_counter()
+            parent.sendall(b"x")
+            parent.recv(64)
+            times.append(time.perf_counter() - t)
+    finally:
+        parent.close()
+        os.waitpid(pid, 0)
+    return sorted(times[int(rate * WARMUP) :])
+
+
+def bare_round_trips(rate: float, duration: float) -> list[float]:
+    """The 202 round trips of the bare aiohttp server under the same client and rate."""
+    port = harness.free_port()
+    proc = subprocess.Popen(
+        [str(harness.PYTHON), "-m", "bench.bare_server", "--port", str(port)],
+        cwd=harness.ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the bare server did not start") from None
+                time.sleep(0.02)
+        asyncio.run(submit_steadily(url, 50, 1.0))
+        sent, _ = asyncio.run(submit_steadily(url, rate, duration))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    first = min(s.at for s in sent)
+    return sorted(s.rtt for s in sent if s.at >= first + WARMUP)
+
+
 @dataclass
 class RunResult:
     synchronous: str
@@ -117,6 +185,7 @@ class RunResult:
     failures: int
     not_started: int
     achieved_rate: float
+    noise: str
 
 
 def run_once(args: argparse.Namespace, synchronous: str) -> RunResult:
@@ -128,7 +197,11 @@ def run_once(args: argparse.Namespace, synchronous: str) -> RunResult:
             # Warm the connection pool and the code paths, then start from an empty queue.
             asyncio.run(submit_steadily(d.url, 50, 1.0))
             _wait_all_started(d.db)
+            load = harness.OtherLoad()
+            cpu_before = harness.thread_cpu(d.pid)
             sent, failures = asyncio.run(submit_steadily(d.url, args.rate, args.duration))
+            cpu = harness.cpu_delta(cpu_before, harness.thread_cpu(d.pid))
+            noise = load.report(sum(cpu.values()))
             _wait_all_started(d.db)
             conn = harness.read_only(d.db)
             try:
@@ -165,6 +238,7 @@ def run_once(args: argparse.Namespace, synchronous: str) -> RunResult:
         failures=failures,
         not_started=not_started,
         achieved_rate=(len(sent) - 1) / (last - first) if last > first else 0.0,
+        noise=noise,
     )
 
 
@@ -193,16 +267,23 @@ def main() -> None:
         f"concurrency {args.concurrency}, first {WARMUP:g}s left out")  # fmt: skip
     out(f"# {harness.machine()}")
     results = [run_once(args, s) for s in args.synchronous.split(",")]
-    rows = [["synchronous", "measure", "tasks", "p50", "p99", "p99.9", "max"]]
+    floors = [
+        Series("bare aiohttp: POST round trip", bare_round_trips(args.rate, args.duration)),
+        Series("ping-pong with a process", ping_pong_floor(args.rate, args.duration)),
+    ]
+    rows = [["server", "measure", "tasks", "p50", "p99", "p99.9", "max"]]
     for r in results:
         for series in r.series:
-            rows.append([r.synchronous, *series.cells()])
+            rows.append([f"offload synchronous={r.synchronous}", *series.cells()])
+    for series in floors:
+        rows.append(["floor", *series.cells()])
     out(harness.table(rows))
     out()
     for r in results:
         out(
             f"synchronous={r.synchronous}: {r.accepted:,} accepted at {r.achieved_rate:.1f}/s, "
-            f"{r.failures} failed submissions, {r.not_started} not started in time"
+            f"{r.failures} failed submissions, {r.not_started} not started in time; "
+            f"{r.noise}"
         )
     out(f"reproduce: {harness.command_line()}")
 

@@ -1,6 +1,6 @@
 """Memory: the daemon's RSS with a large number of queued tasks, and whether it grows with it.
 
-For each size (by default 100,000 and 1,000,000), a fresh SQLite file is filled through the
+For each size (by default 0, 100,000 and 1,000,000), a fresh SQLite file is filled through the
 store's own `admit()` with `noop` tasks delayed by 30 days (so they stay queued), before the
 daemon starts. Then, reading VmRSS (and the peak, VmHWM) from /proc/PID/status:
 
@@ -11,7 +11,7 @@ daemon starts. Then, reading VmRSS (and the peak, VmHWM) from /proc/PID/status:
 It also prints how long the activity took, since work on a store full of delayed tasks
 should cost what it costs on an empty one.
 
-    .venv/bin/python bench/memory.py [--sizes 100000,1000000] [--submit 5000]
+    .venv/bin/python bench/memory.py [--sizes 0,100000,1000000] [--submit 5000]
 """
 
 from __future__ import annotations
@@ -154,7 +154,7 @@ def _mib(kib: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="100000,1000000", help="queued tasks, comma-separated")
+    parser.add_argument("--sizes", default="0,100000,1000000", help="queued tasks, comma-separated")
     parser.add_argument("--submit", type=int, default=5000, help="tasks posted and run")
     parser.add_argument("--clients", type=int, default=16, help="concurrent POSTs")
     parser.add_argument("--concurrency", type=int, default=16, help="workers.concurrency")

@@ -1,7 +1,10 @@
-"""The `offload` command: `serve` runs the daemon, `check-config` validates a config file.
+"""The `offload` command: `serve` runs the daemon, `check-config` validates a config file;
+`submit`, `status`, `cancel`, `retry`, `list` and `stats` talk to a running daemon
+(daemon/client_cli.py, which documents their exit codes).
 
-Exit codes: 0 done; 1 could not start (store locked or unreachable, address in use);
-70 a bug stopped the daemon (EX_SOFTWARE); 78 the configuration is wrong (EX_CONFIG).
+Exit codes of serve and check-config: 0 done; 1 could not start (store locked or
+unreachable, address in use); 70 a bug stopped the daemon (EX_SOFTWARE); 78 the
+configuration is wrong (EX_CONFIG).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from collections.abc import Sequence
 
 import uvloop
 
-from daemon import __version__, logs
+from daemon import __version__, client_cli, logs
 from daemon.config import load
 from daemon.errors import ConfigError, OffloadError
 from daemon.lifecycle import serve as run
@@ -27,7 +30,9 @@ DEFAULT_CONFIG = "/etc/offload/offload.toml"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offload", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="offload", description="A durable background-task daemon, and its client."
+    )
     parser.add_argument("--version", action="version", version=f"offload {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     default = os.environ.get("OFFLOAD_CONFIG", DEFAULT_CONFIG)
@@ -35,11 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default=default, help=f"config file (default {default})")
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file", nargs="?", default=default)
+    client_cli.add_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in client_cli.COMMANDS:
+        return client_cli.run(args)
     if args.command == "check-config":
         return check_config(args.file)
     return serve(args.config)

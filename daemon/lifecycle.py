@@ -14,7 +14,6 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
@@ -128,13 +127,14 @@ async def _run(
         hooks.on_change = changed
         async with asyncio.TaskGroup() as tg:
             workers.start(lambda coro, name: tg.create_task(coro, name=name))
+            beat = _Pulse(rt)
             background = [
                 tg.create_task(
                     pulse(
                         notifier,
                         watchdog or STATUS_EVERY,
-                        store.check,
-                        _status(rt),
+                        beat.healthy,
+                        beat.status,
                         watchdog=watchdog is not None,
                     ),
                     name="systemd-pulse",
@@ -175,19 +175,28 @@ async def _run(
     # The store committed everything queued to it and closed.
 
 
-def _status(rt: Runtime) -> Callable[[float], str]:
-    last = [rt.stats.accepted]
+class _Pulse:
+    """What the systemd pulse checks and reports: a store round trip, then live counts."""
 
-    def status(interval: float) -> str:
-        accepted, last[0] = rt.stats.accepted - last[0], rt.stats.accepted
-        stats = rt.stats
-        prefix = "draining: " if rt.draining.is_set() else ""
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.accepted = rt.stats.accepted
+        self.queued = 0
+
+    async def healthy(self) -> None:
+        await self.rt.store.check()
+        counts = await self.rt.store.unfinished_by_queue()
+        self.queued = sum(c.queued for c in counts.values())
+
+    def status(self, interval: float) -> str:
+        stats = self.rt.stats
+        accepted, self.accepted = stats.accepted - self.accepted, stats.accepted
+        prefix = "draining: " if self.rt.draining.is_set() else ""
         return (
-            f"{prefix}running {len(rt.workers.runs)}, accepted {accepted / interval:.1f}/s, "
-            f"succeeded {stats.succeeded}, failed {stats.failed}, retried {stats.retried}"
+            f"{prefix}running {len(self.rt.workers.runs)}, queued {self.queued}, "
+            f"accepted {accepted / interval:.1f}/s, succeeded {stats.succeeded}, "
+            f"failed {stats.failed}, retried {stats.retried}"
         )
-
-    return status
 
 
 async def _log_started(rt: Runtime, where: str) -> None:

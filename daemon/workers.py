@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 STOP_DEADLINE = 10.0  # seconds a stopped run gets to unwind after the grace period
 PAUSED_EVERY = 2.0  # seconds between reads of the paused queues
+MAX_CAPACITY = 8192  # workers.concurrency + workers.prefetch at most (each is <= 4096)
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 
@@ -63,7 +64,9 @@ class Workers:
     _due: list[float] = field(default_factory=list)  # the current round: next run_at seen
 
     def __post_init__(self) -> None:
-        self.handoff: asyncio.Queue[Claim] = asyncio.Queue(self.capacity)
+        # The feeder never holds more than `capacity` claims (queued or running); a reload
+        # may raise that, so the queue's own bound is the most the config allows.
+        self.handoff: asyncio.Queue[Claim] = asyncio.Queue(MAX_CAPACITY)
         self._idle.set()
 
     @property
@@ -142,7 +145,7 @@ class Workers:
             self._fed.set()
 
     def _room(self) -> int:
-        return min(self.capacity - self.inflight, self.handoff.maxsize - self.handoff.qsize())
+        return self.capacity - self.inflight
 
     async def _feed_once(self) -> float | None:
         """Claim once if worthwhile; returns how long to sleep, None for 'until nudged'."""

@@ -146,7 +146,8 @@ class SQLiteStore(SideOps):
         claim_sql = (
             f"UPDATE tasks SET state = 'running', changed = next_change(), "
             f"attempts = attempts + 1, owner = ?, "
-            f"lease_until = ?, started_at = ? WHERE seq IN (SELECT seq FROM tasks "
+            f"lease_until = ?, started_at = ? WHERE seq IN ("
+            f"SELECT seq FROM tasks INDEXED BY tasks_claim "
             f"WHERE state = 'queued' AND run_at <= ?{narrow} ORDER BY priority DESC, seq "
             f"LIMIT ?) RETURNING seq, {COLUMNS}"
         )
@@ -164,7 +165,8 @@ class SQLiteStore(SideOps):
             next_due = None
             if len(rows) < limit:
                 next_due = conn.execute(
-                    f"SELECT min(run_at) FROM tasks WHERE state = 'queued' AND run_at > ?{narrow}",
+                    f"SELECT min(run_at) FROM tasks INDEXED BY tasks_next_due "
+                    f"WHERE state = 'queued' AND run_at > ?{narrow}",
                     (now, *narrow_args),
                 ).fetchone()[0]
             return ClaimBatch(claims=claims, next_due=next_due)

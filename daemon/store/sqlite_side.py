@@ -36,7 +36,8 @@ class SideOps(Connections):
     ) -> int:
         narrow, args = type_filter(only_type, skip_types)
         sql = (
-            f"DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks WHERE finished_at < ? "
+            f"DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks INDEXED BY tasks_finished "
+            f"WHERE finished_at < ? "
             f"AND {ENDED}{narrow} LIMIT ?)"
         )
 
@@ -118,12 +119,14 @@ class SideOps(Connections):
 
         def fn(conn: sqlite3.Connection) -> tuple[builtins.list[Task], float | None]:
             rows = conn.execute(
-                f"SELECT {COLUMNS} FROM tasks WHERE {ended} AND callback_next <= ? "
+                f"SELECT {COLUMNS} FROM tasks INDEXED BY tasks_callbacks "
+                f"WHERE {ended} AND callback_next <= ? "
                 f"ORDER BY callback_next LIMIT ?",
                 (now, limit),
             ).fetchall()
             later = conn.execute(
-                f"SELECT min(callback_next) FROM tasks WHERE {ended} AND callback_next > ?",
+                f"SELECT min(callback_next) FROM tasks INDEXED BY tasks_callbacks "
+                f"WHERE {ended} AND callback_next > ?",
                 (now,),
             ).fetchone()[0]
             return [task_from_row(r) for r in rows], later
@@ -153,7 +156,7 @@ class SideOps(Connections):
         def fn(conn: sqlite3.Connection) -> dict[str, Counts]:
             found: dict[str, dict[str, int]] = {}
             for queue, state, n in conn.execute(
-                "SELECT queue, state, count(*) FROM tasks "
+                "SELECT queue, state, count(*) FROM tasks INDEXED BY tasks_unfinished "
                 "WHERE state IN ('queued', 'running') GROUP BY queue, state"
             ):
                 found.setdefault(queue, {})[state] = n

@@ -1,0 +1,141 @@
+"""The typed answers of offload's HTTP API as the Python client decodes them
+(daemon/client.py re-exports them): tasks, pages, health, and the counts of /metrics."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import msgspec
+from prometheus_client.parser import text_string_to_metric_families
+
+from daemon.models import TaskState
+
+__all__ = [
+    "Attempt",
+    "Callback",
+    "Health",
+    "QueueCounts",
+    "Stats",
+    "Submission",
+    "Task",
+    "TaskPage",
+    "TaskState",
+    "parse_stats",
+]
+
+
+class Submission(msgspec.Struct, omit_defaults=True, kw_only=True):
+    """One task to submit (`OffloadClient.submit_batch`); unset fields take the server's
+    defaults. `run_at` must be an aware datetime; `delay` (seconds) excludes it."""
+
+    type: str
+    payload: Any = msgspec.UNSET
+    queue: str | msgspec.UnsetType = msgspec.UNSET
+    priority: int | msgspec.UnsetType = msgspec.UNSET
+    delay: float | msgspec.UnsetType = msgspec.UNSET
+    run_at: dt.datetime | msgspec.UnsetType = msgspec.UNSET
+    timeout: float | msgspec.UnsetType = msgspec.UNSET
+    max_attempts: int | msgspec.UnsetType = msgspec.UNSET
+    callback: str | msgspec.UnsetType = msgspec.UNSET
+
+
+class Attempt(msgspec.Struct, frozen=True):
+    """One failed run in a task's `history`."""
+
+    attempt: int
+    started_at: dt.datetime | None
+    duration: float
+    error: str
+
+
+class Callback(msgspec.Struct, frozen=True):
+    """The delivery of a task's completion callback (`[callbacks.NAME]`)."""
+
+    name: str
+    state: str  # "pending" until delivered, "delivered", or "failed" (retries exhausted)
+    attempts: int
+    last_error: str | None
+
+
+class Task(msgspec.Struct, frozen=True):
+    """A task as the server returns it (see the README's HTTP API). `payload` and `result`
+    are the decoded JSON; times are aware UTC datetimes."""
+
+    id: str
+    type: str
+    queue: str
+    state: TaskState
+    payload: Any
+    attempts: int
+    max_attempts: int
+    priority: int
+    timeout: float
+    run_at: dt.datetime | None
+    created_at: dt.datetime | None
+    started_at: dt.datetime | None
+    finished_at: dt.datetime | None
+    result: Any
+    last_error: str | None
+    history: tuple[Attempt, ...] = ()
+    callback: Callback | None = None
+
+    @property
+    def ended(self) -> bool:
+        """The task is `succeeded`, `failed` or `cancelled`: it will not change by itself."""
+        return self.state.terminal
+
+
+class TaskPage(msgspec.Struct, frozen=True):
+    """One page of a listing; pass `next_cursor` back as `cursor` (None on the last page)."""
+
+    tasks: list[Task]
+    next_cursor: str | None
+
+
+class Health(msgspec.Struct, frozen=True):
+    """/healthz and /readyz: `ok`, `ready`, `starting` or `draining`."""
+
+    status: str
+
+
+class QueueCounts(msgspec.Struct, frozen=True):
+    queued: int = 0
+    running: int = 0
+
+
+class Stats(msgspec.Struct, frozen=True):
+    """Counts read from /metrics. `queues`: unfinished tasks per queue, from the store (at
+    most a few seconds old). `since_start`: runs that ended in each outcome (succeeded,
+    failed, retried, cancelled, released) and `accepted` tasks, since this daemon started."""
+
+    queues: dict[str, QueueCounts]
+    since_start: dict[str, int]
+    accepted: int
+    running_here: int
+
+
+def parse_stats(text: str) -> Stats:
+    """`Stats` from the Prometheus text of /metrics."""
+    queues: dict[str, dict[str, int]] = {}
+    since_start: dict[str, int] = {}
+    accepted = running_here = 0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            value = int(sample.value)
+            if sample.name == "offload_tasks":
+                queue = queues.setdefault(sample.labels["queue"], {})
+                queue[sample.labels["state"]] = value
+            elif sample.name == "offload_tasks_total":
+                outcome = sample.labels["outcome"]
+                since_start[outcome] = since_start.get(outcome, 0) + value
+            elif sample.name == "offload_tasks_accepted_total":
+                accepted += value
+            elif sample.name == "offload_tasks_running":
+                running_here = value
+    return Stats(
+        queues={name: msgspec.convert(c, QueueCounts) for name, c in sorted(queues.items())},
+        since_start=dict(sorted(since_start.items())),
+        accepted=accepted,
+        running_here=running_here,
+    )

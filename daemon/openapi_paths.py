@@ -1,0 +1,425 @@
+"""The `paths` of the OpenAPI document (daemon/openapi.py): every route, every status it
+can answer with an example error body, its parameters, and the token scope it needs.
+
+Statuses are those the handlers raise (`daemon.errors`) and the middleware adds (401/403
+from auth where a token is needed); 405 and 500 can answer anything and are said once, in
+the document's description.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from daemon.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    OffloadError,
+    PayloadTooLarge,
+    StoreUnavailable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from daemon.models import TaskState
+from daemon.wire import ErrorBody, ErrorResponse, encode
+
+if TYPE_CHECKING:
+    from daemon.openapi import Shape
+
+Json = dict[str, Any]
+REF = "#/components/schemas/{name}"
+DEFAULT_PAGE = 100
+EXAMPLE_ID = "01JD8X3K5Q9W2M7P4R6T0V1Y3Z"
+NAME_PATTERN = "^[A-Za-z0-9_.-]{1,64}$"  # queue and schedule names (config.QueueName)
+
+
+def submission_schema(shape: Shape) -> Json:
+    """One task of a submission: one of the configured types' variants (`Submit.NAME`)."""
+    if not shape.types:
+        return {"$ref": REF.format(name="SubmitRequest")}
+    return {"oneOf": [{"$ref": REF.format(name=f"Submit.{t.name}")} for t in shape.types]}
+
+
+def error_example(error: type[OffloadError], message: str, field: str | None = None) -> Any:
+    """The body the middleware sends for `error`, through the same types."""
+    body = ErrorResponse(ErrorBody(code=error.code, message=message, field=field))
+    return msgspec.json.decode(encode(body))
+
+
+class Operations:
+    """Builds the operations of the `paths` object from the same pieces: the task routes
+    here, the flow and operations routes in daemon/openapi_ops.py."""
+
+    def __init__(self, shape: Shape, max_page: int) -> None:
+        self.shape = shape
+        self.max_page = max_page
+
+    def paths(self) -> Json:
+        return {
+            "/v1/tasks": {"post": self.submit(), "get": self.list_tasks()},
+            "/v1/tasks/batch": {"post": self.submit_batch()},
+            "/v1/tasks/{id}": {
+                "parameters": [self._id_param()],
+                "get": self.get_task(),
+                "delete": self.cancel_task(),
+            },
+            "/v1/tasks/{id}/retry": {"parameters": [self._id_param()], "post": self.retry()},
+            "/v1/events": {"get": self.events()},
+        }
+
+    # -- the operations ----------------------------------------------------------------
+
+    def submit(self) -> Json:
+        media: Json = {"schema": submission_schema(self.shape)}
+        if examples := self._submit_examples():
+            media["examples"] = examples
+        return self.op(
+            "/v1/tasks",
+            "submitTask",
+            "submit",
+            summary="Submit a task",
+            description="The task is committed to the store before the answer (202 means "
+            "durable). `delay` (seconds) and `run_at` (RFC 3339 with a zone) are exclusive. "
+            "A retry with the same `Idempotency-Key` and body answers the original task.",
+            params=[_IDEMPOTENCY_KEY],
+            body={"required": True, "content": {"application/json": media}},
+            ok=(
+                "202",
+                "The task, committed (or, replayed, as it is now).",
+                "TaskView",
+                {"Location": _LOCATION, "Idempotent-Replayed": _REPLAYED},
+            ),
+            errors=self._submit_errors("payload.seconds"),
+        )
+
+    def submit_batch(self) -> Json:
+        return self.op(
+            "/v1/tasks/batch",
+            "submitTasks",
+            "submit",
+            summary="Submit up to `server.max_batch` tasks at once",
+            description="Validated all-or-nothing (an error names `tasks[i].field`), committed "
+            "in one transaction, answered in order. A batch that does not fit under "
+            "`workers.max_pending` is refused whole (503).",
+            params=[_IDEMPOTENCY_KEY],
+            body={
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": REF.format(name="BatchRequest")}}
+                },
+            },
+            ok=(
+                "202",
+                "The tasks, committed, in the order sent.",
+                "TaskList",
+                {"Idempotent-Replayed": _REPLAYED},
+            ),
+            errors=self._submit_errors("tasks[3].payload.seconds"),
+        )
+
+    def _submit_errors(self, field: str) -> dict[str, Any]:
+        return {
+            "400": error_example(BadRequest, "the body is not valid JSON"),
+            "413": error_example(PayloadTooLarge, f"the body is over {self.shape.max_body} bytes"),
+            "415": error_example(
+                UnsupportedMediaType,
+                "send Content-Type: application/json (got text/plain)",
+                "Content-Type",
+            ),
+            "422": error_example(Invalid, "Expected `float`, got `str`", field),
+            "503": _unavailable_example("queue_full"),
+        }
+
+    def events(self) -> Json:
+        op = self.op(
+            "/v1/events",
+            "streamEvents",
+            "read",
+            summary="Task state changes as Server-Sent Events",
+            description="Each change is `id: <sequence>`, `event: task`, `data: <the task as "
+            "TaskView JSON>`. With `Last-Event-ID` (header, or `last_event_id`), every "
+            "matching task changed since is sent first, once each in its current state, then "
+            "the live stream. A `: keep-alive` comment comes every `server.sse_heartbeat`; a "
+            "client too slow to keep up gets `event: overflow` and should reconnect.",
+            params=[
+                _query("task_id", {"$ref": REF.format(name="TaskId")}, "Only this task."),
+                _query("type", {"type": "string"}, "Only tasks of this type."),
+                _query("queue", {"type": "string"}, "Only tasks of this queue."),
+                _query("last_event_id", _EVENT_ID, "Resume after this event (as the header)."),
+                {
+                    "name": "Last-Event-ID",
+                    "in": "header",
+                    "required": False,
+                    "description": "Resume after this event (EventSource sends it itself).",
+                    "schema": _EVENT_ID,
+                },
+            ],
+            errors={"422": error_example(Invalid, "task_id is not a task id", "task_id")},
+        )
+        op["responses"]["200"] = {
+            "description": "An endless `text/event-stream`.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+        return op
+
+    def list_tasks(self) -> Json:
+        states = [s.value for s in TaskState]
+        return self.op(
+            "/v1/tasks",
+            "listTasks",
+            "read",
+            summary="List tasks, newest first",
+            description="Pass `next_cursor` back as `cursor` for the next page; it is null on "
+            "the last one. Unknown parameters are refused (422).",
+            params=[
+                _query("state", {"type": "string", "enum": states}, "Only tasks in this state."),
+                _query("type", {"type": "string"}, "Only tasks of this type."),
+                _query("queue", {"type": "string"}, "Only tasks of this queue."),
+                _query(
+                    "limit",
+                    {"type": "integer", "minimum": 1, "maximum": self.max_page},
+                    f"Tasks per page (default {DEFAULT_PAGE}).",
+                ),
+                _query("cursor", {"$ref": REF.format(name="TaskId")}, "A `next_cursor`."),
+            ],
+            ok=("200", "A page of tasks.", "TaskPage", {}),
+            errors={
+                "422": error_example(Invalid, "limit must be an integer", "limit"),
+                "503": store_example(),
+            },
+        )
+
+    def get_task(self) -> Json:
+        cap = self.shape.max_wait
+        return self.op(
+            "/v1/tasks/{id}",
+            "getTask",
+            "read",
+            summary="Read a task; with `wait`, long-poll until it ends",
+            description="With `wait=N` the answer is held until the task ends or N seconds "
+            "pass, whichever is first; then the task is returned as it is.",
+            params=[
+                _query(
+                    "wait",
+                    {"type": "number", "minimum": 0, "maximum": cap},
+                    f"Seconds to hold the answer until the task ends (at most {cap:g}).",
+                )
+            ],
+            ok=("200", "The task.", "TaskView", {}),
+            errors={
+                "404": _not_found_example(),
+                "422": error_example(Invalid, f"wait must be between 0 and {cap:g}", "wait"),
+                "503": store_example(),
+            },
+        )
+
+    def cancel_task(self) -> Json:
+        return self.op(
+            "/v1/tasks/{id}",
+            "cancelTask",
+            "admin",
+            summary="Cancel a task",
+            description="A queued task ends `cancelled`; a running task's handler is stopped.",
+            ok=("200", "The task, cancelled.", "TaskView", {}),
+            errors={
+                "404": _not_found_example(),
+                "409": _conflict_example("already ended succeeded"),
+                "503": store_example(),
+            },
+        )
+
+    def retry(self) -> Json:
+        return self.op(
+            "/v1/tasks/{id}/retry",
+            "retryTask",
+            "admin",
+            summary="Put a failed or cancelled task back to `queued`",
+            description="The task gets a fresh budget of `max_attempts`.",
+            ok=("200", "The task, queued again.", "TaskView", {}),
+            errors={
+                "404": _not_found_example(),
+                "409": _conflict_example(
+                    "is queued; only failed or cancelled tasks can be retried"
+                ),
+                "503": _unavailable_example("draining"),
+            },
+        )
+
+    # -- the pieces ----------------------------------------------------------------------
+
+    def op(
+        self,
+        path: str,
+        operation_id: str,
+        scope: str,
+        *,
+        summary: str,
+        errors: dict[str, Any],
+        tag: str = "tasks",
+        description: str | None = None,
+        params: list[Json] | None = None,
+        body: Json | None = None,
+        ok: tuple[str, str, str, Json] | None = None,
+    ) -> Json:
+        """One operation: its successful answer `ok` (status, description, schema name,
+        headers) and one error answer per status in `errors` (status → example body), plus
+        401/403 where a token is needed."""
+        op: Json = {"operationId": operation_id, "tags": [tag], "summary": summary}
+        if description is not None:
+            op["description"] = description
+        if params:
+            op["parameters"] = params
+        if body is not None:
+            op["requestBody"] = body
+        op["security"] = self._security(path, scope)
+        responses: Json = {}
+        if ok is not None:
+            status, text, schema, headers = ok
+            responses[status] = json_response(text, schema, headers=headers)
+        if self._guarded(path):
+            errors = {**errors, "401": _UNAUTHORIZED, "403": _forbidden_example(scope)}
+        for status in sorted(errors):
+            responses[status] = _error_response(status, errors[status])
+        op["responses"] = responses
+        return op
+
+    def _guarded(self, path: str) -> bool:
+        return self.shape.auth and path not in self.shape.open_paths
+
+    def _security(self, path: str, scope: str) -> list[Json]:
+        """A token with `scope` (or `admin`) where one is needed; none on open paths or
+        while no tokens are configured (then every request is anonymous)."""
+        if self._guarded(path):
+            return [{"bearer": [scope]}]
+        return [{}]
+
+    def _id_param(self) -> Json:
+        return {
+            "name": "id",
+            "in": "path",
+            "required": True,
+            "description": "The task's id (any other text is answered 404).",
+            "schema": {"$ref": REF.format(name="TaskId")},
+        }
+
+    def _submit_examples(self) -> Json:
+        """One example submission per type whose payload `{}` fits (a typed payload with
+        required fields gets none: we cannot make up a valid one)."""
+        examples: Json = {}
+        for t in self.shape.types:
+            if t.payload_type is not Any:
+                try:
+                    msgspec.json.decode(b"{}", type=t.payload_type)
+                except msgspec.ValidationError:
+                    continue
+            examples[t.name] = {
+                "summary": f"a {t.name} task, in 5 seconds, with priority 10",
+                "value": {"type": t.name, "payload": {}, "priority": 10, "delay": 5},
+            }
+        return examples
+
+
+_IDEMPOTENCY_KEY: Json = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "description": "IETF httpapi idempotency-key draft: a retry with the same key and the same "
+    "body within `server.idempotency_window` (24 h) answers what the first request created, "
+    "with `Idempotent-Replayed: true`, and creates nothing; the same key with another body "
+    "is refused (422 `idempotency_key_reused`). Keys are scoped per token. 1 to 255 "
+    "printable characters (ASCII is portable).",
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[ -~]+$"},
+}
+_REPLAYED: Json = {
+    "description": "`true` when the answer is a replay of an earlier request's.",
+    "required": False,
+    "schema": {"type": "string", "enum": ["true"]},
+}
+_EVENT_ID: Json = {"type": "string", "pattern": "^[0-9]+$"}
+_LOCATION: Json = {
+    "description": "The task's URL, `/v1/tasks/{id}`.",
+    "required": True,
+    "schema": {"type": "string"},
+}
+_RETRY_AFTER: Json = {
+    "description": "Seconds to wait before trying again.",
+    "required": True,
+    "schema": {"type": "integer", "minimum": 0},
+}
+_WWW_AUTHENTICATE: Json = {
+    "description": 'Always `Bearer realm="offload"`.',
+    "required": True,
+    "schema": {"type": "string"},
+}
+_UNAUTHORIZED = error_example(Unauthorized, "send Authorization: Bearer <token>", "Authorization")
+_ERROR_TEXT = {
+    "400": "The body is not JSON, not UTF-8, or nested too deeply (`bad_request`).",
+    "401": "No token, or not a valid one (`unauthorized`).",
+    "403": "The token lacks the scope (`forbidden`).",
+    "404": "No such task (`not_found`).",
+    "409": "Not allowed in the task's state (`conflict`).",
+    "413": "The body is over `server.max_body` (`too_large`).",
+    "415": "The body is not `application/json` (`unsupported_media_type`).",
+    "422": "A field or parameter is invalid, or the task type is unknown (`invalid`); "
+    "`field` names it.",
+    "503": "Cannot take it now (`queue_full`, `draining`, `store_unavailable`); "
+    "come back after `Retry-After` seconds.",
+}
+
+
+def _query(name: str, schema: Json, description: str) -> Json:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "description": description,
+        "schema": schema,
+    }
+
+
+def json_response(description: str, schema: str, *, headers: Json | None = None) -> Json:
+    response: Json = {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": REF.format(name=schema)}}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+def _error_response(status: str, example: Any) -> Json:
+    response = json_response(_ERROR_TEXT[status], "ErrorResponse")
+    response["content"]["application/json"]["example"] = example
+    if status == "503":
+        response["headers"] = {"Retry-After": _RETRY_AFTER}
+    elif status == "401":
+        response["headers"] = {"WWW-Authenticate": _WWW_AUTHENTICATE}
+    return response
+
+
+def _not_found_example() -> Any:
+    return error_example(NotFound, f"no task {EXAMPLE_ID}", "id")
+
+
+def _conflict_example(what: str) -> Any:
+    return error_example(Conflict, f"task {EXAMPLE_ID} {what}", "id")
+
+
+def _forbidden_example(scope: str) -> Any:
+    return error_example(Forbidden, f"token 'billing' lacks the {scope!r} scope", "scope")
+
+
+def store_example() -> Any:
+    return error_example(StoreUnavailable, "the store could not be read: disk I/O error")
+
+
+def _unavailable_example(code: str) -> Any:
+    message = {
+        "queue_full": "100000 tasks are unfinished (max_pending is 100000)",
+        "draining": "offload is shutting down and takes no new tasks",
+    }[code]
+    return {"error": {"code": code, "message": message}}
