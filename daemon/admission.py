@@ -6,6 +6,7 @@ input), then commit; the store enforces `max_pending` in the same transaction as
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import math
 
@@ -45,7 +46,7 @@ def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
     elif req.run_at is not None:
         if req.run_at.tzinfo is None:
             raise Invalid("run_at needs a time zone, e.g. 2026-01-01T12:00:00Z", field="run_at")
-        run_at = max(now, req.run_at.timestamp())
+        run_at = min(max(now, req.run_at.timestamp()), MAX_RUN_AT)
     timeout = float(tc.timeout)
     if req.timeout is not None:
         if req.timeout > tc.timeout:
@@ -72,6 +73,8 @@ def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
 
 
 MAX_KEY = 255
+# The last instant RFC 3339 can write; later run_at values are clamped to it.
+MAX_RUN_AT = dt.datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=dt.UTC).timestamp()
 
 
 def idempotency(

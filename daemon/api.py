@@ -4,6 +4,7 @@ encode; they never build error answers (raise an `OffloadError`; see `middleware
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 from aiohttp import web
@@ -26,6 +27,9 @@ from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import BatchRequest, SubmitRequest, TaskPage, decode_body, encode, view
 
 MAX_PAGE = 1000
+TASK_ID = "{id:(?!batch$)[^/]+}"
+_INTEGER = re.compile(r"[0-9]+")
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")
 
 
 def make_app(rt: Runtime) -> web.Application:
@@ -36,9 +40,10 @@ def make_app(rt: Runtime) -> web.Application:
     app.router.add_post("/v1/tasks", submit)
     app.router.add_post("/v1/tasks/batch", submit_batch)
     app.router.add_get("/v1/tasks", list_tasks)
-    app.router.add_get("/v1/tasks/{id}", get_task)
-    app.router.add_delete("/v1/tasks/{id}", cancel_task)
-    app.router.add_post("/v1/tasks/{id}/retry", retry_task)
+    # A task id is never "batch": that path belongs to POST /v1/tasks/batch alone (405).
+    app.router.add_get(f"/v1/tasks/{TASK_ID}", get_task)
+    app.router.add_delete(f"/v1/tasks/{TASK_ID}", cancel_task)
+    app.router.add_post(f"/v1/tasks/{TASK_ID}/retry", retry_task)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
@@ -134,6 +139,8 @@ def _wait_param(query: MultiMapping[str], cap: float) -> float:
     if raw is None:
         return 0.0
     try:
+        if not _NUMBER.fullmatch(raw):
+            raise ValueError(raw)
         wait = float(raw)
     except ValueError:
         raise Invalid(f"wait must be a number of seconds, got {raw!r}", field="wait") from None
@@ -207,7 +214,10 @@ async def list_tasks(request: web.Request) -> web.Response:
         allowed = ", ".join(s.value for s in TaskState)
         raise Invalid(f"state must be one of {allowed}", field="state")
     try:
-        limit = int(q.get("limit", "100"))
+        raw_limit = q.get("limit", "100")
+        if not _INTEGER.fullmatch(raw_limit):
+            raise ValueError(raw_limit)
+        limit = int(raw_limit)
     except ValueError:
         raise Invalid("limit must be an integer", field="limit") from None
     if not 1 <= limit <= MAX_PAGE:

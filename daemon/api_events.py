@@ -42,7 +42,7 @@ def _last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id"))
     if raw is None or raw == "":
         return None
-    if not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit():
         raise Invalid("Last-Event-ID must be an id this server sent", field="Last-Event-ID")
     return int(raw)
 

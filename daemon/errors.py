@@ -95,11 +95,11 @@ class QueueFull(Unavailable):
         self.needed = needed
 
 
-class StoreUnavailable(OffloadError):
+class StoreUnavailable(Unavailable):
     """The store cannot be reached or written; nothing was acknowledged."""
 
-    status = 503
-    code = "store_unavailable"
+    def __init__(self, message: str, *, retry_after: int = 1) -> None:
+        super().__init__(message, retry_after=retry_after, code="store_unavailable")
 
 
 class StoreLocked(OffloadError):

@@ -1,0 +1,321 @@
+"""daemon/client.py against a real daemon in process (tests/inproc.py): every call, the typed
+answers, and `ClientError` carrying the server's status, code, message, field and
+Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from daemon.client import (
+    ClientError,
+    OffloadClient,
+    Submission,
+    Task,
+    TaskState,
+    Unreachable,
+)
+from daemon.client_types import parse_stats
+from daemon.ids import new_id
+from daemon.wire import TaskView
+from tests.harness import free_port
+from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
+    Daemon,
+    api_fixture,
+    open_daemon,
+)
+
+QUICK = 5.0  # seconds: "at once", with room for a loaded machine
+LATER = 3600.0  # a delay that keeps a task queued for the whole test
+
+
+def url(daemon: Daemon) -> str:
+    return f"http://{daemon.config.server.listen}"
+
+
+async def test_submit_get_and_wait_return_typed_tasks(api: Daemon) -> None:
+    async with OffloadClient(url(api)) as client:
+        task = await client.submit("sleep", {"seconds": 0})
+        assert isinstance(task, Task)
+        assert task.state is TaskState.QUEUED
+        assert task.type == "sleep"
+        assert task.payload == {"seconds": 0}
+        assert task.created_at is not None
+        assert task.created_at.tzinfo is not None
+        assert abs(task.created_at - dt.datetime.now(dt.UTC)) < dt.timedelta(seconds=QUICK)
+
+        async with asyncio.timeout(QUICK):
+            done = await client.wait(task.id)
+        assert done.id == task.id
+        assert done.state is TaskState.SUCCEEDED
+        assert done.ended
+        assert done.result == {"slept": 0}
+        assert done.attempts == 1
+        assert done.finished_at is not None
+        assert await client.get(task.id) == done
+        assert await client.get(task.id, wait=1) == done  # ended: answered at once
+
+
+async def test_submit_sends_every_option(api: Daemon) -> None:
+    run_at = dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    async with OffloadClient(url(api)) as client:
+        later = await client.submit(
+            "noop",
+            [1, "two"],
+            queue="reports",
+            priority=7,
+            run_at=run_at,
+            timeout=30,
+            max_attempts=2,
+            idempotency_key="order-17",
+        )
+        delayed = await client.submit("noop", delay=dt.timedelta(hours=1))
+        with pytest.raises(ValueError, match="time zone"):
+            await client.submit("noop", run_at=dt.datetime(2030, 1, 1))
+
+    assert (later.queue, later.priority, later.timeout, later.max_attempts) == (
+        "reports",
+        7,
+        30,
+        2,
+    )
+    assert later.payload == [1, "two"]
+    assert later.run_at is not None
+    assert abs(later.run_at - run_at) < dt.timedelta(milliseconds=2)
+    assert delayed.payload == {}  # no payload: the server's default
+    assert delayed.run_at is not None
+    assert delayed.created_at is not None
+    assert delayed.run_at - delayed.created_at == dt.timedelta(hours=1)
+    assert await api.count() == 2  # the naive run_at never left the client
+
+
+async def test_batches_are_all_or_nothing_and_keys_make_submissions_idempotent(
+    api: Daemon,
+) -> None:
+    async with OffloadClient(url(api)) as client:
+        batch = [
+            Submission(type="noop", payload={"n": 0}, delay=LATER),
+            Submission(type="sleep", payload={"seconds": 0}, priority=3, delay=LATER),
+            Submission(type="noop", payload={"n": 2}, queue="other", delay=LATER),
+        ]
+        made = await client.submit_batch(batch)
+        assert [(t.type, t.payload, t.priority, t.queue) for t in made] == [
+            ("noop", {"n": 0}, 0, "default"),
+            ("sleep", {"seconds": 0}, 3, "default"),
+            ("noop", {"n": 2}, 0, "other"),
+        ]
+        with pytest.raises(ClientError) as refused:
+            await client.submit_batch([batch[0], Submission(type="sleep", payload={})])
+        assert (refused.value.status, refused.value.field) == (422, "tasks[1].payload.seconds")
+        assert await api.count() == 3  # nothing of the refused batch
+
+        first = await client.submit("noop", {"order": 17}, delay=LATER, idempotency_key="o-17")
+        again = await client.submit("noop", {"order": 17}, delay=LATER, idempotency_key="o-17")
+        assert again.id == first.id
+        with pytest.raises(ClientError) as reused:
+            await client.submit("noop", {"order": 18}, delay=LATER, idempotency_key="o-17")
+        assert (reused.value.status, reused.value.code) == (422, "idempotency_key_reused")
+        assert reused.value.field == "Idempotency-Key"
+        assert await api.count() == 4
+
+
+async def test_errors_carry_the_servers_status_code_message_and_field(api: Daemon) -> None:
+    async with OffloadClient(url(api)) as client:
+        with pytest.raises(ClientError) as invalid:
+            await client.submit("sleep", {"seconds": "soon"})
+        assert (invalid.value.status, invalid.value.code) == (422, "invalid")
+        assert invalid.value.field == "payload.seconds"
+        assert "Expected `float`" in invalid.value.message
+        assert "payload.seconds" in str(invalid.value)
+
+        with pytest.raises(ClientError) as unknown:
+            await client.submit("nope")
+        assert (unknown.value.status, unknown.value.field) == (422, "type")
+
+        missing = new_id()
+        with pytest.raises(ClientError) as not_found:
+            await client.get(missing)
+        assert (not_found.value.status, not_found.value.code) == (404, "not_found")
+        assert not_found.value.message == f"no task {missing}"
+
+        with pytest.raises(ClientError) as bad_wait:
+            await client.get(missing, wait=api.config.server.max_wait + 1)
+        assert (bad_wait.value.status, bad_wait.value.field) == (422, "wait")
+
+        with pytest.raises(ClientError) as bad_state:
+            await client.list(state="lost")
+        assert (bad_state.value.status, bad_state.value.field) == (422, "state")
+    assert await api.count() == 0
+
+
+async def test_cancel_and_retry(api: Daemon) -> None:
+    gate = api.gate()
+    async with OffloadClient(url(api)) as client:
+        running = await client.submit("block", {"gate": gate.key})
+        async with asyncio.timeout(QUICK):
+            await gate.started.wait()
+        cancelled = await client.cancel(running.id)
+        assert cancelled.state is TaskState.CANCELLED
+        async with asyncio.timeout(QUICK):
+            await gate.cancelled.wait()  # the handler was stopped
+
+        with pytest.raises(ClientError) as again:
+            await client.cancel(running.id)
+        assert (again.value.status, again.value.code, again.value.field) == (409, "conflict", "id")
+
+        retried = await client.retry(running.id)
+        assert retried.state is TaskState.QUEUED
+        with pytest.raises(ClientError) as queued:
+            await client.retry(running.id)
+        assert (queued.value.status, queued.value.code) == (409, "conflict")
+
+        async with asyncio.timeout(QUICK):
+            await gate.started.wait()
+        gate.release.set()
+        async with asyncio.timeout(QUICK):
+            done = await client.wait(running.id)
+        assert done.state is TaskState.SUCCEEDED
+        assert done.attempts == 2
+
+
+async def test_list_pages_filters_and_iterates_every_page(api: Daemon) -> None:
+    async with OffloadClient(url(api)) as client:
+        made = [await client.submit("noop", {"n": n}, delay=LATER) for n in range(5)]
+        other = await client.submit("sleep", {"seconds": 0}, queue="other", delay=LATER)
+        newest_first = [t.id for t in reversed(made)]
+
+        page = await client.list(type="noop", limit=2)
+        assert [t.id for t in page.tasks] == newest_first[:2]
+        assert page.next_cursor == newest_first[1]
+        following = await client.list(type="noop", limit=2, cursor=page.next_cursor)
+        assert [t.id for t in following.tasks] == newest_first[2:4]
+
+        every = [t.id async for t in client.iter_tasks(type="noop", page_size=2)]
+        assert every == newest_first
+        by_queue = [t.id async for t in client.iter_tasks(queue="other")]
+        assert by_queue == [other.id]
+        await client.cancel(made[0].id)
+        cancelled = [t.id async for t in client.iter_tasks(state=TaskState.CANCELLED)]
+        assert cancelled == [made[0].id]
+        assert (await client.list(state="succeeded")).tasks == []
+
+
+async def test_wait_is_bounded_by_the_caller_and_reads_the_servers_longest_poll(
+    tmp_path: Path,
+) -> None:
+    async with open_daemon(tmp_path, {"server": {"max_wait": "1s"}}) as api:
+        gate = api.gate()
+        async with OffloadClient(url(api)) as client:
+            task = await client.submit("block", {"gate": gate.key})
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(1.5):
+                    await client.wait(task.id)  # polls of at most 1 s: a 25 s one is a 422
+            assert client.wait_step == 1.0  # read from the server's /openapi.json
+
+            gate.release.set()
+            async with asyncio.timeout(QUICK):
+                done = await client.wait(task.id)
+            assert done.state is TaskState.SUCCEEDED
+
+
+async def test_a_full_queue_and_a_drain_are_503_with_retry_after(tmp_path: Path) -> None:
+    limits = {"workers": {"concurrency": 1, "max_pending": 1}}
+    async with open_daemon(tmp_path, limits) as api:
+        gate = api.gate()
+        async with OffloadClient(url(api)) as client:
+            await client.submit("block", {"gate": gate.key})
+            with pytest.raises(ClientError) as full:
+                await client.submit("noop")
+            assert (full.value.status, full.value.code) == (503, "queue_full")
+            assert full.value.retry_after is not None
+            assert full.value.retry_after >= 1
+
+            async with asyncio.timeout(QUICK):
+                await gate.started.wait()
+            assert (await client.ready()).status == "ready"
+            api.stop.request()  # draining: the blocked run holds the daemon in its grace
+            async with asyncio.timeout(QUICK):
+                while True:
+                    try:
+                        await client.ready()
+                    except ClientError as exc:
+                        not_ready = exc
+                        break
+                    await asyncio.wait({api.serving}, timeout=0.01)
+            assert (not_ready.status, not_ready.code) == (503, "draining")
+            assert (await client.health()).status == "ok"
+            with pytest.raises(ClientError) as draining:
+                await client.submit("noop")
+            assert (draining.value.status, draining.value.code) == (503, "draining")
+            assert draining.value.retry_after == api.config.workers.grace_period
+            gate.release.set()
+
+
+async def test_tokens_are_sent_and_refusals_are_client_errors(tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("reader read reader-token-0123456789\nops admin admin-token-0123456789\n")
+    async with open_daemon(tmp_path, {"auth": {"tokens_file": str(tokens)}}) as api:
+        async with OffloadClient(url(api)) as anonymous:
+            with pytest.raises(ClientError) as unauthorized:
+                await anonymous.list()
+            assert (unauthorized.value.status, unauthorized.value.code) == (401, "unauthorized")
+            assert unauthorized.value.field == "Authorization"
+            assert (await anonymous.health()).status == "ok"  # an open path
+        async with OffloadClient(url(api), token="reader-token-0123456789") as reader:
+            assert (await reader.list()).tasks == []
+            with pytest.raises(ClientError) as forbidden:
+                await reader.submit("noop")
+            assert (forbidden.value.status, forbidden.value.field) == (403, "scope")
+        async with OffloadClient(url(api), token="admin-token-0123456789") as admin:
+            task = await admin.submit("noop")
+            assert (await admin.get(task.id)).id == task.id
+            assert (await admin.openapi())["openapi"] == "3.1.0"
+
+
+async def test_an_unreachable_server_is_a_client_error_with_status_0() -> None:
+    async with OffloadClient(f"http://127.0.0.1:{free_port()}", request_timeout=QUICK) as client:
+        with pytest.raises(Unreachable) as unreachable:
+            await client.health()
+    assert isinstance(unreachable.value, ClientError)
+    assert (unreachable.value.status, unreachable.value.code) == (0, "unreachable")
+
+
+async def test_stats_count_unfinished_tasks_by_queue_and_outcomes(api: Daemon) -> None:
+    async with OffloadClient(url(api)) as client:
+        for _ in range(3):
+            await client.submit("noop", delay=LATER)
+        await client.submit("noop", queue="other", delay=LATER)
+        done = await client.submit("sleep", {"seconds": 0})
+        async with asyncio.timeout(QUICK):
+            await client.wait(done.id)
+        stats = await client.stats()
+    assert stats.queues["default"].queued == 3
+    assert stats.queues["other"].queued == 1
+    assert stats.accepted == 5
+    assert stats.since_start["succeeded"] == 1
+
+
+def test_stats_parse_the_metrics_text() -> None:
+    text = (
+        "# TYPE offload_tasks_total counter\n"
+        'offload_tasks_total{type="a",queue="q",outcome="failed"} 2.0\n'
+        'offload_tasks_total{type="b",queue="q",outcome="failed"} 3.0\n'
+        "# TYPE offload_tasks gauge\n"
+        'offload_tasks{queue="q",state="queued"} 4.0\n'
+        'offload_tasks{queue="q",state="running"} 1.0\n'
+        "# TYPE offload_tasks_running gauge\n"
+        "offload_tasks_running 1.0\n"
+    )
+    stats = parse_stats(text)
+    assert stats.since_start == {"failed": 5}
+    assert (stats.queues["q"].queued, stats.queues["q"].running) == (4, 1)
+    assert (stats.accepted, stats.running_here) == (0, 1)
+
+
+def test_the_client_task_has_every_field_the_server_sends() -> None:
+    ours = {f.name for f in msgspec.structs.fields(Task)}
+    assert ours == {f.name for f in msgspec.structs.fields(TaskView)}

@@ -1,0 +1,373 @@
+"""The `offload` client commands as processes against a real `offload serve`: what they
+print (JSON when piped, a table on a terminal), their exit codes, and the server's errors
+shown as its message, never a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pty
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from daemon.client_cli import (
+    EXIT_CANCELLED,
+    EXIT_FAILED,
+    EXIT_NOT_ENDED,
+    EXIT_OK,
+    EXIT_REFUSED,
+    EXIT_UNAVAILABLE,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+)
+from daemon.ids import is_id
+from tests.harness import (
+    READY_TIMEOUT,
+    REPO_ROOT,
+    Daemon,
+    DaemonExited,
+    Offload,
+    daemon_env,
+    free_port,
+)
+
+RUN_WITHIN = 60.0  # seconds for one command (most take ~1 s; --wait ones wait for a task)
+TYPES = {
+    "echo": "tests.clienthandlers:echo",
+    "fail": "tests.clienthandlers:fail",
+    "hold": "tests.clienthandlers:hold",
+}
+TOKEN = "cli-submitter-0123456789"
+EX_START = 1  # `offload serve` could not start
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> Any:
+        return json.loads(self.out)
+
+
+def cli_env(url: str, token: str | None = None) -> dict[str, str]:
+    env = {k: v for k, v in daemon_env().items() if k not in {"OFFLOAD_TOKEN", "OFFLOAD_URL"}}
+    env["OFFLOAD_URL"] = url
+    env["COLUMNS"] = "200"  # no truncated table rows
+    if token is not None:
+        env["OFFLOAD_TOKEN"] = token
+    return env
+
+
+async def offload_cli(
+    *args: str, url: str, token: str | None = None, stdin: bytes | None = None
+) -> Run:
+    """Run `offload ARGS` with stdout and stderr piped; bounded by RUN_WITHIN."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon",
+        *args,
+        cwd=REPO_ROOT,
+        env=cli_env(url, token),
+        stdin=asyncio.subprocess.DEVNULL if stdin is None else asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        async with asyncio.timeout(RUN_WITHIN):
+            out, err = await proc.communicate(stdin)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    run = Run(proc.returncode, out.decode(), err.decode())
+    assert "Traceback" not in run.err, run.err
+    return run
+
+
+async def offload_on_terminal(*args: str, url: str) -> Run:
+    """Run `offload ARGS` with stdout on a pseudo-terminal."""
+    leader, follower = pty.openpty()
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "daemon",
+            *args,
+            cwd=REPO_ROOT,
+            env=cli_env(url),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=follower,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    finally:
+        os.close(follower)
+    try:
+        async with asyncio.timeout(RUN_WITHIN):
+            err = await proc.stderr.read() if proc.stderr is not None else b""
+            code = await proc.wait()
+        out = await asyncio.to_thread(read_all, leader)
+    finally:
+        os.close(leader)
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return Run(code, out.decode().replace("\r\n", "\n"), err.decode())
+
+
+def read_all(fd: int) -> bytes:
+    """What the ended process wrote to the terminal (EIO once it is all read)."""
+    chunks = []
+    for _ in range(1000):
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def start(offload: Offload, *, auth: Path | None = None, max_pending: int = 1000) -> Daemon:
+    """A ready daemon of TYPES (with `auth` as its tokens file); on a fresh port if another
+    process took the first between `free_port()` and the bind."""
+    for _ in range(3):
+        workers = {"concurrency": min(4, max_pending), "max_pending": max_pending}
+        config = offload.config(types=TYPES, workers=workers)
+        if auth is not None:
+            with config.path.open("a", encoding="utf-8") as f:
+                f.write(f'\n[auth]\ntokens_file = "{auth}"\n')
+        daemon = await offload.start(config, ready=False)
+        try:
+            async with asyncio.timeout(READY_TIMEOUT):
+                await daemon.wait_ready()
+        except DaemonExited:
+            if daemon.returncode != EX_START:  # 1: could not bind (or lock the store)
+                raise
+            continue
+        return daemon
+    raise AssertionError("the port was taken 3 times")
+
+
+# -- submit ----------------------------------------------------------------------------
+
+
+async def test_submit_prints_the_id_or_with_wait_the_result_and_exits_by_the_end(
+    offload: Offload,
+) -> None:
+    daemon = await start(offload)
+    url = daemon.url
+    plain, result, failed, whole = await asyncio.gather(
+        offload_cli("submit", "echo", "--payload", '{"text": "hi", "times": 2}', url=url),
+        offload_cli("submit", "echo", "--payload", '{"text": "hi", "times": 2}', "--wait", url=url),
+        offload_cli("submit", "fail", "--wait", url=url),
+        offload_cli("submit", "echo", "--payload", '{"text": "x"}', "--wait", "--json", url=url),
+    )
+
+    assert (plain.code, plain.err) == (EXIT_OK, ""), plain
+    task_id = plain.out.strip()
+    assert is_id(task_id)
+    assert plain.out == task_id + "\n"
+    assert (await daemon.task(task_id)).type == "echo"
+
+    assert (result.code, result.json(), result.err) == (EXIT_OK, {"echo": "hihi"}, "")
+
+    assert failed.code == EXIT_FAILED, failed
+    assert failed.out == ""
+    assert "failed: Permanent: refused payload {}" in failed.err
+    [failed_task] = await daemon.tasks(state="failed")
+    assert failed_task.id in failed.err
+
+    task = whole.json()
+    assert whole.code == EXIT_OK
+    assert (task["state"], task["result"], task["payload"]) == (
+        "succeeded",
+        {"echo": "x"},
+        {"text": "x"},
+    )
+
+
+async def test_payload_from_text_a_file_or_stdin_and_refusals(
+    offload: Offload, tmp_path: Path
+) -> None:
+    daemon = await start(offload)
+    url = daemon.url
+    payload_file = tmp_path / "payload.json"
+    payload_file.write_text('{"text": "file"}')
+    from_file, from_stdin, not_json, no_file, invalid, unknown, no_type = await asyncio.gather(
+        offload_cli("submit", "echo", "--payload", f"@{payload_file}", "--wait", url=url),
+        offload_cli("submit", "echo", "--payload", "-", "--wait", url=url, stdin=b'{"text": "in"}'),
+        offload_cli("submit", "echo", "--payload", "{text", url=url),
+        offload_cli("submit", "echo", "--payload", f"@{tmp_path / 'absent.json'}", url=url),
+        offload_cli("submit", "echo", "--payload", '{"text": 7}', url=url),
+        offload_cli("submit", "nope", url=url),
+        offload_cli("submit", url=url),
+    )
+    assert (from_file.code, from_file.json()) == (EXIT_OK, {"echo": "file"})
+    assert (from_stdin.code, from_stdin.json()) == (EXIT_OK, {"echo": "in"})
+
+    assert not_json.code == EXIT_USAGE
+    assert "--payload is not JSON" in not_json.err
+    assert no_file.code == EXIT_USAGE
+    assert "absent.json" in no_file.err
+    assert no_type.code == EXIT_USAGE  # argparse: the type is required
+
+    assert (invalid.code, invalid.out) == (EXIT_REFUSED, "")
+    assert invalid.err == "offload: invalid: Expected `str`, got `int` (field: payload.text)\n"
+    assert unknown.code == EXIT_REFUSED
+    assert "unknown task type 'nope'" in unknown.err
+    assert "(field: type)" in unknown.err
+    assert len(await daemon.tasks()) == 2  # the refused ones wrote nothing
+
+
+# -- status, cancel, retry ----------------------------------------------------------------
+
+
+async def test_status_cancel_and_retry(offload: Offload, tmp_path: Path) -> None:
+    daemon = await start(offload)
+    url = daemon.url
+    release = tmp_path / "release"
+    submitted = await offload_cli(
+        "submit", "hold", "--payload", json.dumps({"release": str(release)}), url=url
+    )
+    task_id = submitted.out.strip()
+
+    shown = await offload_cli("status", task_id, url=url)
+    assert shown.code == EXIT_OK
+    assert shown.json()["id"] == task_id
+    assert shown.json()["state"] in {"queued", "running"}
+    gave_up = await offload_cli("status", task_id, "--wait", "--wait-timeout", "0.5s", url=url)
+    assert gave_up.code == EXIT_NOT_ENDED, gave_up
+    assert f"task {task_id} has not ended after 0.5s" in gave_up.err
+
+    waiting = asyncio.create_task(offload_cli("status", task_id, "--wait", url=url))
+    cancelled = await offload_cli("cancel", task_id, url=url)
+    assert (cancelled.code, cancelled.json()["state"]) == (EXIT_OK, "cancelled")
+    waited = await waiting
+    assert (waited.code, waited.json()["state"]) == (EXIT_CANCELLED, "cancelled")
+    assert f"task {task_id} was cancelled" in waited.err
+
+    again = await offload_cli("cancel", task_id, url=url)
+    assert again.code == EXIT_REFUSED
+    assert again.err == f"offload: conflict: task {task_id} already ended cancelled (field: id)\n"
+
+    retried = await offload_cli("retry", task_id, url=url)
+    assert (retried.code, retried.json()["state"]) == (EXIT_OK, "queued")
+    release.touch()
+    done = await offload_cli("status", task_id, "--wait", url=url)
+    assert (done.code, done.json()["state"]) == (EXIT_OK, "succeeded")
+    assert done.json()["result"] == {"released": True}
+    not_again = await offload_cli("retry", task_id, url=url)
+    assert not_again.code == EXIT_REFUSED
+    assert "only failed or cancelled tasks can be retried" in not_again.err
+
+    missing = await offload_cli("status", "01JD8X3K5Q9W2M7P4R6T0V1Y3Z", url=url)
+    assert missing.code == EXIT_REFUSED
+    assert missing.err == "offload: not_found: no task 01JD8X3K5Q9W2M7P4R6T0V1Y3Z (field: id)\n"
+
+
+# -- list and stats --------------------------------------------------------------------
+
+
+async def test_list_and_stats_write_json_when_piped_and_tables_on_a_terminal(
+    offload: Offload,
+) -> None:
+    daemon = await start(offload)
+    url = daemon.url
+    later = [
+        await offload_cli(
+            "submit", "echo", "--payload", f'{{"text": "{n}"}}', "--delay", "1h", url=url
+        )
+        for n in range(3)
+    ]
+    ids = [run.out.strip() for run in later]
+    assert (await offload_cli("submit", "fail", "--wait", url=url)).code == EXIT_FAILED
+    [failed] = await daemon.tasks(state="failed")
+
+    listed, only_failed, two_echo, too_few, stats = await asyncio.gather(
+        offload_cli("list", url=url),
+        offload_cli("list", "--state", "failed", url=url),
+        offload_cli("list", "--type", "echo", "--limit", "2", url=url),
+        offload_cli("list", "--limit", "0", url=url),
+        offload_cli("stats", url=url),
+    )
+    assert listed.code == EXIT_OK
+    assert [t["id"] for t in listed.json()] == [failed.id, *reversed(ids)]
+    assert [t["id"] for t in only_failed.json()] == [failed.id]
+    assert [t["id"] for t in two_echo.json()] == [ids[2], ids[1]]
+    assert too_few.code == EXIT_USAGE
+
+    assert stats.code == EXIT_OK
+    counts = stats.json()
+    assert counts["queues"]["default"] == {"queued": 3, "running": 0}
+    assert counts["accepted"] == 4
+    assert counts["since_start"]["failed"] == 1
+
+    table, stats_table, forced_json = await asyncio.gather(
+        offload_on_terminal("list", url=url),
+        offload_on_terminal("stats", url=url),
+        offload_on_terminal("list", "--json", url=url),
+    )
+    lines = table.out.splitlines()
+    assert table.code == EXIT_OK
+    assert lines[0].split() == [
+        "ID",
+        "TYPE",
+        "QUEUE",
+        "STATE",
+        "ATTEMPTS",
+        "CREATED",
+        "LAST",
+        "ERROR",
+    ]
+    assert [line.split()[0] for line in lines[1:]] == [failed.id, *reversed(ids)]
+    assert lines[1].split()[1:5] == ["fail", "default", "failed", "1/3"]
+    assert "Permanent: refused payload {}" in lines[1]
+    assert stats_table.code == EXIT_OK
+    rows = [line.split() for line in stats_table.out.splitlines()]
+    assert rows[0] == ["QUEUE", "QUEUED", "RUNNING"]
+    assert ["default", "3", "0"] in rows
+    assert "accepted 4" in stats_table.out
+    assert [t["id"] for t in json.loads(forced_json.out)] == [failed.id, *reversed(ids)]
+
+
+# -- where and who ---------------------------------------------------------------------
+
+
+async def test_url_token_and_the_servers_refusals(offload: Offload, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"submitter submit,read {TOKEN}\n")
+    daemon = await start(offload, auth=tokens, max_pending=1)
+    url = daemon.url
+    dead = f"http://127.0.0.1:{free_port()}"
+    hold = json.dumps({"release": str(tmp_path / "never")})
+    anonymous, with_env, wrong_flag, unreachable, flag_over_env = await asyncio.gather(
+        offload_cli("submit", "echo", "--payload", '{"text": "a"}', url=url),
+        offload_cli("submit", "hold", "--payload", hold, url=url, token=TOKEN),
+        offload_cli("list", "--token", "x" * 20, url=url, token=TOKEN),
+        offload_cli("list", url=dead),
+        offload_cli("list", "--url", url, url=dead, token=TOKEN),
+    )
+    assert anonymous.code == EXIT_REFUSED
+    assert anonymous.err == (
+        "offload: unauthorized: send Authorization: Bearer <token> (field: Authorization)\n"
+    )
+    assert with_env.code == EXIT_OK, with_env
+    assert wrong_flag.code == EXIT_REFUSED  # --token wins over $OFFLOAD_TOKEN
+    assert "the token is not valid" in wrong_flag.err
+    assert unreachable.code == EXIT_UNREACHABLE
+    assert f"cannot reach offload at {dead}" in unreachable.err
+    assert flag_over_env.code == EXIT_OK  # --url wins over $OFFLOAD_URL (which is dead)
+    assert isinstance(flag_over_env.json(), list)
+
+    full = await offload_cli("submit", "echo", "--payload", '{"text": "b"}', url=url, token=TOKEN)
+    assert full.code == EXIT_UNAVAILABLE
+    assert full.err.startswith("offload: queue_full: ")
+    assert "retry after " in full.err
