@@ -12,6 +12,8 @@ import time
 
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
 _RANDOM_BITS = 80
+_PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # every 10-bit value, encoded
+_SHIFTS = range(120, -10, -10)
 
 
 class _Last:
@@ -29,11 +31,8 @@ def new_id(now: float | None = None) -> str:
         if value >> _RANDOM_BITS <= _Last.value >> _RANDOM_BITS:
             value = _Last.value + 1  # same (or an earlier) millisecond: keep increasing
         _Last.value = value
-    chars = []
-    for _ in range(26):
-        chars.append(_ALPHABET[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    # 130 bits (2 zero bits, then the 128) as 13 groups of 10 bits, two characters each.
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
 
 
 def is_id(text: str) -> bool:

@@ -4,7 +4,9 @@ our error types with the offending field named."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import re
+import time
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -30,6 +32,9 @@ class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     tasks: list[SubmitRequest]
+
+
+_YEAR_10000 = 253402300800  # 10000-01-01T00:00:00Z: strftime writes years up to 9999
 
 
 class AttemptView(msgspec.Struct, frozen=True):
@@ -82,10 +87,20 @@ class ErrorResponse(msgspec.Struct, frozen=True):
 
 
 def rfc3339(t: float | None) -> str | None:
+    """`t` (Unix seconds) as RFC 3339 UTC with milliseconds: 2026-11-22T06:21:11.088Z."""
     if t is None:
         return None
-    stamp = dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")
-    return stamp.replace("+00:00", "Z")
+    millis = int(t * 1000)
+    seconds, ms = divmod(millis, 1000)
+    if not 0 <= seconds < _YEAR_10000:
+        return dt.datetime.fromtimestamp(t, dt.UTC).isoformat(timespec="milliseconds")
+    return f"{_second(seconds)}.{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _second(seconds: int) -> str:
+    """The date and time of a whole second: most timestamps of a moment share it."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
 
 
 def view(task: Task) -> TaskView:
