@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
-import random
 import time
-import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -27,40 +25,42 @@ import asyncpg  # type: ignore[import-untyped]
 import msgspec
 
 from daemon.config import StoreConfig
-from daemon.errors import Conflict, IdempotencyKeyReused, NotFound, QueueFull, StoreUnavailable
+from daemon.errors import Conflict, NotFound, QueueFull, StoreUnavailable
 from daemon.models import (
     Attempt,
     Claim,
-    Counts,
     IdempotencyKey,
     NewTask,
     Outcome,
-    QueueHealth,
     Released,
     Retry,
-    ScheduleState,
     Succeeded,
     Task,
     TaskQuery,
     TaskState,
 )
 from daemon.store.base import ClaimBatch, Hooks
+from daemon.store.postgres_connections import ACQUIRE_TIMEOUT
 from daemon.store.postgres_node import Node, unavailable
+from daemon.store.postgres_rows import (
+    admit_args,
+    describe_url,
+    pending_slot,
+    seen_key,
+    task_from_row,
+)
 from daemon.store.postgres_schema import (
     ADMIT_LOCK,
     LOCK_SPACE,
-    PENDING_SLOTS,
     SchemaTooNew,
     migrate,
 )
+from daemon.store.postgres_side import SideOps
 from daemon.store.postgres_sql import (
     ADMIT_SQL,
-    CALLBACK_LEASE,
     CANCEL_SQL,
-    CHANGE,
     CLAIM_SETTINGS,
     COLUMNS,
-    DUE_CALLBACKS_SQL,
     FAILED_SQL,
     INTERRUPTED,
     KEEP_KEY_SQL,
@@ -72,7 +72,6 @@ from daemon.store.postgres_sql import (
     RETRY_SQL,
     RETRY_TASK_SQL,
     SUCCEEDED_MANY_SQL,
-    UNBOUNDED,
     claim_filter,
     claim_sql,
 )
@@ -81,7 +80,6 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 5.0  # seconds to open one connection
 COMMAND_TIMEOUT = 30.0  # seconds for one statement; past it the database counts as gone
-ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a pooled connection
 CLAIM_RETRY = 1.0  # seconds until the feeder tries again when the database is unreachable
 RECORD_PATIENCE_MAX = 60.0  # seconds an outcome is retried through an outage (at most)
 SESSION_SETTINGS = {
@@ -95,99 +93,7 @@ SESSION_SETTINGS = {
     "tcp_keepalives_count": "4",
 }
 
-_history_decoder = msgspec.json.Decoder(list[Attempt])
 _encode = msgspec.json.encode
-
-
-def _task(row: Any, at: int = 0) -> Task:
-    """A task from `row[at:]`, laid out as COLUMNS."""
-    history = row[at + 16]
-    return Task(
-        id=row[at],
-        type=row[at + 1],
-        queue=row[at + 2],
-        state=TaskState(row[at + 3]),
-        payload=row[at + 4],
-        priority=row[at + 5],
-        run_at=row[at + 6],
-        created_at=row[at + 7],
-        timeout=row[at + 8],
-        max_attempts=row[at + 9],
-        attempts=row[at + 10],
-        attempt_floor=row[at + 11],
-        started_at=row[at + 12],
-        finished_at=row[at + 13],
-        result=row[at + 14],
-        last_error=row[at + 15],
-        history=() if history is None else tuple(_history_decoder.decode(history)),
-        changed=row[at + 17],
-        callback=row[at + 18],
-        callback_state=row[at + 19],
-        callback_attempts=row[at + 20],
-        callback_error=row[at + 21],
-    )
-
-
-def _columns(tasks: Sequence[NewTask]) -> list[list[Any]]:
-    """The arrays ADMIT_SQL unnests, one per column."""
-    return [
-        [t.id for t in tasks],
-        [t.type for t in tasks],
-        [t.queue for t in tasks],
-        [t.payload for t in tasks],
-        [t.priority for t in tasks],
-        [t.run_at for t in tasks],
-        [t.created_at for t in tasks],
-        [t.timeout for t in tasks],
-        [t.max_attempts for t in tasks],
-    ]
-
-
-def _admit_args(tasks: Sequence[NewTask], max_pending: int) -> list[Any]:
-    """The arguments of ADMIT_SQL."""
-    return [*_columns(tasks), len(tasks), max_pending, _slot(), [t.callback for t in tasks]]
-
-
-async def _seen(conn: Any, idem: IdempotencyKey) -> list[Task] | None:
-    """The tasks admitted under this key within its window, as they are now (those that
-    retention deleted since are left out); raises `IdempotencyKeyReused` for another body."""
-    row = await conn.fetchrow(
-        "SELECT fingerprint, task_ids FROM offload_idempotency "
-        "WHERE scope = $1 AND key = $2 AND created_at >= $3",
-        idem.scope,
-        idem.key,
-        idem.not_before,
-    )
-    if row is None:
-        return None
-    if row[0] != idem.fingerprint:
-        raise IdempotencyKeyReused(
-            "this Idempotency-Key was used for a different request body",
-            field="Idempotency-Key",
-        )
-    found = {
-        r[0]: _task(r)
-        for r in await conn.fetch(
-            f"SELECT {COLUMNS} FROM offload_tasks WHERE id = ANY($1::text[])", row[1]
-        )
-    }
-    return [found[i] for i in row[1] if i in found]
-
-
-def _slot() -> int:
-    return random.randrange(PENDING_SLOTS)
-
-
-def describe_url(url: str) -> str:
-    """`url` without its password or query (which may carry one), for logs."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
 Waiting = tuple[Claim, Succeeded, "asyncio.Future[Task | None]"]
@@ -252,7 +158,7 @@ class GroupCommit:
                 future.set_result(by_id.get(claim.task.id))
 
 
-class PostgresStore:
+class PostgresStore(SideOps):
     """The `Store` over a PostgreSQL database. Build it with `open_postgres()`."""
 
     def __init__(self, pool: Any, node: Node, description: str) -> None:
@@ -261,25 +167,6 @@ class PostgresStore:
         self._description = description
         self._successes = GroupCommit(self._commit_successes)
         self._claims: dict[tuple[str | None, str | None], str] = {}
-
-    @property
-    def description(self) -> str:
-        return self._description
-
-    @asynccontextmanager
-    async def _conn(self) -> AsyncIterator[Any]:
-        """A pooled connection; an unreachable database becomes `StoreUnavailable`."""
-        try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                yield conn
-        except Exception as exc:
-            if unavailable(exc):
-                raise StoreUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
-            raise
-
-    async def _fetch(self, sql: str, *args: Any) -> list[Any]:
-        async with self._conn() as conn:
-            return list(await conn.fetch(sql, *args))
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -299,10 +186,10 @@ class PostgresStore:
         async with self._conn() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_SPACE, ADMIT_LOCK)
             if idempotency is not None:
-                seen = await _seen(conn, idempotency)
+                seen = await seen_key(conn, idempotency)
                 if seen is not None:
                     return seen
-            row = await conn.fetchrow(ADMIT_SQL, *_admit_args(tasks, max_pending))
+            row = await conn.fetchrow(ADMIT_SQL, *admit_args(tasks, max_pending))
             pending, inserted, changed = int(row["pending"]), int(row["inserted"]), row["changed"]
             if inserted == 0:
                 raise QueueFull(
@@ -323,16 +210,6 @@ class PostgresStore:
         self._node.hint_work()
         self._node.changed(admitted)
         return admitted
-
-    async def forget_keys(self, *, before: float, limit: int) -> int:
-        async with self._conn() as conn:
-            status: str = await conn.execute(
-                "DELETE FROM offload_idempotency WHERE (scope, key) IN (SELECT scope, key "
-                "FROM offload_idempotency WHERE created_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
-                before,
-                limit,
-            )
-        return int(status.rsplit(" ", 1)[-1])
 
     async def claim(
         self,
@@ -365,7 +242,8 @@ class PostgresStore:
             return ClaimBatch(claims=[], next_due=now + CLAIM_RETRY)
         found = sorted((r for r in rows if r[0] is not None), key=lambda r: (-r[5], r[0]))
         claims = [
-            Claim(task=_task(r), owner=owner, attempt=r[10], lease_until=now + lease) for r in found
+            Claim(task=task_from_row(r), owner=owner, attempt=r[10], lease_until=now + lease)
+            for r in found
         ]
         self._node.changed([c.task for c in claims])
         self._node.held_add(claims)
@@ -388,7 +266,7 @@ class PostgresStore:
         if isinstance(outcome, Retry):
             args: tuple[Any, ...] = (*fence, outcome.run_at, outcome.error, entry)
             return await self._persist(claim, lambda: self._record_once(RETRY_SQL, args, work=True))
-        args = (*fence, outcome.finished_at, outcome.error, entry, _slot())
+        args = (*fence, outcome.finished_at, outcome.error, entry, pending_slot())
         return await self._persist(claim, lambda: self._record_once(FAILED_SQL, args, ended=True))
 
     async def _persist(
@@ -415,7 +293,7 @@ class PostgresStore:
         rows = await self._fetch(sql, *args)
         if not rows:
             return None
-        task = _task(rows[0])
+        task = task_from_row(rows[0])
         self._node.changed([task])
         if work:
             self._node.hint_work()
@@ -431,9 +309,9 @@ class PostgresStore:
             [c.owner for c, _ in batch],
             [o.result for _, o in batch],
             [o.finished_at for _, o in batch],
-            _slot(),
+            pending_slot(),
         )
-        done = [_task(r) for r in rows]
+        done = [task_from_row(r) for r in rows]
         self._node.changed(done)
         for task in done:
             self._node.hint_ended(task.id)
@@ -442,7 +320,7 @@ class PostgresStore:
     async def cancel(self, task_id: str, *, now: float) -> tuple[Task, TaskState]:
         """One statement. A running task's owner is told through a hint (and, should the
         hint be lost, by its next heartbeat)."""
-        rows = await self._fetch(CANCEL_SQL, task_id, now, _slot())
+        rows = await self._fetch(CANCEL_SQL, task_id, now, pending_slot())
         if not rows:
             raise NotFound(f"no task {task_id}", field="id")
         row = rows[0]
@@ -452,7 +330,7 @@ class PostgresStore:
         if before is TaskState.RUNNING and row["before_owner"] is not None:
             self._node.cancelled_running(row["before_owner"], task_id)
         self._node.hint_ended(task_id)
-        cancelled = _task(row, 2)
+        cancelled = task_from_row(row, 2)
         self._node.changed([cancelled])
         return cancelled, before
 
@@ -480,8 +358,8 @@ class PostgresStore:
                     pending=pending,
                     needed=1,
                 )
-            row = await conn.fetchrow(RETRY_TASK_SQL, task_id, now, _slot())
-        retried = _task(row)
+            row = await conn.fetchrow(RETRY_TASK_SQL, task_id, now, pending_slot())
+        retried = task_from_row(row)
         self._node.hint_work()
         self._node.changed([retried])
         return retried
@@ -495,9 +373,9 @@ class PostgresStore:
         await self._node.become(owner)
         total = 0
         while True:
-            rows = await self._fetch(RECOVER, now, INTERRUPTED, RESCUE_BATCH, _slot(), owner)
+            rows = await self._fetch(RECOVER, now, INTERRUPTED, RESCUE_BATCH, pending_slot(), owner)
             total += len(rows)
-            self._node.rescued([(r[0], _task(r, 1)) for r in rows])
+            self._node.rescued([(r[0], task_from_row(r, 1)) for r in rows])
             if len(rows) < RESCUE_BATCH:
                 return total
 
@@ -505,98 +383,17 @@ class PostgresStore:
         """Put back (or fail) running tasks whose lease expired, whoever held them."""
         total = 0
         while True:
-            rows = await self._fetch(RESCUE_EXPIRED, now, LEASE_EXPIRED, RESCUE_BATCH, _slot())
+            rows = await self._fetch(
+                RESCUE_EXPIRED, now, LEASE_EXPIRED, RESCUE_BATCH, pending_slot()
+            )
             total += len(rows)
-            self._node.rescued([(r[0], _task(r, 1)) for r in rows])
+            self._node.rescued([(r[0], task_from_row(r, 1)) for r in rows])
             if len(rows) < RESCUE_BATCH:
                 return total
 
-    async def purge(
-        self,
-        *,
-        finished_before: float,
-        limit: int,
-        only_type: str | None = None,
-        skip_types: Collection[str] = (),
-    ) -> int:
-        """One statement; rows another node is deleting at the same time are skipped."""
-        narrow = ""
-        args: list[Any] = [finished_before, limit]
-        if only_type is not None:
-            narrow, args = " AND type = $3", [*args, only_type]
-        elif skip_types:
-            narrow, args = " AND type <> ALL($3::text[])", [*args, list(skip_types)]
-        sql = (
-            "DELETE FROM offload_tasks WHERE id IN (SELECT id FROM offload_tasks "
-            "WHERE finished_at < $1 AND state IN ('succeeded', 'failed', 'cancelled')"
-            f"{narrow} LIMIT $2 FOR UPDATE SKIP LOCKED)"
-        )
-        async with self._conn() as conn:
-            status: str = await conn.execute(sql, *args)
-        return int(status.rsplit(" ", 1)[-1])
-
-    async def set_paused(self, queue: str, paused: bool) -> None:
-        await self._fetch(
-            "INSERT INTO offload_queues (name, paused) VALUES ($1, $2) "
-            "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-            queue,
-            paused,
-        )
-        if not paused:
-            self._node.hint_work()
-
-    async def paused_queues(self) -> set[str]:
-        rows = await self._fetch("SELECT name FROM offload_queues WHERE paused")
-        return {r[0] for r in rows}
-
-    async def schedules(self) -> dict[str, ScheduleState]:
-        rows = await self._fetch("SELECT name, last_fire, paused FROM offload_schedules")
-        return {name: ScheduleState(last, paused) for name, last, paused in rows}
-
-    async def set_schedule_paused(self, name: str, paused: bool) -> None:
-        await self._fetch(
-            "INSERT INTO offload_schedules (name, paused) VALUES ($1, $2) "
-            "ON CONFLICT (name) DO UPDATE SET paused = excluded.paused",
-            name,
-            paused,
-        )
-
-    async def fire(
-        self, name: str, *, due: float, previous: float | None, task: NewTask | None
-    ) -> bool:
-        """One transaction: a compare-and-set of the schedule's last fire (a node that
-        races us waits on the row, then finds it changed and loses), then the task's
-        admission, which like SQLite's is not held to max_pending."""
-        async with self._conn() as conn, conn.transaction():
-            await conn.execute(
-                "INSERT INTO offload_schedules (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
-                name,
-            )
-            won = await conn.fetchval(
-                "UPDATE offload_schedules SET last_fire = $2 "
-                "WHERE name = $1 AND last_fire IS NOT DISTINCT FROM $3 RETURNING true",
-                name,
-                due,
-                previous,
-            )
-            fired = None
-            if won and task is not None:
-                row = await conn.fetchrow(ADMIT_SQL, *_admit_args([task], UNBOUNDED))
-                fired = Task.admitted(task, row["changed"][0])
-        if fired is not None:
-            self._node.hint_work()
-            self._node.changed([fired])
-        return bool(won)
-
-    async def check(self) -> None:
-        async with self._conn() as conn:
-            await conn.fetchval("SELECT 1")
-
-    # -- reads ---------------------------------------------------------------------------
-
     async def get(self, task_id: str) -> Task | None:
         rows = await self._fetch(f"SELECT {COLUMNS} FROM offload_tasks WHERE id = $1", task_id)
-        return _task(rows[0]) if rows else None
+        return task_from_row(rows[0]) if rows else None
 
     async def list(self, query: TaskQuery) -> list[Task]:
         where: list[str] = []
@@ -613,41 +410,7 @@ class PostgresStore:
             sql += " WHERE " + " AND ".join(where)
         args.append(query.limit)
         sql += f" ORDER BY id DESC LIMIT ${len(args)}"
-        return [_task(r) for r in await self._fetch(sql, *args)]
-
-    async def counts(self) -> Counts:
-        rows = await self._fetch("SELECT state, count(*) FROM offload_tasks GROUP BY state")
-        return Counts(**{r[0]: r[1] for r in rows})
-
-    async def due_callbacks(
-        self, *, now: float, limit: int
-    ) -> tuple[builtins.list[Task], float | None]:
-        """One statement that also hands the deliveries to this node: their next attempt
-        moves CALLBACK_LEASE seconds on, so no other node delivers them meanwhile (and one
-        does if this node dies before `callback_attempted`)."""
-        rows = await self._fetch(DUE_CALLBACKS_SQL, now, limit, CALLBACK_LEASE)
-        due = [_task(r) for r in rows if r[0] is not None]
-        return due, rows[0]["later"] if rows else None
-
-    async def callback_attempted(
-        self, task_id: str, *, error: str | None, retry_at: float | None
-    ) -> Task | None:
-        state = "delivered" if error is None else ("pending" if retry_at is not None else "failed")
-        rows = await self._fetch(
-            f"UPDATE offload_tasks SET callback_state = $1, "
-            f"callback_attempts = callback_attempts + 1, callback_error = $2, "
-            f"callback_next = $3, {CHANGE} "
-            f"WHERE id = $4 AND callback_state = 'pending' RETURNING {COLUMNS}",
-            state,
-            error,
-            retry_at or 0.0,
-            task_id,
-        )
-        if not rows:
-            return None
-        task = _task(rows[0])
-        self._node.changed([task])
-        return task
+        return [task_from_row(r) for r in await self._fetch(sql, *args)]
 
     async def changes(
         self,
@@ -673,22 +436,7 @@ class PostgresStore:
             f"SELECT {COLUMNS} FROM offload_tasks WHERE {' AND '.join(where)} "
             f"ORDER BY changed LIMIT ${len(args)}"
         )
-        return [_task(r) for r in await self._fetch(sql, *args)]
-
-    async def unfinished_by_queue(self) -> dict[str, Counts]:
-        rows = await self._fetch(
-            "SELECT queue, state, count(*) FROM offload_tasks "
-            "WHERE state IN ('queued', 'running') GROUP BY queue, state"
-        )
-        found: dict[str, dict[str, int]] = {}
-        for queue, state, n in rows:
-            found.setdefault(queue, {})[state] = n
-        return {queue: Counts(**by_state) for queue, by_state in found.items()}
-
-    async def queue_health(self) -> QueueHealth | None:
-        """Live and dead row versions of the task table, from PostgreSQL's statistics (a
-        growing dead count means vacuum does not keep up, and claims slow down)."""
-        return await self._node.queue_health()
+        return [task_from_row(r) for r in await self._fetch(sql, *args)]
 
 
 async def _no_reset(conn: Any) -> None:

@@ -1,0 +1,124 @@
+"""Rows of the PostgreSQL task table as models, and the small helpers around them."""
+
+from __future__ import annotations
+
+import random
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from daemon.errors import IdempotencyKeyReused
+from daemon.models import (
+    Attempt,
+    IdempotencyKey,
+    NewTask,
+    Task,
+    TaskState,
+)
+from daemon.store.postgres_schema import (
+    PENDING_SLOTS,
+)
+from daemon.store.postgres_sql import (
+    COLUMNS,
+)
+
+_history_decoder = msgspec.json.Decoder(list[Attempt])
+
+
+def task_from_row(row: Any, at: int = 0) -> Task:
+    """A task from `row[at:]`, laid out as COLUMNS."""
+    history = row[at + 16]
+    return Task(
+        id=row[at],
+        type=row[at + 1],
+        queue=row[at + 2],
+        state=TaskState(row[at + 3]),
+        payload=row[at + 4],
+        priority=row[at + 5],
+        run_at=row[at + 6],
+        created_at=row[at + 7],
+        timeout=row[at + 8],
+        max_attempts=row[at + 9],
+        attempts=row[at + 10],
+        attempt_floor=row[at + 11],
+        started_at=row[at + 12],
+        finished_at=row[at + 13],
+        result=row[at + 14],
+        last_error=row[at + 15],
+        history=() if history is None else tuple(_history_decoder.decode(history)),
+        changed=row[at + 17],
+        callback=row[at + 18],
+        callback_state=row[at + 19],
+        callback_attempts=row[at + 20],
+        callback_error=row[at + 21],
+    )
+
+
+def columns_of(tasks: Sequence[NewTask]) -> list[list[Any]]:
+    """The arrays ADMIT_SQL unnests, one per column."""
+    return [
+        [t.id for t in tasks],
+        [t.type for t in tasks],
+        [t.queue for t in tasks],
+        [t.payload for t in tasks],
+        [t.priority for t in tasks],
+        [t.run_at for t in tasks],
+        [t.created_at for t in tasks],
+        [t.timeout for t in tasks],
+        [t.max_attempts for t in tasks],
+    ]
+
+
+def admit_args(tasks: Sequence[NewTask], max_pending: int) -> list[Any]:
+    """The arguments of ADMIT_SQL."""
+    return [
+        *columns_of(tasks),
+        len(tasks),
+        max_pending,
+        pending_slot(),
+        [t.callback for t in tasks],
+    ]
+
+
+async def seen_key(conn: Any, idem: IdempotencyKey) -> list[Task] | None:
+    """The tasks admitted under this key within its window, as they are now (those that
+    retention deleted since are left out); raises `IdempotencyKeyReused` for another body."""
+    row = await conn.fetchrow(
+        "SELECT fingerprint, task_ids FROM offload_idempotency "
+        "WHERE scope = $1 AND key = $2 AND created_at >= $3",
+        idem.scope,
+        idem.key,
+        idem.not_before,
+    )
+    if row is None:
+        return None
+    if row[0] != idem.fingerprint:
+        raise IdempotencyKeyReused(
+            "this Idempotency-Key was used for a different request body",
+            field="Idempotency-Key",
+        )
+    found = {
+        r[0]: task_from_row(r)
+        for r in await conn.fetch(
+            f"SELECT {COLUMNS} FROM offload_tasks WHERE id = ANY($1::text[])", row[1]
+        )
+    }
+    return [found[i] for i in row[1] if i in found]
+
+
+def pending_slot() -> int:
+    return random.randrange(PENDING_SLOTS)
+
+
+def describe_url(url: str) -> str:
+    """`url` without its password or query (which may carry one), for logs."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{parts.username}@{host}" if parts.username else host
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
