@@ -45,17 +45,22 @@ async def record(payload: Record, job: Job) -> JSON:
     return {"attempt": job.attempt}
 
 
+async def released(path: str, seconds: float) -> bool:
+    """Whether the file `path` appeared within `seconds`. The test process creates it: there
+    is no event to wait on, so look again every RELEASE_POLL seconds (a stat of a local
+    file; it does not hold the loop)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if os.path.exists(path):  # noqa: ASYNC240
+            return True
+        await asyncio.sleep(RELEASE_POLL)
+    return False
+
+
 async def hold(payload: Hold, job: Job) -> JSON:
     """Note the run, then wait until `release` exists or `seconds` pass."""
     note(payload.log, job)
-    deadline = time.monotonic() + payload.seconds
-    while time.monotonic() < deadline:
-        # The test process creates the file: there is no event to wait on, so look again
-        # every RELEASE_POLL seconds (a stat of a local file; it does not hold the loop).
-        if os.path.exists(payload.release):  # noqa: ASYNC240
-            return {"attempt": job.attempt, "released": True}
-        await asyncio.sleep(RELEASE_POLL)
-    return {"attempt": job.attempt, "released": False}
+    return {"attempt": job.attempt, "released": await released(payload.release, payload.seconds)}
 
 
 async def noop(payload: JSON) -> JSON:

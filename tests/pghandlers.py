@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from typing import Annotated
 
 import msgspec
 
 from daemon.executors.base import JSON, Job
-
-RELEASE_POLL = 0.05  # seconds between looks at the release file
+from tests.handlers import released
 
 
 class Note(msgspec.Struct, forbid_unknown_fields=True):
@@ -52,12 +50,8 @@ async def record(payload: Note, job: Job) -> JSON:
 async def hold(payload: Hold, job: Job) -> JSON:
     """Note the run, then wait until `release` exists or `seconds` pass."""
     note(payload.log, job)
-    deadline = time.monotonic() + payload.seconds
-    while time.monotonic() < deadline:
-        # The test creates the file from another process: look again every RELEASE_POLL s.
-        if os.path.exists(payload.release):  # noqa: ASYNC240
-            return {"pid": os.getpid()}
-        await asyncio.sleep(RELEASE_POLL)
+    if await released(payload.release, payload.seconds):
+        return {"pid": os.getpid()}
     return {"pid": os.getpid(), "released": False}
 
 

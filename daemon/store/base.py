@@ -218,7 +218,7 @@ async def open_store(config: StoreConfig, hooks: Hooks | None = None) -> AsyncIt
         async with open_sqlite(config, hooks) as store:
             yield store
     elif scheme in ("postgresql", "postgres"):
-        from daemon.store.postgres import open_postgres
+        from daemon.store.postgres_pool import open_postgres
 
         async with open_postgres(config, hooks) as pg_store:
             yield pg_store

@@ -17,14 +17,11 @@ import asyncio
 import builtins
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import msgspec
 
-from daemon.config import StoreConfig
 from daemon.errors import Conflict, NotFound, QueueFull, StoreUnavailable
 from daemon.models import (
     Attempt,
@@ -39,12 +36,11 @@ from daemon.models import (
     TaskQuery,
     TaskState,
 )
-from daemon.store.base import ClaimBatch, Hooks
-from daemon.store.postgres_connections import ACQUIRE_TIMEOUT
-from daemon.store.postgres_node import Node, unavailable
+from daemon.store.base import ClaimBatch
+from daemon.store.postgres_commit import GroupCommit
+from daemon.store.postgres_node import Node
 from daemon.store.postgres_rows import (
     admit_args,
-    describe_url,
     pending_slot,
     seen_key,
     task_from_row,
@@ -52,8 +48,6 @@ from daemon.store.postgres_rows import (
 from daemon.store.postgres_schema import (
     ADMIT_LOCK,
     LOCK_SPACE,
-    SchemaTooNew,
-    migrate,
 )
 from daemon.store.postgres_side import SideOps
 from daemon.store.postgres_sql import (
@@ -78,84 +72,10 @@ from daemon.store.postgres_sql import (
 
 logger = logging.getLogger(__name__)
 
-CONNECT_TIMEOUT = 5.0  # seconds to open one connection
-COMMAND_TIMEOUT = 30.0  # seconds for one statement; past it the database counts as gone
 CLAIM_RETRY = 1.0  # seconds until the feeder tries again when the database is unreachable
 RECORD_PATIENCE_MAX = 60.0  # seconds an outcome is retried through an outage (at most)
-SESSION_SETTINGS = {
-    "application_name": "offload",
-    # A safety net: our transactions last milliseconds; a session stuck in one (a frozen
-    # daemon) is ended by the server so its locks go with it.
-    "idle_in_transaction_session_timeout": "5s",
-    # A daemon that vanished without closing its sockets is noticed within ~30 s.
-    "tcp_keepalives_idle": "10",
-    "tcp_keepalives_interval": "5",
-    "tcp_keepalives_count": "4",
-}
 
 _encode = msgspec.json.encode
-
-
-Waiting = tuple[Claim, Succeeded, "asyncio.Future[Task | None]"]
-
-
-class GroupCommit:
-    """Successes recorded together: one statement (one commit, one fsync) for every success
-    that arrived while the previous ones were being written, with up to IN_FLIGHT such
-    statements at once. Without it a durable commit per task caps a node at a few hundred
-    tasks a second on an ordinary disk."""
-
-    IN_FLIGHT = 1
-    MAX_BATCH = 500
-
-    def __init__(
-        self, commit: Callable[[list[tuple[Claim, Succeeded]]], Awaitable[list[Task]]]
-    ) -> None:
-        self._commit = commit
-        self._waiting: list[Waiting] = []
-        self._flushes: set[asyncio.Task[None]] = set()
-
-    async def submit(self, claim: Claim, outcome: Succeeded) -> Task | None:
-        """The task as recorded, None if the claim was lost; raises what the commit raised.
-        A cancelled caller's success is still written."""
-        future: asyncio.Future[Task | None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((claim, outcome, future))
-        self._start()
-        return await future
-
-    def _start(self) -> None:
-        while self._waiting and len(self._flushes) < self.IN_FLIGHT:
-            batch: list[Waiting] = []
-            later: list[Waiting] = []
-            seen: set[str] = set()
-            for item in self._waiting[: self.MAX_BATCH]:
-                # The same task twice in one statement would update its row once: the
-                # second write waits for the next batch (where its fence refuses it).
-                (later if item[0].task.id in seen else batch).append(item)
-                seen.add(item[0].task.id)
-            self._waiting = later + self._waiting[self.MAX_BATCH :]
-            flush = asyncio.create_task(self._flush(batch), name="pg-group-commit")
-            self._flushes.add(flush)
-            flush.add_done_callback(self._done)
-
-    def _done(self, flush: asyncio.Task[None]) -> None:
-        self._flushes.discard(flush)
-        self._start()
-
-    async def _flush(
-        self, batch: list[tuple[Claim, Succeeded, asyncio.Future[Task | None]]]
-    ) -> None:
-        try:
-            done = await self._commit([(claim, outcome) for claim, outcome, _ in batch])
-        except Exception as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
-            return
-        by_id = {task.id: task for task in done}
-        for claim, _, future in batch:
-            if not future.done():
-                future.set_result(by_id.get(claim.task.id))
 
 
 class PostgresStore(SideOps):
@@ -437,53 +357,3 @@ class PostgresStore(SideOps):
             f"ORDER BY changed LIMIT ${len(args)}"
         )
         return [task_from_row(r) for r in await self._fetch(sql, *args)]
-
-
-async def _no_reset(conn: Any) -> None:
-    """Pool connections carry no session state (no LISTEN, no session locks, no SET), so
-    the default reset query, one more round trip per release, is not needed; asyncpg rolls
-    back an open transaction before this is called."""
-    return None
-
-
-@asynccontextmanager
-async def open_postgres(config: StoreConfig, hooks: Hooks) -> AsyncIterator[PostgresStore]:
-    """Connect, migrate and start this node's background work (listener, heartbeat,
-    rescue, hints); on exit stop it, end the listener session (and with it this node's
-    liveness lock), then close the pool. An unreachable database raises `StoreUnavailable`
-    naming it without its password."""
-    where = describe_url(config.url)
-    try:
-        pool = await asyncpg.create_pool(
-            config.url,
-            min_size=1,
-            max_size=config.pool_size,
-            timeout=CONNECT_TIMEOUT,
-            command_timeout=COMMAND_TIMEOUT,
-            server_settings=SESSION_SETTINGS,
-            reset=_no_reset,
-        )
-    except Exception as exc:
-        if unavailable(exc) or isinstance(exc, asyncpg.PostgresError | ValueError):
-            raise StoreUnavailable(f"cannot connect to {where}: {exc}") from exc
-        raise
-    try:
-        try:
-            async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
-                await migrate(conn)
-        except SchemaTooNew as exc:
-            raise StoreUnavailable(f"{where}: {exc}") from exc
-        except Exception as exc:
-            if unavailable(exc):
-                raise StoreUnavailable(f"cannot migrate {where}: {exc}") from exc
-            raise
-        node = Node(pool, config.url, hooks, SESSION_SETTINGS, CONNECT_TIMEOUT)
-        store = PostgresStore(pool, node, f"{where} (pool {config.pool_size})")
-        async with node.running(store.rescue_expired):
-            yield store
-    finally:
-        try:
-            async with asyncio.timeout(CONNECT_TIMEOUT):
-                await pool.close()
-        except TimeoutError:
-            pool.terminate()

@@ -10,12 +10,10 @@ from the table whenever a transaction rolls back.
 from __future__ import annotations
 
 import builtins
-import fcntl
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -26,7 +24,6 @@ from daemon.errors import (
     IdempotencyKeyReused,
     NotFound,
     QueueFull,
-    StoreLocked,
     StoreUnavailable,
 )
 from daemon.models import (
@@ -43,6 +40,7 @@ from daemon.models import (
     TaskState,
 )
 from daemon.store.base import ClaimBatch, Hooks
+from daemon.store.sqlite_file import database_path, lock
 from daemon.store.sqlite_rows import (
     COLUMNS,
     FENCE,
@@ -53,16 +51,6 @@ from daemon.store.sqlite_rows import (
 )
 from daemon.store.sqlite_schema import SchemaTooNew
 from daemon.store.sqlite_side import SideOps
-
-
-def database_path(url: str) -> Path:
-    """`sqlite:relative/path.db` (from the working directory) or `sqlite:///absolute.db`."""
-    rest = url.removeprefix("sqlite:")
-    if rest.startswith("//"):
-        rest = rest[2:]
-    if not rest:
-        raise ValueError("expected sqlite:PATH")
-    return Path(rest)
 
 
 class SQLiteStore(SideOps):
@@ -376,7 +364,7 @@ async def open_sqlite(
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise StoreUnavailable(f"cannot create {path.parent}: {exc.strerror}") from exc
-    lock_fd = _lock(path)
+    lock_fd = lock(path)
     try:
         store = SQLiteStore(path, config.synchronous)
         hooks = hooks or Hooks()
@@ -395,20 +383,3 @@ async def open_sqlite(
             await store._close_readers()
     finally:
         os.close(lock_fd)
-
-
-def _lock(path: Path) -> int:
-    lock_path = f"{path}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreLocked(
-            f"another offload daemon (pid {holder}) is already serving {path}; "
-            f"one daemon per SQLite file (use PostgreSQL to run several)"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
