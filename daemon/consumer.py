@@ -15,7 +15,8 @@ import msgspec
 from daemon.backoff import backoff_delay
 from daemon.errors import OffloadError
 from daemon.executors.base import Job, Permanent, RetryAfter, TaskLogger
-from daemon.models import Claim, Failed, Outcome, Released, Retry, Succeeded, TaskState
+from daemon.models import Claim, Failed, Outcome, Released, Retry, Succeeded, Task, TaskState
+from daemon.recorder import Ended
 
 if TYPE_CHECKING:
     from daemon.workers import Workers
@@ -42,13 +43,16 @@ class Run:
 
 async def consume(workers: Workers) -> None:
     """Run claims until cancelled (the drain ends idle consumers) or retired (a reload
-    lowered the concurrency)."""
+    lowered the concurrency). Outcomes go to the recorder; the next claim does not wait
+    for them to be written."""
     while True:
         claim = await workers.handoff.get()
         try:
-            await _run(workers, claim)
+            ended = await _run(workers, claim)
         finally:
             workers.finished(claim)
+        if ended is not None:
+            workers.recorder.add(ended)
         if workers.retiring > 0:
             workers.retiring -= 1
             return
@@ -65,7 +69,7 @@ def _fields(claim: Claim, event: str) -> dict[str, object]:
     }
 
 
-async def _run(workers: Workers, claim: Claim) -> None:
+async def _run(workers: Workers, claim: Claim) -> Ended | None:
     task = claim.task
     started = time.monotonic()
     run = Run(claim)
@@ -76,15 +80,20 @@ async def _run(workers: Workers, claim: Claim) -> None:
     finally:
         del workers.runs[task.id]
     if outcome is None:
-        return  # cancelled through the API, which already recorded it
-    try:
-        recorded = await workers.store.record(claim, outcome)
-    except OffloadError as exc:
+        return None  # cancelled through the API, which already recorded it
+    return Ended(claim, outcome, time.monotonic() - started)
+
+
+def settle(workers: Workers, ended: Ended, recorded: Task | OffloadError | None) -> None:
+    """After the outcome of a run was written (or could not be)."""
+    claim, outcome = ended.claim, ended.outcome
+    task = claim.task
+    if isinstance(recorded, OffloadError):
         # The row stays `running`; recovery (or lease expiry) puts it back later.
         logger.error(
             "could not record the outcome of task %s: %s",
             task.id,
-            exc,
+            recorded,
             extra=_fields(claim, "task.record_failed"),
         )
         return
@@ -96,9 +105,8 @@ async def _run(workers: Workers, claim: Claim) -> None:
             extra=_fields(claim, "task.lost_claim"),
         )
         return
-    duration = time.monotonic() - started
-    _log_outcome(claim, outcome, duration)
-    _count(workers, claim, outcome, duration)
+    _log_outcome(claim, outcome, ended.duration)
+    _count(workers, claim, outcome, ended.duration)
     if recorded.state.terminal:
         workers.watchers.ended(task.id)
     elif recorded.state is TaskState.QUEUED:

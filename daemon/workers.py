@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from daemon.config import WorkersConfig
-from daemon.consumer import Run, consume
+from daemon.consumer import Run, consume, settle
 from daemon.errors import OffloadError
 from daemon.flow import Flow
 from daemon.metrics import Metrics
 from daemon.models import Claim, Released
+from daemon.recorder import Recorder
 from daemon.stats import Stats
 from daemon.store.base import Store
 from daemon.tasktypes import TaskType
@@ -55,6 +56,7 @@ class Workers:
     retiring: int = 0  # consumers asked to exit after their current task (a smaller pool)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     _consumers: set[asyncio.Task[None]] = field(default_factory=set)
+    _recording: asyncio.Task[None] | None = None
     _spawn: Spawn | None = None
     _nudge: asyncio.Event = field(default_factory=asyncio.Event)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -67,6 +69,7 @@ class Workers:
         # The feeder never holds more than `capacity` claims (queued or running); a reload
         # may raise that, so the queue's own bound is the most the config allows.
         self.handoff: asyncio.Queue[Claim] = asyncio.Queue(MAX_CAPACITY)
+        self.recorder = Recorder(self.store, lambda ended, result: settle(self, ended, result))
         self._idle.set()
 
     @property
@@ -78,6 +81,7 @@ class Workers:
         TaskGroup's create_task)."""
         self._spawn = spawn
         spawn(self.feed(), "feeder")
+        self._recording = spawn(self.recorder.run(), "recorder")
         self.resize(self.config)
 
     def resize(self, config: WorkersConfig) -> None:
@@ -237,11 +241,14 @@ class Workers:
         return len(batch.claims)
 
     async def _put_back(self, claims: list[Claim]) -> None:
-        results = await asyncio.gather(
-            *(self.store.record(c, Released()) for c in claims), return_exceptions=True
-        )
+        results: list[object] = []
+        if claims:
+            try:
+                results = list(await self.store.record_many([(c, Released()) for c in claims]))
+            except OffloadError as exc:
+                results = [exc] * len(claims)
         for claim, result in zip(claims, results, strict=True):
-            if isinstance(result, BaseException):
+            if isinstance(result, OffloadError):
                 logger.error(
                     "could not put back task %s: %s",
                     claim.task.id,
@@ -280,10 +287,13 @@ class Workers:
             for run in list(self.runs.values()):
                 run.stop("shutdown")
             await _within(STOP_DEADLINE, self._idle)
+        await _within(STOP_DEADLINE, self.recorder.idle)
         # Every consumer now waits on the empty queue (or, past STOP_DEADLINE, on a run
-        # that ignores cancellation): end them.
+        # that ignores cancellation): end them, and the recorder, which has written all.
         for task in list(self._consumers):
             task.cancel()
+        if self._recording is not None:
+            self._recording.cancel()
 
 
 async def _first_set(*events: asyncio.Event) -> None:

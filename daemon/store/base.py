@@ -17,7 +17,7 @@ from typing import Protocol
 import msgspec
 
 from daemon.config import StoreConfig
-from daemon.errors import ConfigError
+from daemon.errors import ConfigError, OffloadError
 from daemon.models import (
     Claim,
     Counts,
@@ -79,6 +79,13 @@ class Store(Protocol):
     async def record(self, claim: Claim, outcome: Outcome) -> Task | None:
         """Apply the outcome of a run, fenced on the claim. None if the claim was lost
         (cancelled, rescued, or already recorded)."""
+        ...
+
+    async def record_many(
+        self, outcomes: Sequence[tuple[Claim, Outcome]]
+    ) -> builtins.list[Task | OffloadError | None]:
+        """`record()` for each, in order, written together where the store can; a run
+        whose outcome could not be written gets its error in its place."""
         ...
 
     async def get(self, task_id: str) -> Task | None: ...

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from daemon.errors import Conflict, NotFound, QueueFull, StoreUnavailable
+from daemon.errors import Conflict, NotFound, OffloadError, QueueFull, StoreUnavailable
 from daemon.models import (
     Attempt,
     Claim,
@@ -188,6 +188,19 @@ class PostgresStore(SideOps):
             return await self._persist(claim, lambda: self._record_once(RETRY_SQL, args, work=True))
         args = (*fence, outcome.finished_at, outcome.error, entry, pending_slot())
         return await self._persist(claim, lambda: self._record_once(FAILED_SQL, args, ended=True))
+
+    async def record_many(
+        self, outcomes: Sequence[tuple[Claim, Outcome]]
+    ) -> builtins.list[Task | OffloadError | None]:
+        """Each on its own: successes already share statements through the group commit,
+        and the other outcomes are rare."""
+        found = await asyncio.gather(
+            *(self.record(claim, outcome) for claim, outcome in outcomes), return_exceptions=True
+        )
+        for result in found:
+            if isinstance(result, BaseException) and not isinstance(result, OffloadError):
+                raise result
+        return found  # type: ignore[return-value]
 
     async def _persist(
         self, claim: Claim, once: Callable[[], Awaitable[Task | None]]

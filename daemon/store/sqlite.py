@@ -14,15 +14,16 @@ import os
 import sqlite3
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
 
 import msgspec
+from msgspec.structs import replace
 
 from daemon.config import StoreConfig
 from daemon.errors import (
     Conflict,
     IdempotencyKeyReused,
     NotFound,
+    OffloadError,
     QueueFull,
     StoreUnavailable,
 )
@@ -164,59 +165,104 @@ class SQLiteStore(SideOps):
         return batch
 
     async def record(self, claim: Claim, outcome: Outcome) -> Task | None:
-        fence = (claim.task.id, claim.attempt, claim.owner)
+        (recorded,) = await self.record_many([(claim, outcome)])
+        if isinstance(recorded, Exception):
+            raise recorded
+        return recorded
 
-        def op(conn: sqlite3.Connection) -> Task | None:
-            row = self._apply_outcome(conn, claim, outcome, fence)
-            if row is None:
-                return None
-            task = task_from_row(row)
-            if task.state.terminal:
-                self._pending -= 1
-            return task
+    async def record_many(
+        self, outcomes: Sequence[tuple[Claim, Outcome]]
+    ) -> builtins.list[Task | OffloadError | None]:
+        """One writer operation for all of them. The statements return nothing: the new row
+        is the claimed one with what this statement set, so it is built here rather than
+        read back (RETURNING costs more than the update itself)."""
 
-        recorded: Task | None = await self._write(op)
-        if recorded is not None:
-            self._changed([recorded])
+        def op(conn: sqlite3.Connection) -> builtins.list[Task | OffloadError | None]:
+            results: builtins.list[Task | OffloadError | None] = []
+            for claim, outcome in outcomes:
+                try:
+                    task = self._apply_outcome(conn, claim, outcome)
+                except sqlite3.Error as exc:
+                    # If this also ended the transaction, the commit fails and says so for all.
+                    results.append(StoreUnavailable(f"the store could not record: {exc}"))
+                    continue
+                if task is not None and task.state.terminal:
+                    self._pending -= 1
+                results.append(task)
+            return results
+
+        recorded: builtins.list[Task | OffloadError | None] = await self._write(op, atomic=True)
+        self._changed([t for t in recorded if isinstance(t, Task)])
         return recorded
 
     def _apply_outcome(
-        self, conn: sqlite3.Connection, claim: Claim, outcome: Outcome, fence: tuple[Any, ...]
-    ) -> tuple[Any, ...] | None:
-        ret = f"RETURNING {COLUMNS}"
+        self, conn: sqlite3.Connection, claim: Claim, outcome: Outcome
+    ) -> Task | None:
+        task = claim.task
+        fence = (task.id, claim.attempt, claim.owner)
+        changed = self._next_change()
         if isinstance(outcome, Succeeded):
-            return conn.execute(  # type: ignore[no-any-return]
-                f"UPDATE tasks SET state = 'succeeded', changed = next_change(), "
-                f"result = ?, finished_at = ?, "
-                f"owner = NULL, lease_until = NULL WHERE {FENCE} {ret}",
-                (outcome.result, outcome.finished_at, *fence),
-            ).fetchone()
+            done = conn.execute(
+                f"UPDATE tasks SET state = 'succeeded', changed = ?, result = ?, "
+                f"finished_at = ?, owner = NULL, lease_until = NULL WHERE {FENCE}",
+                (changed, outcome.result, outcome.finished_at, *fence),
+            )
+            if done.rowcount != 1:
+                return None
+            return replace(
+                task,
+                state=TaskState.SUCCEEDED,
+                changed=changed,
+                result=outcome.result,
+                finished_at=outcome.finished_at,
+            )
         if isinstance(outcome, Released):
-            return conn.execute(  # type: ignore[no-any-return]
-                f"UPDATE tasks SET state = 'queued', changed = next_change(), "
-                f"attempts = attempts - 1, owner = NULL, "
-                f"lease_until = NULL, started_at = NULL WHERE {FENCE} {ret}",
-                fence,
-            ).fetchone()
+            done = conn.execute(
+                f"UPDATE tasks SET state = 'queued', changed = ?, attempts = attempts - 1, "
+                f"owner = NULL, lease_until = NULL, started_at = NULL WHERE {FENCE}",
+                (changed, *fence),
+            )
+            if done.rowcount != 1:
+                return None
+            return replace(
+                task,
+                state=TaskState.QUEUED,
+                changed=changed,
+                attempts=task.attempts - 1,
+                started_at=None,
+            )
         found = conn.execute(f"SELECT history FROM tasks WHERE {FENCE}", fence).fetchone()
         if found is None:
             return None
-        started = claim.task.started_at or 0.0
-        entry = Attempt(claim.attempt, started, outcome.duration, outcome.error)
-        history = with_attempt(found[0], entry)
+        entry = Attempt(claim.attempt, task.started_at or 0.0, outcome.duration, outcome.error)
+        history, past = with_attempt(found[0], entry)
         if isinstance(outcome, Retry):
-            return conn.execute(  # type: ignore[no-any-return]
-                f"UPDATE tasks SET state = 'queued', changed = next_change(), "
-                f"run_at = ?, last_error = ?, history = ?, "
-                f"owner = NULL, lease_until = NULL WHERE {FENCE} {ret}",
-                (outcome.run_at, outcome.error, history, *fence),
-            ).fetchone()
-        return conn.execute(  # type: ignore[no-any-return]
-            f"UPDATE tasks SET state = 'failed', changed = next_change(), "
-            f"finished_at = ?, last_error = ?, history = ?, "
-            f"owner = NULL, lease_until = NULL WHERE {FENCE} {ret}",
-            (outcome.finished_at, outcome.error, history, *fence),
-        ).fetchone()
+            conn.execute(
+                f"UPDATE tasks SET state = 'queued', changed = ?, run_at = ?, last_error = ?, "
+                f"history = ?, owner = NULL, lease_until = NULL WHERE {FENCE}",
+                (changed, outcome.run_at, outcome.error, history, *fence),
+            )
+            return replace(
+                task,
+                state=TaskState.QUEUED,
+                changed=changed,
+                run_at=outcome.run_at,
+                last_error=outcome.error,
+                history=past,
+            )
+        conn.execute(
+            f"UPDATE tasks SET state = 'failed', changed = ?, finished_at = ?, last_error = ?, "
+            f"history = ?, owner = NULL, lease_until = NULL WHERE {FENCE}",
+            (changed, outcome.finished_at, outcome.error, history, *fence),
+        )
+        return replace(
+            task,
+            state=TaskState.FAILED,
+            changed=changed,
+            finished_at=outcome.finished_at,
+            last_error=outcome.error,
+            history=past,
+        )
 
     async def cancel(self, task_id: str, *, now: float) -> tuple[Task, TaskState]:
         def op(conn: sqlite3.Connection) -> tuple[Task, TaskState]:
@@ -284,7 +330,7 @@ class SQLiteStore(SideOps):
                 task = task_from_row(row)
                 started = task.started_at or now
                 entry = Attempt(task.attempts, started, max(0.0, now - started), error)
-                history = with_attempt(row[16], entry)
+                history, _ = with_attempt(row[16], entry)
                 if task.attempts_left > 0:
                     conn.execute(
                         "UPDATE tasks SET state = 'queued', changed = next_change(), "

@@ -67,8 +67,8 @@ class Connections:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the store could not be read: {exc}") from exc
 
-    async def _write(self, op: Any) -> Any:
-        return await self._writer.submit(op)
+    async def _write(self, op: Any, *, atomic: bool = False) -> Any:
+        return await self._writer.submit(op, atomic=atomic)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         migrate(conn)

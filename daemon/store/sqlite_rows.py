@@ -60,7 +60,9 @@ def type_filter(
     return "", []
 
 
-def with_attempt(history: bytes | None, entry: Attempt) -> bytes:
+def with_attempt(history: bytes | None, entry: Attempt) -> tuple[bytes, tuple[Attempt, ...]]:
+    """The history with `entry` added (oldest dropped past the limit): encoded, and as values."""
     past = [] if history is None else _history_decoder.decode(history)
     past.append(entry)
-    return encode(past[-HISTORY_LIMIT:])
+    kept = tuple(past[-HISTORY_LIMIT:])
+    return encode(kept), kept
