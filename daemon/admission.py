@@ -114,6 +114,6 @@ async def admit(
         return admitted, True
     rt.stats.accepted += len(admitted)
     for task in admitted:
-        rt.metrics.accepted.labels(task.type, task.queue).inc()
+        rt.metrics.child(rt.metrics.accepted, task.type, task.queue).inc()
     rt.workers.wake()
     return admitted, False

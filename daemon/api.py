@@ -185,7 +185,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     if before is TaskState.RUNNING:
         rt.workers.stop_run(task_id, "cancel")
     rt.stats.cancelled += 1
-    rt.metrics.tasks.labels(task.type, task.queue, "cancelled").inc()
+    rt.metrics.child(rt.metrics.tasks, task.type, task.queue, "cancelled").inc()
     rt.watchers.ended(task_id)
     return _json(view(task))
 

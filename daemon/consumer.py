@@ -215,8 +215,8 @@ def _count(workers: Workers, claim: Claim, outcome: Outcome, duration: float) ->
         stats.released += 1
         name = "released"
     metrics = workers.metrics
-    metrics.tasks.labels(claim.task.type, claim.task.queue, name).inc()
-    metrics.duration.labels(claim.task.type).observe(duration)
+    metrics.child(metrics.tasks, claim.task.type, claim.task.queue, name).inc()
+    metrics.child(metrics.duration, claim.task.type).observe(duration)
 
 
 def _log_outcome(claim: Claim, outcome: Outcome, duration: float) -> None:

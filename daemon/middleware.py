@@ -33,7 +33,8 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await _answer(request, handler)
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else "unmatched"
-    request.app[RUNTIME].metrics.http.labels(route, str(response.status)).inc()
+    metrics = request.app[RUNTIME].metrics
+    metrics.child(metrics.http, route, str(response.status)).inc()
     return response
 
 

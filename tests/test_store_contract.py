@@ -190,6 +190,43 @@ async def test_success_is_recorded(store: Store) -> None:
     assert await store.counts() == Counts(succeeded=1)
 
 
+async def test_bytes_and_times_survive_claim_and_record_exactly(store: Store) -> None:
+    payload = '{ "text": "caf\u00e9 \\u00e9 \\"q\\"",\n  "n": 1.50 }'.encode()
+    task = msgspec.structs.replace(new_task(1), payload=payload, run_at=T0 + 0.123456789)
+    claimed = await claim_one(store, task, now=T0 + 1)
+    assert (claimed.task.payload, claimed.task.run_at) == (payload, task.run_at)
+    assert claimed.task.created_at == task.created_at
+
+    result = '["\u00fcber", {"x": null}]'.encode()
+    done = await store.record(claimed, Succeeded(result=result, finished_at=T0 + 2.000001))
+
+    assert done is not None and done.result == result
+    assert await store.get(task.id) == done
+
+
+async def test_record_many_keeps_order_and_reports_each(store: Store) -> None:
+    await admit(store, *(new_task(n) for n in range(4)))
+    claims = await claim(store)
+    lost = claims[1]
+    await store.record(lost, Succeeded(result=None, finished_at=T0 + 2))
+    outcomes = [
+        (claims[0], Succeeded(result=b"0", finished_at=T0 + 2)),
+        (lost, Succeeded(result=b"late", finished_at=T0 + 3)),
+        (claims[2], Retry(error="again", run_at=T0 + 9, duration=0.5)),
+        (claims[3], Succeeded(result=b"3", finished_at=T0 + 2)),
+    ]
+
+    recorded = await store.record_many(outcomes)
+
+    assert recorded[1] is None
+    states = [r.state if isinstance(r, Task) else r for r in recorded]
+    assert states == [TaskState.SUCCEEDED, None, TaskState.QUEUED, TaskState.SUCCEEDED]
+    for claimed, found in zip(claims, recorded, strict=True):
+        if isinstance(found, Task):
+            assert await store.get(claimed.task.id) == found
+    assert (await store.get(lost.task.id)).result is None  # type: ignore[union-attr]
+
+
 async def test_record_is_fenced_on_the_claim(store: Store) -> None:
     claimed = await claim_one(store, new_task(1))
     done = await store.record(claimed, Succeeded(result=b"1", finished_at=T0 + 2))

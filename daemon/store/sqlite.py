@@ -30,6 +30,7 @@ from daemon.errors import (
 from daemon.models import (
     Attempt,
     Claim,
+    Failed,
     IdempotencyKey,
     NewTask,
     Outcome,
@@ -41,6 +42,7 @@ from daemon.models import (
     TaskState,
 )
 from daemon.store.base import ClaimBatch, Hooks
+from daemon.store.sqlite_batch import claim_sql, succeed, take
 from daemon.store.sqlite_file import database_path, lock
 from daemon.store.sqlite_rows import (
     COLUMNS,
@@ -132,35 +134,24 @@ class SQLiteStore(SideOps):
         narrow, narrow_args = type_filter(only_type, skip_types)
         by_queue, queue_args = type_filter(only_queue, skip_queues, column="queue")
         narrow, narrow_args = narrow + by_queue, narrow_args + queue_args
-        claim_sql = (
-            f"UPDATE tasks SET state = 'running', changed = next_change(), "
-            f"attempts = attempts + 1, owner = ?, "
-            f"lease_until = ?, started_at = ? WHERE seq IN ("
-            f"SELECT seq FROM tasks INDEXED BY tasks_claim "
-            f"WHERE state = 'queued' AND run_at <= ?{narrow} ORDER BY priority DESC, seq "
-            f"LIMIT ?) RETURNING seq, {COLUMNS}"
-        )
-        claim_args = (owner, now + lease, now, now, *narrow_args, limit)
+        sql = claim_sql(narrow)
+        args = (now, *narrow_args, limit, now, *narrow_args)
 
         def op(conn: sqlite3.Connection) -> ClaimBatch:
-            rows = conn.execute(claim_sql, claim_args).fetchall()
-            rows.sort(key=lambda r: (-r[6], r[0]))
-            claims = [
-                Claim(
-                    task=task_from_row(r[1:]), owner=owner, attempt=r[11], lease_until=now + lease
-                )
-                for r in rows
-            ]
-            next_due = None
-            if len(rows) < limit:
-                next_due = conn.execute(
-                    f"SELECT min(run_at) FROM tasks INDEXED BY tasks_next_due "
-                    f"WHERE state = 'queued' AND run_at > ?{narrow}",
-                    (now, *narrow_args),
-                ).fetchone()[0]
-            return ClaimBatch(claims=claims, next_due=next_due)
+            found, next_due = conn.execute(sql, args).fetchone()
+            claims = take(
+                conn,
+                found,
+                first_change=self._change + 1,
+                owner=owner,
+                now=now,
+                lease_until=now + lease,
+            )
+            self._change += len(claims)
+            return ClaimBatch(claims=claims, next_due=None if len(claims) == limit else next_due)
 
-        batch: ClaimBatch = await self._write(op)
+        # Atomic: the one write is the last statement.
+        batch: ClaimBatch = await self._write(op, atomic=True)
         self._changed([c.task for c in batch.claims])
         return batch
 
@@ -173,22 +164,44 @@ class SQLiteStore(SideOps):
     async def record_many(
         self, outcomes: Sequence[tuple[Claim, Outcome]]
     ) -> builtins.list[Task | OffloadError | None]:
-        """One writer operation for all of them. The statements return nothing: the new row
-        is the claimed one with what this statement set, so it is built here rather than
-        read back (RETURNING costs more than the update itself)."""
+        """One writer operation for all of them, the successes in one statement. Nothing is
+        read back: the new row is the claimed one with what the statement set."""
 
         def op(conn: sqlite3.Connection) -> builtins.list[Task | OffloadError | None]:
-            results: builtins.list[Task | OffloadError | None] = []
-            for claim, outcome in outcomes:
+            results: builtins.list[Task | OffloadError | None] = [None] * len(outcomes)
+            done = [(i, c, o) for i, (c, o) in enumerate(outcomes) if isinstance(o, Succeeded)]
+            if done:
+                first = self._change + 1
+                self._change += len(done)
+                try:
+                    lost = succeed(conn, [(c, o) for _, c, o in done], first)
+                except sqlite3.Error as exc:
+                    lost = set(range(len(done)))
+                    for i, _, _ in done:
+                        results[i] = StoreUnavailable(f"the store could not record: {exc}")
+                for n, (i, claim, success) in enumerate(done):
+                    if n in lost:
+                        continue
+                    self._pending -= 1
+                    results[i] = replace(
+                        claim.task,
+                        state=TaskState.SUCCEEDED,
+                        changed=first + n,
+                        result=success.result,
+                        finished_at=success.finished_at,
+                    )
+            for i, (claim, outcome) in enumerate(outcomes):
+                if isinstance(outcome, Succeeded):
+                    continue
                 try:
                     task = self._apply_outcome(conn, claim, outcome)
                 except sqlite3.Error as exc:
                     # If this also ended the transaction, the commit fails and says so for all.
-                    results.append(StoreUnavailable(f"the store could not record: {exc}"))
+                    results[i] = StoreUnavailable(f"the store could not record: {exc}")
                     continue
                 if task is not None and task.state.terminal:
                     self._pending -= 1
-                results.append(task)
+                results[i] = task
             return results
 
         recorded: builtins.list[Task | OffloadError | None] = await self._write(op, atomic=True)
@@ -196,26 +209,11 @@ class SQLiteStore(SideOps):
         return recorded
 
     def _apply_outcome(
-        self, conn: sqlite3.Connection, claim: Claim, outcome: Outcome
+        self, conn: sqlite3.Connection, claim: Claim, outcome: Failed | Retry | Released
     ) -> Task | None:
         task = claim.task
         fence = (task.id, claim.attempt, claim.owner)
         changed = self._next_change()
-        if isinstance(outcome, Succeeded):
-            done = conn.execute(
-                f"UPDATE tasks SET state = 'succeeded', changed = ?, result = ?, "
-                f"finished_at = ?, owner = NULL, lease_until = NULL WHERE {FENCE}",
-                (changed, outcome.result, outcome.finished_at, *fence),
-            )
-            if done.rowcount != 1:
-                return None
-            return replace(
-                task,
-                state=TaskState.SUCCEEDED,
-                changed=changed,
-                result=outcome.result,
-                finished_at=outcome.finished_at,
-            )
         if isinstance(outcome, Released):
             done = conn.execute(
                 f"UPDATE tasks SET state = 'queued', changed = ?, attempts = attempts - 1, "
