@@ -14,7 +14,7 @@ import msgspec
 
 from daemon.errors import Invalid, QueueFull, Unavailable
 from daemon.ids import new_id
-from daemon.models import IdempotencyKey, NewTask, Task
+from daemon.models import IdempotencyKey, NewTask, Task, TaskState
 from daemon.runtime import Runtime
 from daemon.wire import SubmitRequest, invalid
 
@@ -103,17 +103,24 @@ async def admit(
     second value is True); on a full queue, say when to come back from the completion rate."""
     if rt.draining.is_set():
         raise draining_refusal(rt)
+    # A lone task with a consumer idle starts with its own commit, not after another.
+    start = rt.workers.start_now(tasks[0], tasks[0].created_at) if len(tasks) == 1 else None
+    admitted: list[Task] = []
     try:
         admitted = await rt.store.admit(
-            tasks, max_pending=rt.config.workers.max_pending, idempotency=key
+            tasks, max_pending=rt.config.workers.max_pending, idempotency=key, start=start
         )
     except QueueFull as exc:
         exc.retry_after = rt.stats.retry_after(exc.needed)
         raise
+    finally:
+        if start is not None:
+            rt.workers.started(tasks[0], admitted[0] if admitted else None)
     if admitted and tasks and admitted[0].id != tasks[0].id:
         return admitted, True
     rt.stats.accepted += len(admitted)
     for task in admitted:
         rt.metrics.child(rt.metrics.accepted, task.type, task.queue).inc()
-    rt.workers.wake()
+    if start is None or admitted[0].state is not TaskState.RUNNING:
+        rt.workers.wake()
     return admitted, False

@@ -47,7 +47,9 @@ async def create_app() -> web.Application:
     stack.push_async_callback(http.aclose)
     types = build_types(config, threads, http)
     flow = await load_flow(config, store)
-    workers = Workers(config.workers, store, types, stats, watchers, metrics, owner, flow)
+    workers = Workers(
+        config.workers, store, types, stats, watchers, metrics, owner, flow, shared=store.shared
+    )
     authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
     rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator, ready=True)
     hooks.on_change = rt.events.publish

@@ -113,6 +113,7 @@ async def _run(
             metrics,
             owner,
             flow,
+            shared=store.shared,
         )
         hooks.on_new_work = workers.wake
         hooks.on_lost = lambda task_id: workers.stop_run(task_id, "cancel")

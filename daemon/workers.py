@@ -23,7 +23,7 @@ from daemon.consumer import Run, consume, settle
 from daemon.errors import OffloadError
 from daemon.flow import Flow
 from daemon.metrics import Metrics
-from daemon.models import Claim, Released
+from daemon.models import Claim, NewTask, Released, StartNow, Task, TaskState
 from daemon.recorder import Recorder
 from daemon.stats import Stats
 from daemon.store.base import Store
@@ -50,6 +50,9 @@ class Workers:
     metrics: Metrics
     owner: str
     flow: Flow
+    # Other daemons admit into the same store (PostgreSQL): their work may be due at any
+    # time, so every freed slot looks for it.
+    shared: bool = False
     runs: dict[str, Run] = field(default_factory=dict)
     inflight: int = 0  # claimed and not yet recorded
     busy: collections.Counter[str] = field(default_factory=collections.Counter)  # per type
@@ -61,8 +64,14 @@ class Workers:
     _nudge: asyncio.Event = field(default_factory=asyncio.Event)
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
     _fed: asyncio.Event = field(default_factory=asyncio.Event)  # the feeder has exited
+    _feeding: bool = False  # a feeder round (its claims) is under way
     _paused_read: float = 0.0  # when the paused queues were last read from the store
     _full: bool = False  # the current feeder round: a claim came back full
+    # Whether the store may hold due work that no claim has taken: a freed slot wakes the
+    # feeder only then, so that an idle daemon does not claim (and commit) for nothing
+    # after each run, and a new task can start at admission meanwhile.
+    _more: bool = True
+    _wakes: int = 0  # wake() calls so far: a round that overlapped one proves nothing
     _due: list[float] = field(default_factory=list)  # the current round: next run_at seen
 
     def __post_init__(self) -> None:
@@ -102,7 +111,9 @@ class Workers:
         self.wake()
 
     def wake(self) -> None:
-        """New work may be due (an admission, a retry, a freed slot)."""
+        """New work may be due (an admission, a retry, a resumed queue, a hint)."""
+        self._wakes += 1
+        self._more = True
         self._nudge.set()
 
     def stop_run(self, task_id: str, reason: str) -> bool:
@@ -113,21 +124,64 @@ class Workers:
         return True
 
     def claimed(self, claims: list[Claim]) -> None:
-        self.inflight += len(claims)
         for claim in claims:
-            self.busy[claim.task.type] += 1
-            self.flow.busy[claim.task.queue] += 1
-        if claims:
-            self._idle.clear()
+            self._hold(claim.task.type, claim.task.queue)
 
     def finished(self, claim: Claim) -> None:
         """A claim left the process: recorded, or put back."""
+        self._let_go(claim.task.type, claim.task.queue)
+
+    def _hold(self, type: str, queue: str) -> None:
+        self.inflight += 1
+        self.busy[type] += 1
+        self.flow.busy[queue] += 1
+        self._idle.clear()
+
+    def _let_go(self, type: str, queue: str) -> None:
         self.inflight -= 1
-        self.busy[claim.task.type] -= 1
-        self.flow.busy[claim.task.queue] -= 1
+        self.busy[type] -= 1
+        self.flow.busy[queue] -= 1
         if self.inflight == 0:
             self._idle.set()
-        self._nudge.set()
+        if self._more or self.shared:
+            self._nudge.set()
+
+    # -- starting at admission -------------------------------------------------------------
+
+    def start_now(self, task: NewTask, now: float) -> StartNow | None:
+        """A slot for `task` to be admitted already running, or None. Only while a consumer
+        idles and the feeder has nothing claimed, nothing to claim and no claim under way:
+        then no queued task can be overtaken. Weighted, strict, capped or rate-limited
+        queues always go through the feeder."""
+        if (
+            self.stopping.is_set()
+            or self._feeding
+            or self._nudge.is_set()
+            or not self.handoff.empty()
+            or self.inflight >= self.config.concurrency
+            or task.run_at > now
+            or task.queue in self.flow.paused
+            or not self.flow.simple
+        ):
+            return None
+        task_type = self.types.get(task.type)
+        if task_type is None:
+            return None
+        cap = task_type.config.concurrency
+        if cap and self.busy[task.type] >= cap:
+            return None
+        self._hold(task.type, task.queue)
+        return StartNow(owner=self.owner, lease=self.config.lease)
+
+    def started(self, new: NewTask, admitted: Task | None) -> None:
+        """After the admission `start_now()` held a slot for: the run goes to a consumer,
+        or (not started: refused, replayed, or the store does not start) the slot is free."""
+        if admitted is None or admitted.id != new.id or admitted.state is not TaskState.RUNNING:
+            self._let_go(new.type, new.queue)
+            return
+        started = admitted.started_at or time.time()
+        claim = Claim(admitted, self.owner, admitted.attempts, started + self.config.lease)
+        self.handoff.put_nowait(claim)
 
     # -- the feeder --------------------------------------------------------------------
 
@@ -136,7 +190,11 @@ class Workers:
         try:
             while not self.stopping.is_set():
                 self._nudge.clear()
-                delay = await self._feed_once()
+                self._feeding = True
+                try:
+                    delay = await self._feed_once()
+                finally:
+                    self._feeding = False
                 if delay is not None and delay <= 0:
                     continue
                 if not self._nudge.is_set():
@@ -157,7 +215,7 @@ class Workers:
         # Claim in batches: wait for a quarter of the room unless the consumers are starving.
         if room <= 0 or (room < max(1, self.capacity // 4) and not self.handoff.empty()):
             return None
-        self._full, self._due = False, []
+        self._full, self._due, wakes = False, [], self._wakes
         await self._refresh_paused()
         paused = tuple(self.flow.paused)
         # Types with their own cap are claimed apart, never past their free slots.
@@ -170,6 +228,9 @@ class Workers:
             await self._claim(room, skip_types=tuple(caps), skip_queues=paused)
         elif room > 0:
             await self._claim_by_queue(room, tuple(caps))
+        capped = any(cap <= self.busy[name] for name, cap in caps.items())
+        if not (self._full or capped or self._wakes != wakes) and self.flow.simple:
+            self._more = False  # everything due was claimed: until the next wake()
         if self._full:
             return 0.0
         waits = [due - time.time() for due in self._due]

@@ -13,6 +13,7 @@ from aiohttp import web_request
 
 from daemon.ids import new_id
 from daemon.models import Counts
+from tests.harness import eventually
 from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
     Daemon,
     api_fixture,
@@ -62,13 +63,14 @@ async def test_submit_answers_202_with_the_task_and_its_location(api: Daemon) ->
     assert reply.headers["Location"] == f"/v1/tasks/{task['id']}"
     assert task["type"] == "sleep"
     assert task["queue"] == "reports"
-    assert task["state"] == "queued"
+    # Queued, or running already when a consumer was idle (see the next test).
+    started = task["state"] == "running"
+    assert (task["state"], task["attempts"]) == (("running", 1) if started else ("queued", 0))
+    assert (task["started_at"] is not None) == started
     assert task["payload"] == {"seconds": 0}
     assert task["priority"] == 7
     assert task["max_attempts"] == 2
-    assert task["attempts"] == 0
     assert task["timeout"] == 10
-    assert task["started_at"] is None
     assert task["finished_at"] is None
     assert task["result"] is None
     assert task["last_error"] is None
@@ -97,6 +99,34 @@ async def test_long_poll_returns_as_soon_as_the_task_ends(api: Daemon) -> None:
     assert reply.status == 200
     assert reply.body["state"] == "succeeded"
     assert reply.elapsed < QUICK  # the task took 0.3s; the wait allowed 20s
+
+
+async def test_a_lone_task_for_an_idle_consumer_is_committed_running(tmp_path: Path) -> None:
+    # One slot: a task that finds its consumer idle (and the feeder with nothing under way,
+    # as it is once the daemon settles) is admitted already running: one commit, not two.
+    # A task that finds the consumer busy is queued like any other.
+    one_slot = {"workers": {"concurrency": 1, "prefetch": 0}}
+    async with open_daemon(tmp_path, one_slot) as api:
+
+        async def started_at_once() -> dict[str, Any] | None:
+            task = await api.submit({"type": "noop"})
+            return task if task["state"] == "running" else None
+
+        async with asyncio.timeout(QUICK):
+            first = await eventually(started_at_once)
+        assert first["attempts"] == 1 and first["started_at"] is not None
+        done = await api.ended(first["id"])
+        assert (done["state"], done["attempts"]) == ("succeeded", 1)
+
+        gate = api.gate()
+        await api.submit({"type": "block", "payload": {"gate": gate.key}})
+        async with asyncio.timeout(QUICK):
+            await gate.started.wait()
+        second = await api.submit({"type": "noop"})
+        assert (second["state"], second["attempts"], second["started_at"]) == ("queued", 0, None)
+        gate.release.set()
+        done = await api.ended(second["id"])
+        assert (done["state"], done["attempts"]) == ("succeeded", 1)
 
 
 async def test_long_poll_answers_the_current_state_at_timeout(api: Daemon) -> None:

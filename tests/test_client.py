@@ -41,7 +41,8 @@ async def test_submit_get_and_wait_return_typed_tasks(api: Daemon) -> None:
     async with OffloadClient(url(api)) as client:
         task = await client.submit("sleep", {"seconds": 0})
         assert isinstance(task, Task)
-        assert task.state is TaskState.QUEUED
+        # Queued, or already running when a consumer was idle (test_api shows which).
+        assert task.state in (TaskState.QUEUED, TaskState.RUNNING)
         assert task.type == "sleep"
         assert task.payload == {"seconds": 0}
         assert task.created_at is not None

@@ -75,7 +75,8 @@ async def test_runs_that_outlast_the_grace_are_put_back_unspent_and_run_after_re
     # Six 60 s tasks: four run, two are claimed ahead into the hand-off queue.
     tasks = await daemon.submit_many("hold", [hold_payload(tmp_path)] * 6)
     ids = {t.id for t in tasks}
-    assert {(t.state, t.attempts) for t in tasks} == {("queued", 0)}
+    # The first ones find idle consumers and are admitted running; the rest queue.
+    assert {(t.state, t.attempts) for t in tasks} <= {("queued", 0), ("running", 1)}
     started = await wait_started(tmp_path / "runs.log", 4)
     assert len(started) == 4  # the concurrency
     await wait_all_claimed(daemon, ids)

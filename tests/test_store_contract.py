@@ -22,6 +22,7 @@ from daemon.models import (
     Counts,
     Failed,
     NewTask,
+    Outcome,
     Released,
     Retry,
     Succeeded,
@@ -209,7 +210,7 @@ async def test_record_many_keeps_order_and_reports_each(store: Store) -> None:
     claims = await claim(store)
     lost = claims[1]
     await store.record(lost, Succeeded(result=None, finished_at=T0 + 2))
-    outcomes = [
+    outcomes: list[tuple[Claim, Outcome]] = [
         (claims[0], Succeeded(result=b"0", finished_at=T0 + 2)),
         (lost, Succeeded(result=b"late", finished_at=T0 + 3)),
         (claims[2], Retry(error="again", run_at=T0 + 9, duration=0.5)),

@@ -26,6 +26,7 @@ from daemon.models import (
     Outcome,
     QueueHealth,
     ScheduleState,
+    StartNow,
     Task,
     TaskQuery,
     TaskState,
@@ -45,18 +46,26 @@ class Store(Protocol):
         """Where the data lives, for the startup line (no secrets)."""
         ...
 
+    @property
+    def shared(self) -> bool:
+        """Whether other daemons admit into and claim from this store too."""
+        ...
+
     async def admit(
         self,
         tasks: Sequence[NewTask],
         *,
         max_pending: int,
         idempotency: IdempotencyKey | None = None,
+        start: StartNow | None = None,
     ) -> list[Task]:
         """Commit all of `tasks` as `queued`, or none: raises `QueueFull` if they would take
         the unfinished count past `max_pending`. Returns only after the commit. With
         `idempotency`, a key first seen after its `not_before` returns the tasks it admitted
         then, as they are now, and admits nothing (the caller tells by the ids); with
-        another fingerprint it raises `IdempotencyKeyReused`."""
+        another fingerprint it raises `IdempotencyKeyReused`. With `start`, the store may
+        commit the first task already `running` for `start.owner`, its first attempt
+        counted, as a claim would (the caller tells by its state)."""
         ...
 
     async def claim(

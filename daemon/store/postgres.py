@@ -31,6 +31,7 @@ from daemon.models import (
     Outcome,
     Released,
     Retry,
+    StartNow,
     Succeeded,
     Task,
     TaskQuery,
@@ -96,11 +97,13 @@ class PostgresStore(SideOps):
         *,
         max_pending: int,
         idempotency: IdempotencyKey | None = None,
+        start: StartNow | None = None,
     ) -> list[Task]:
         """One transaction under the admission lock, so that the sum of `offload_pending`
         read here is every committed admission's (completions need not take the lock: a
         count read too high only refuses early), and so that of two admissions racing
-        with one idempotency key the second finds the first's key."""
+        with one idempotency key the second finds the first's key. `start` is not taken:
+        here claims stay with the claim query, whose leases the node renews."""
         if not tasks:
             return []
         async with self._conn() as conn, conn.transaction():

@@ -24,6 +24,10 @@ class Connections:
     def description(self) -> str:
         return self._description
 
+    @property
+    def shared(self) -> bool:
+        return True
+
     @asynccontextmanager
     async def _conn(self) -> AsyncIterator[Any]:
         """A pooled connection; an unreachable database becomes `StoreUnavailable`."""

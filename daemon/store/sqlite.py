@@ -36,6 +36,7 @@ from daemon.models import (
     Outcome,
     Released,
     Retry,
+    StartNow,
     Succeeded,
     Task,
     TaskQuery,
@@ -43,6 +44,7 @@ from daemon.models import (
 )
 from daemon.store.base import ClaimBatch, Hooks
 from daemon.store.sqlite_batch import claim_sql, succeed, take
+from daemon.store.sqlite_connections import INSERT_ROWS
 from daemon.store.sqlite_file import database_path, lock
 from daemon.store.sqlite_rows import (
     COLUMNS,
@@ -65,6 +67,7 @@ class SQLiteStore(SideOps):
         *,
         max_pending: int,
         idempotency: IdempotencyKey | None = None,
+        start: StartNow | None = None,
     ) -> list[Task]:
         def op(conn: sqlite3.Connection) -> tuple[list[Task], bool]:
             if idempotency is not None:
@@ -77,7 +80,7 @@ class SQLiteStore(SideOps):
                     pending=self._pending,
                     needed=self._pending + len(tasks) - max_pending,
                 )
-            admitted = self._insert(conn, tasks)
+            admitted = self._insert(conn, tasks, start)
             if idempotency is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, task_ids, "
@@ -92,7 +95,10 @@ class SQLiteStore(SideOps):
                 )
             return admitted, False
 
-        found, replayed = await self._write(op)
+        # Atomic without a key: the inserts are the op's only writes, and one statement
+        # unless the batch is over INSERT_ROWS.
+        atomic = idempotency is None and len(tasks) <= INSERT_ROWS
+        found, replayed = await self._write(op, atomic=atomic)
         if not replayed:
             self._changed(found)
         return found  # type: ignore[no-any-return]
