@@ -240,32 +240,23 @@ class SQLiteStore(SideOps):
             return None
         entry = Attempt(claim.attempt, task.started_at or 0.0, outcome.duration, outcome.error)
         history, past = with_attempt(found[0], entry)
+        # A retry goes back to the queue until `run_at`; a failure ends the task.
         if isinstance(outcome, Retry):
-            conn.execute(
-                f"UPDATE tasks SET state = 'queued', changed = ?, run_at = ?, last_error = ?, "
-                f"history = ?, owner = NULL, lease_until = NULL WHERE {FENCE}",
-                (changed, outcome.run_at, outcome.error, history, *fence),
-            )
-            return replace(
-                task,
-                state=TaskState.QUEUED,
-                changed=changed,
-                run_at=outcome.run_at,
-                last_error=outcome.error,
-                history=past,
-            )
+            state, column, value = TaskState.QUEUED, "run_at", outcome.run_at
+        else:
+            state, column, value = TaskState.FAILED, "finished_at", outcome.finished_at
         conn.execute(
-            f"UPDATE tasks SET state = 'failed', changed = ?, finished_at = ?, last_error = ?, "
+            f"UPDATE tasks SET state = ?, changed = ?, {column} = ?, last_error = ?, "
             f"history = ?, owner = NULL, lease_until = NULL WHERE {FENCE}",
-            (changed, outcome.finished_at, outcome.error, history, *fence),
+            (state.value, changed, value, outcome.error, history, *fence),
         )
         return replace(
             task,
-            state=TaskState.FAILED,
+            state=state,
             changed=changed,
-            finished_at=outcome.finished_at,
             last_error=outcome.error,
             history=past,
+            **{column: value},
         )
 
     async def cancel(self, task_id: str, *, now: float) -> tuple[Task, TaskState]:

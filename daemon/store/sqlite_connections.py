@@ -69,6 +69,7 @@ class Connections:
         conn.execute("PRAGMA journal_size_limit = 67108864")
         conn.execute("PRAGMA cache_size = -16384")  # 16 MiB
         conn.execute("PRAGMA temp_store = MEMORY")
+        conn.execute("PRAGMA wal_autocheckpoint = 0")  # Writer checkpoints after commits
         return conn
 
     def _open_reader(self) -> None:

@@ -31,6 +31,12 @@ MAX_BATCH = 1024
 # Under constant reads the WAL may never reset by itself; past this size we force it.
 WAL_LIMIT = 64 * 1024 * 1024
 WAL_CHECK_EVERY = 256  # commits
+# SQLite's automatic checkpoint runs inside the commit that crosses its threshold, so the
+# tasks waiting on that commit wait for the copy (and, with synchronous = FULL, an fsync of
+# the database file) too. The writer turns it off and checkpoints between batches instead,
+# after the commit's callers have their answers; nothing is written meanwhile, so the
+# checkpoint completes and the next transaction starts the WAL over.
+CHECKPOINT_EVERY = 32  # commits (~1,000 pages, SQLite's own default)
 
 
 class _Item:
@@ -57,6 +63,7 @@ class Writer:
         self.on_commit: Callable[[float, int], None] | None = None
         self.last_commit = time.monotonic()
         self.commits = 0
+        self._wal_over = False  # the WAL was over WAL_LIMIT and could not be emptied yet
 
     async def start(self, setup: Callable[[sqlite3.Connection], T]) -> T:
         self._loop = asyncio.get_running_loop()
@@ -121,7 +128,9 @@ class Writer:
                 self.on_commit(time.perf_counter() - began, len(batch))
             self.commits += 1
             self.last_commit = time.monotonic()
-            if self.commits % WAL_CHECK_EVERY == 0:
+            if self.commits % CHECKPOINT_EVERY == 0:
+                self._checkpoint(conn)
+            if self._wal_over or self.commits % WAL_CHECK_EVERY == 0:
                 self._bound_wal(conn)
 
     def _apply(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[tuple[bool, Any]]:
@@ -155,14 +164,24 @@ class Writer:
             return [(False, error)] * len(batch)
         return results
 
+    def _checkpoint(self, conn: sqlite3.Connection) -> None:
+        try:
+            conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+        except sqlite3.Error as exc:  # the next one tries again; commits are unaffected
+            logger.warning("wal checkpoint failed: %s", exc, extra={"event": "store.checkpoint"})
+
     def _bound_wal(self, conn: sqlite3.Connection) -> None:
         try:
             size = os.stat(self._wal_path).st_size
         except OSError:
             return
-        if size > WAL_LIMIT:
-            # TRUNCATE waits (busy_timeout) for readers to finish, then empties the WAL.
-            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._wal_over = size > WAL_LIMIT
+        if self._wal_over:
+            # TRUNCATE waits (busy_timeout) for readers to finish, then empties the WAL. It
+            # gives up at once while the checkpoint thread is at work: then try again after
+            # the next commit, not WAL_CHECK_EVERY commits later.
+            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            self._wal_over = bool(busy)
 
 
 def _settle_one(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
