@@ -39,13 +39,13 @@ from daemon.models import (
     StartNow,
     Succeeded,
     Task,
-    TaskQuery,
     TaskState,
 )
 from daemon.store.base import ClaimBatch, Hooks
 from daemon.store.sqlite_batch import claim_sql, succeed, take
 from daemon.store.sqlite_connections import INSERT_ROWS
 from daemon.store.sqlite_file import database_path, lock
+from daemon.store.sqlite_reads import ReadOps
 from daemon.store.sqlite_rows import (
     COLUMNS,
     FENCE,
@@ -58,7 +58,7 @@ from daemon.store.sqlite_schema import SchemaTooNew
 from daemon.store.sqlite_side import SideOps
 
 
-class SQLiteStore(SideOps):
+class SQLiteStore(SideOps, ReadOps):
     """The `Store` over one SQLite file. Build it with `open_sqlite()`."""
 
     async def admit(
@@ -344,54 +344,6 @@ class SQLiteStore(SideOps):
             return len(rows)
 
         return await self._write(op)  # type: ignore[no-any-return]
-
-    async def get(self, task_id: str) -> Task | None:
-        def fn(conn: sqlite3.Connection, task_id: str) -> Task | None:
-            row = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE id = ?", (task_id,)).fetchone()
-            return None if row is None else task_from_row(row)
-
-        return await self._read(fn, task_id)  # type: ignore[no-any-return]
-
-    async def list(self, query: TaskQuery) -> list[Task]:
-        where, args = [], []
-        for column, value in (("state", query.state), ("type", query.type), ("queue", query.queue)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(str(value))
-        if query.before is not None:
-            where.append("seq < coalesce((SELECT seq FROM tasks WHERE id = ?), -1)")
-            args.append(query.before)
-        sql = f"SELECT {COLUMNS} FROM tasks"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq DESC LIMIT ?"
-        args.append(str(query.limit))
-
-        def fn(conn: sqlite3.Connection) -> list[Task]:
-            return [task_from_row(r) for r in conn.execute(sql, args).fetchall()]
-
-        return await self._read(fn)  # type: ignore[no-any-return]
-
-    async def changes(
-        self,
-        *,
-        after: int,
-        limit: int,
-        task_id: str | None = None,
-        type: str | None = None,
-        queue: str | None = None,
-    ) -> builtins.list[Task]:
-        where, args = ["changed > ?"], [str(after)]
-        for column, value in (("id", task_id), ("type", type), ("queue", queue)):
-            if value is not None:
-                where.append(f"{column} = ?")
-                args.append(value)
-        sql = f"SELECT {COLUMNS} FROM tasks WHERE {' AND '.join(where)} ORDER BY changed LIMIT ?"
-
-        def fn(conn: sqlite3.Connection) -> builtins.list[Task]:
-            return [task_from_row(r) for r in conn.execute(sql, (*args, limit)).fetchall()]
-
-        return await self._read(fn)  # type: ignore[no-any-return]
 
 
 @asynccontextmanager
