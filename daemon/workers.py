@@ -54,7 +54,7 @@ class Workers:
     # time, so every freed slot looks for it.
     shared: bool = False
     runs: dict[str, Run] = field(default_factory=dict)
-    inflight: int = 0  # claimed and not yet recorded
+    inflight: int = 0  # claimed (or started at admission) and not yet ended or put back
     busy: collections.Counter[str] = field(default_factory=collections.Counter)  # per type
     retiring: int = 0  # consumers asked to exit after their current task (a smaller pool)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
@@ -128,7 +128,7 @@ class Workers:
             self._hold(claim.task.type, claim.task.queue)
 
     def finished(self, claim: Claim) -> None:
-        """A claim left the process: recorded, or put back."""
+        """A claim's run ended (its outcome goes to the recorder) or it was put back."""
         self._let_go(claim.task.type, claim.task.queue)
 
     def _hold(self, type: str, queue: str) -> None:
