@@ -24,7 +24,7 @@ from daemon.errors import OffloadError
 from daemon.flow import Flow
 from daemon.metrics import Metrics
 from daemon.models import Claim, NewTask, Released, StartNow, Task, TaskState
-from daemon.recorder import Recorder
+from daemon.recorder import Ended, Recorder
 from daemon.stats import Stats
 from daemon.store.base import Store
 from daemon.tasktypes import TaskType
@@ -181,6 +181,12 @@ class Workers:
             return
         started = admitted.started_at or time.time()
         claim = Claim(admitted, self.owner, admitted.attempts, started + self.config.lease)
+        if self.stopping.is_set():
+            # The drain began while this admission committed, and may have emptied the
+            # hand-off queue already: put the run back, unspent, as the drain would.
+            self._let_go(new.type, new.queue)
+            self.recorder.add(Ended(claim, Released(), 0.0))
+            return
         self.handoff.put_nowait(claim)
 
     # -- the feeder --------------------------------------------------------------------
