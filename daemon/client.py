@@ -4,8 +4,9 @@
 call `aclose()`. Answers are decoded into the structs of daemon/client_types.py. Every
 answer that is not 2xx raises `ClientError` with the server's `code`, `message` and
 `field` (and `retry_after` on a 503); when the server cannot be reached at all,
-`Unreachable`, a `ClientError` with status 0. The `offload` command's client commands
-(daemon/client_cli.py) are built on it.
+`Unreachable`, a `ClientError` with status 0 (both in daemon/client_errors.py, and
+importable from here with the answer types as the client's whole surface). The `offload`
+command's client commands (daemon/client_cli.py) are built on it.
 
     async with OffloadClient("http://127.0.0.1:8080", token=os.environ.get("OFFLOAD_TOKEN")) as c:
         task = await c.submit("resize", {"image": "cat.png"}, idempotency_key=order_id)
@@ -20,11 +21,12 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import aiohttp
 import msgspec
 
+from daemon.client_errors import ClientError, Unreachable, answer_error, decode_answer
 from daemon.client_types import (
     Attempt,
     Callback,
@@ -54,61 +56,10 @@ __all__ = [
     "Unreachable",
 ]
 
-T = TypeVar("T")
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_WAIT_STEP = 25.0  # seconds per long-poll at most (the server's max_wait is 60 s)
 DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for one request, on top of any long-poll wait
 PAGE_SIZE = 1000  # the server's largest page
-
-
-class _ErrorBody(msgspec.Struct, frozen=True):
-    code: str
-    message: str
-    field: str | None = None
-
-
-class _ErrorResponse(msgspec.Struct, frozen=True):
-    error: _ErrorBody
-
-
-class ClientError(Exception):
-    """The server answered with a status that is not 2xx (or, as `Unreachable`, not at all).
-
-    `code` and `message` are the server's (`invalid`, `not_found`, `conflict`,
-    `queue_full`, `draining`, `unauthorized`, ...), `field` names the offending field or
-    parameter when there is one, and `retry_after` is the `Retry-After` of a 503 in seconds.
-    """
-
-    def __init__(
-        self,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        field: str | None = None,
-        retry_after: float | None = None,
-    ) -> None:
-        super().__init__(status, code, message, field, retry_after)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.field = field
-        self.retry_after = retry_after
-
-    def __str__(self) -> str:
-        text = f"{self.message} ({self.code}"
-        if self.field:
-            text += f", field {self.field}"
-        if self.retry_after is not None:
-            text += f", retry after {self.retry_after:g}s"
-        return text + ")"
-
-
-class Unreachable(ClientError):
-    """No answer: the connection failed or the request timed out."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(0, "unreachable", message)
 
 
 # -- the client ------------------------------------------------------------------------
@@ -199,7 +150,7 @@ class OffloadClient:
             callback=_unset(callback),
         )
         raw = await self._post_json("/v1/tasks", body, idempotency_key)
-        return _decode(raw, Task)
+        return decode_answer(raw, Task)
 
     async def submit_batch(
         self, tasks: Sequence[Submission], *, idempotency_key: str | None = None
@@ -207,7 +158,7 @@ class OffloadClient:
         """Submit `tasks` (up to the server's `server.max_batch`) all-or-nothing in one
         transaction; returns them committed, in order. A refusal names `tasks[i].field`."""
         raw = await self._post_json("/v1/tasks/batch", _Batch(list(tasks)), idempotency_key)
-        return _decode(raw, _TaskList).tasks
+        return decode_answer(raw, _TaskList).tasks
 
     async def _post_json(self, path: str, body: object, idempotency_key: str | None) -> bytes:
         headers = {"Content-Type": "application/json"}
@@ -220,7 +171,7 @@ class OffloadClient:
         `wait` seconds pass (at most its `server.max_wait`)."""
         params = {} if wait is None else {"wait": f"{max(wait, 0.0):.3f}"}
         raw = await self._request("GET", f"/v1/tasks/{task_id}", params=params, extra=wait)
-        return _decode(raw, Task)
+        return decode_answer(raw, Task)
 
     async def wait(self, task_id: str) -> Task:
         """Long-poll (`wait_step` seconds at a time) until the task ends, and return it.
@@ -247,12 +198,12 @@ class OffloadClient:
     async def cancel(self, task_id: str) -> Task:
         """Cancel a queued or running task (a running handler is stopped); returns it
         `cancelled`. A task that already ended: `ClientError` 409 `conflict`."""
-        return _decode(await self._request("DELETE", f"/v1/tasks/{task_id}"), Task)
+        return decode_answer(await self._request("DELETE", f"/v1/tasks/{task_id}"), Task)
 
     async def retry(self, task_id: str) -> Task:
         """Put a `failed` or `cancelled` task back to `queued` with a fresh budget of
         attempts. Any other state: `ClientError` 409 `conflict`."""
-        return _decode(await self._request("POST", f"/v1/tasks/{task_id}/retry"), Task)
+        return decode_answer(await self._request("POST", f"/v1/tasks/{task_id}/retry"), Task)
 
     async def list(
         self,
@@ -276,7 +227,7 @@ class OffloadClient:
             )
             if value is not None
         }
-        return _decode(await self._request("GET", "/v1/tasks", params=params), TaskPage)
+        return decode_answer(await self._request("GET", "/v1/tasks", params=params), TaskPage)
 
     async def iter_tasks(
         self,
@@ -302,12 +253,12 @@ class OffloadClient:
 
     async def health(self) -> Health:
         """GET /healthz: the process answers."""
-        return _decode(await self._request("GET", "/healthz"), Health)
+        return decode_answer(await self._request("GET", "/healthz"), Health)
 
     async def ready(self) -> Health:
         """GET /readyz: `ready`; while starting or draining, `ClientError` 503 with `code`
         `starting` or `draining`."""
-        return _decode(await self._request("GET", "/readyz"), Health)
+        return decode_answer(await self._request("GET", "/readyz"), Health)
 
     async def metrics(self) -> str:
         """GET /metrics: the Prometheus text."""
@@ -319,7 +270,7 @@ class OffloadClient:
 
     async def openapi(self) -> dict[str, Any]:
         """GET /openapi.json: the OpenAPI 3.1 document of this server."""
-        document = _decode(await self._request("GET", "/openapi.json"), dict)
+        document = decode_answer(await self._request("GET", "/openapi.json"), dict)
         return {str(k): v for k, v in document.items()}
 
     # -- HTTP ------------------------------------------------------------------------------
@@ -343,7 +294,7 @@ class OffloadClient:
             ) as resp:
                 body = await resp.read()
                 if resp.status >= 300:
-                    raise _error(resp.status, resp.reason, resp.headers, body)
+                    raise answer_error(resp.status, resp.reason, resp.headers, body)
                 return body
         except aiohttp.ClientError as exc:
             raise Unreachable(f"cannot reach offload at {self.url}: {exc}") from exc
@@ -361,41 +312,3 @@ class _TaskList(msgspec.Struct):
 
 def _unset(value: Any) -> Any:
     return msgspec.UNSET if value is None else value
-
-
-def _decode(body: bytes, tp: type[T]) -> T:
-    try:
-        return msgspec.json.decode(body, type=tp)
-    except msgspec.DecodeError as exc:
-        raise ClientError(200, "bad_answer", f"the server's answer does not fit: {exc}") from None
-
-
-def _error(status: int, reason: str | None, headers: Mapping[str, str], body: bytes) -> ClientError:
-    """The `ClientError` of a non-2xx answer: the contract's error body when there is one,
-    else what the answer says (a /readyz status, a proxy's page)."""
-    retry_after = _retry_after(headers.get("Retry-After"))
-    try:
-        error = msgspec.json.decode(body, type=_ErrorResponse).error
-    except msgspec.DecodeError:
-        pass
-    else:
-        return ClientError(
-            status, error.code, error.message, field=error.field, retry_after=retry_after
-        )
-    try:
-        health = msgspec.json.decode(body, type=Health)
-    except msgspec.DecodeError:
-        text = body.decode(errors="replace").strip()[:200]
-        return ClientError(status, "http_error", text or reason or f"HTTP {status}")
-    return ClientError(
-        status, health.status, f"offload is {health.status}", retry_after=retry_after
-    )
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        return None  # an HTTP date: offload never sends one

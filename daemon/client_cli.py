@@ -21,7 +21,8 @@ from typing import Any
 
 import msgspec
 
-from daemon.client import DEFAULT_URL, ClientError, OffloadClient, Stats, Task, Unreachable
+from daemon.client import DEFAULT_URL, OffloadClient, Stats, Task
+from daemon.client_errors import ClientError, Unreachable
 from daemon.config import parse_duration
 from daemon.models import TaskState
 

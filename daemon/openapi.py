@@ -21,7 +21,8 @@ from daemon import __version__
 from daemon.api_flow import QueueView, ScheduleView
 from daemon.models import Attempt, Task, TaskState
 from daemon.openapi_ops import flow_paths, operations_paths
-from daemon.openapi_paths import EXAMPLE_ID, REF, Json, Operations, submission_schema
+from daemon.openapi_paths import Operations, submission_schema
+from daemon.openapi_responses import EXAMPLE_ID, REF, Json
 from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import (
     BatchRequest,

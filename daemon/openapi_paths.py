@@ -1,5 +1,7 @@
 """The `paths` of the OpenAPI document (daemon/openapi.py): every route, every status it
-can answer with an example error body, its parameters, and the token scope it needs.
+can answer, its parameters, and the token scope it needs. The task routes are here, the
+flow and operations routes in daemon/openapi_ops.py, and the response objects and example
+error bodies all of them share in daemon/openapi_responses.py.
 
 Statuses are those the handlers raise (`daemon.errors`) and the middleware adds (401/403
 from auth where a token is needed); 405 and 500 can answer anything and are said once, in
@@ -12,28 +14,26 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from daemon.errors import (
-    BadRequest,
-    Conflict,
-    Forbidden,
-    Invalid,
-    NotFound,
-    OffloadError,
-    PayloadTooLarge,
-    StoreUnavailable,
-    Unauthorized,
-    UnsupportedMediaType,
-)
+from daemon.errors import BadRequest, Invalid, PayloadTooLarge, UnsupportedMediaType
 from daemon.models import TaskState
-from daemon.wire import ErrorBody, ErrorResponse, encode
+from daemon.openapi_responses import (
+    REF,
+    UNAUTHORIZED,
+    Json,
+    conflict_example,
+    error_example,
+    error_response,
+    forbidden_example,
+    json_response,
+    not_found_example,
+    store_example,
+    unavailable_example,
+)
 
 if TYPE_CHECKING:
     from daemon.openapi import Shape
 
-Json = dict[str, Any]
-REF = "#/components/schemas/{name}"
 DEFAULT_PAGE = 100
-EXAMPLE_ID = "01JD8X3K5Q9W2M7P4R6T0V1Y3Z"
 NAME_PATTERN = "^[A-Za-z0-9_.-]{1,64}$"  # queue and schedule names (config.QueueName)
 
 
@@ -42,12 +42,6 @@ def submission_schema(shape: Shape) -> Json:
     if not shape.types:
         return {"$ref": REF.format(name="SubmitRequest")}
     return {"oneOf": [{"$ref": REF.format(name=f"Submit.{t.name}")} for t in shape.types]}
-
-
-def error_example(error: type[OffloadError], message: str, field: str | None = None) -> Any:
-    """The body the middleware sends for `error`, through the same types."""
-    body = ErrorResponse(ErrorBody(code=error.code, message=message, field=field))
-    return msgspec.json.decode(encode(body))
 
 
 class Operations:
@@ -131,7 +125,7 @@ class Operations:
                 "Content-Type",
             ),
             "422": error_example(Invalid, "Expected `float`, got `str`", field),
-            "503": _unavailable_example("queue_full"),
+            "503": unavailable_example("queue_full"),
         }
 
     def events(self) -> Json:
@@ -211,7 +205,7 @@ class Operations:
             ],
             ok=("200", "The task.", "TaskView", {}),
             errors={
-                "404": _not_found_example(),
+                "404": not_found_example(),
                 "422": error_example(Invalid, f"wait must be between 0 and {cap:g}", "wait"),
                 "503": store_example(),
             },
@@ -226,8 +220,8 @@ class Operations:
             description="A queued task ends `cancelled`; a running task's handler is stopped.",
             ok=("200", "The task, cancelled.", "TaskView", {}),
             errors={
-                "404": _not_found_example(),
-                "409": _conflict_example("already ended succeeded"),
+                "404": not_found_example(),
+                "409": conflict_example("already ended succeeded"),
                 "503": store_example(),
             },
         )
@@ -241,11 +235,9 @@ class Operations:
             description="The task gets a fresh budget of `max_attempts`.",
             ok=("200", "The task, queued again.", "TaskView", {}),
             errors={
-                "404": _not_found_example(),
-                "409": _conflict_example(
-                    "is queued; only failed or cancelled tasks can be retried"
-                ),
-                "503": _unavailable_example("draining"),
+                "404": not_found_example(),
+                "409": conflict_example("is queued; only failed or cancelled tasks can be retried"),
+                "503": unavailable_example("draining"),
             },
         )
 
@@ -281,9 +273,9 @@ class Operations:
             status, text, schema, headers = ok
             responses[status] = json_response(text, schema, headers=headers)
         if self._guarded(path):
-            errors = {**errors, "401": _UNAUTHORIZED, "403": _forbidden_example(scope)}
+            errors = {**errors, "401": UNAUTHORIZED, "403": forbidden_example(scope)}
         for status in sorted(errors):
-            responses[status] = _error_response(status, errors[status])
+            responses[status] = error_response(status, errors[status])
         op["responses"] = responses
         return op
 
@@ -345,30 +337,6 @@ _LOCATION: Json = {
     "required": True,
     "schema": {"type": "string"},
 }
-_RETRY_AFTER: Json = {
-    "description": "Seconds to wait before trying again.",
-    "required": True,
-    "schema": {"type": "integer", "minimum": 0},
-}
-_WWW_AUTHENTICATE: Json = {
-    "description": 'Always `Bearer realm="offload"`.',
-    "required": True,
-    "schema": {"type": "string"},
-}
-_UNAUTHORIZED = error_example(Unauthorized, "send Authorization: Bearer <token>", "Authorization")
-_ERROR_TEXT = {
-    "400": "The body is not JSON, not UTF-8, or nested too deeply (`bad_request`).",
-    "401": "No token, or not a valid one (`unauthorized`).",
-    "403": "The token lacks the scope (`forbidden`).",
-    "404": "No such task (`not_found`).",
-    "409": "Not allowed in the task's state (`conflict`).",
-    "413": "The body is over `server.max_body` (`too_large`).",
-    "415": "The body is not `application/json` (`unsupported_media_type`).",
-    "422": "A field or parameter is invalid, or the task type is unknown (`invalid`); "
-    "`field` names it.",
-    "503": "Cannot take it now (`queue_full`, `draining`, `store_unavailable`); "
-    "come back after `Retry-After` seconds.",
-}
 
 
 def _query(name: str, schema: Json, description: str) -> Json:
@@ -379,47 +347,3 @@ def _query(name: str, schema: Json, description: str) -> Json:
         "description": description,
         "schema": schema,
     }
-
-
-def json_response(description: str, schema: str, *, headers: Json | None = None) -> Json:
-    response: Json = {
-        "description": description,
-        "content": {"application/json": {"schema": {"$ref": REF.format(name=schema)}}},
-    }
-    if headers:
-        response["headers"] = headers
-    return response
-
-
-def _error_response(status: str, example: Any) -> Json:
-    response = json_response(_ERROR_TEXT[status], "ErrorResponse")
-    response["content"]["application/json"]["example"] = example
-    if status == "503":
-        response["headers"] = {"Retry-After": _RETRY_AFTER}
-    elif status == "401":
-        response["headers"] = {"WWW-Authenticate": _WWW_AUTHENTICATE}
-    return response
-
-
-def _not_found_example() -> Any:
-    return error_example(NotFound, f"no task {EXAMPLE_ID}", "id")
-
-
-def _conflict_example(what: str) -> Any:
-    return error_example(Conflict, f"task {EXAMPLE_ID} {what}", "id")
-
-
-def _forbidden_example(scope: str) -> Any:
-    return error_example(Forbidden, f"token 'billing' lacks the {scope!r} scope", "scope")
-
-
-def store_example() -> Any:
-    return error_example(StoreUnavailable, "the store could not be read: disk I/O error")
-
-
-def _unavailable_example(code: str) -> Any:
-    message = {
-        "queue_full": "100000 tasks are unfinished (max_pending is 100000)",
-        "draining": "offload is shutting down and takes no new tasks",
-    }[code]
-    return {"error": {"code": code, "message": message}}

@@ -11,14 +11,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from daemon.client import (
-    ClientError,
-    OffloadClient,
-    Submission,
-    Task,
-    TaskState,
-    Unreachable,
-)
+from daemon.client import OffloadClient, Submission, Task, TaskState
+from daemon.client_errors import ClientError, Unreachable
 from daemon.client_types import parse_stats
 from daemon.ids import new_id
 from daemon.wire import TaskView

@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from daemon.errors import StoreUnavailable
-from daemon.store.postgres_node import Node, unavailable
+from daemon.store.postgres_errors import unavailable
+from daemon.store.postgres_node import Node
 
 ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a pooled connection
 

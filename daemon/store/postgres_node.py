@@ -5,8 +5,8 @@ Hints are only wake-ups: they are sent after the commit they describe, in a tran
 their own with `synchronous_commit = off` (NOTIFY serialises committing transactions
 database-wide, so it must stay out of the task writes), and a lost one only delays: the
 feeder is woken every POLL_EVERY seconds anyway, and the heartbeat finds runs that were
-cancelled or taken back elsewhere. The listener connection also holds this daemon's
-liveness lock (see `PostgresStore.recover`), and reconnects on its own. Nothing here
+cancelled or taken back elsewhere. Hints are received, and this daemon's liveness lock
+held, on a listener connection of its own (daemon/store/postgres_listen.py). Nothing here
 raises out of its task: an unreachable database is logged (at most every WARN_EVERY
 seconds) and tried again.
 """
@@ -22,24 +22,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
-
-from daemon.errors import StoreLocked, StoreUnavailable
+from daemon.errors import StoreUnavailable
 from daemon.models import Claim, QueueHealth, Task
 from daemon.store.base import Hooks
-from daemon.store.postgres_schema import LIVENESS_SPACE
+from daemon.store.postgres_errors import unavailable
+from daemon.store.postgres_listen import ENDED, LOST, WORK, Listener
 
 logger = logging.getLogger(__name__)
 
-WORK, ENDED, LOST = "offload_work", "offload_ended", "offload_lost"
 POLL_EVERY = 5.0  # seconds between wake-ups of the feeder without a hint
 MIN_TICK = 0.1  # seconds; the heartbeat runs every lease / 3, but not more often than this
-PING_EVERY = 5.0  # seconds between checks that the listener connection still answers
-RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0  # seconds between tries to reconnect the listener
 WARN_EVERY = 10.0  # seconds between two warnings about the same unreachable operation
 HINT_WINDOW = 0.005  # seconds hints gather before they are sent together
 IDS_PER_HINT = 250  # task ids per notification (a payload holds at most 8000 bytes)
-BECOME_TRIES = 10  # tries (one a second) to take an owner's liveness lock at start
 
 # Without a WAL flush (see RELAXED in postgres.py): a renewal lost in a crash only lets the
 # lease expire sooner.
@@ -56,33 +51,6 @@ HEALTH_SQL = """
     FROM pg_stat_user_tables
     WHERE relname = 'offload_tasks' AND schemaname = current_schema()
 """
-
-_UNAVAILABLE = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # "cannot switch to state ...": a connection the server ended in the middle of a
-    # statement (an admin shutdown); the pool discards it.
-    asyncpg.exceptions.InternalClientError,
-    asyncpg.exceptions.OperatorInterventionError,  # shutdown, cannot connect now, cancel
-    asyncpg.exceptions.InsufficientResourcesError,  # too many connections, disk full
-    asyncpg.exceptions.ReadOnlySQLTransactionError,  # a standby after a failover
-    asyncpg.exceptions.IdleInTransactionSessionTimeoutError,
-    asyncpg.exceptions.TransactionRollbackError,  # deadlock or serialisation: try again
-)
-
-
-def unavailable(exc: BaseException) -> bool:
-    """Whether `exc`, raised by asyncpg, means the database cannot serve us right now."""
-    return isinstance(exc, _UNAVAILABLE)
-
-
-def _setter(event: asyncio.Event) -> Callable[[Any], None]:
-    def set_it(_conn: Any) -> None:
-        event.set()
-
-    return set_it
 
 
 def _literal(text: str) -> str:
@@ -102,23 +70,24 @@ class Node:
         connect_timeout: float,
     ) -> None:
         self._pool = pool
-        self._url = url
         self._hooks = hooks
-        self._settings = settings
-        self._connect_timeout = connect_timeout
         self.lease = 60.0  # seconds; the latest lease a claim asked for
-        self._owners: set[str] = set()
-        self._me = ""  # the owner named at recover(); hints carry it to skip our own
         self._held: dict[str, Claim] = {}  # claimed here and not yet recorded
-        self._listener: Any = None
-        self._listener_lock = asyncio.Lock()
-        self._connected = asyncio.Event()
         self._tick = asyncio.Event()
         self._outbox = asyncio.Event()
         self._work_hint = False
         self._ended: list[str] = []
         self._lost: list[tuple[str, str]] = []
         self._warned: dict[str, float] = collections.defaultdict(lambda: -WARN_EVERY)
+        self._listener = Listener(
+            url,
+            settings,
+            connect_timeout,
+            hooks,
+            lose=self._lose,
+            reconnected=self._tick.set,
+            warn=self.warn_unavailable,
+        )
 
     # -- what the store tells the node -------------------------------------------------
 
@@ -142,7 +111,7 @@ class Node:
 
     def cancelled_running(self, owner: str, task_id: str) -> None:
         """A running task was cancelled: its owner must stop the run."""
-        if owner in self._owners:
+        if owner in self._listener.owners:
             # Cancelled through this node's API, which stops the run itself.
             self._held.pop(task_id, None)
         else:
@@ -165,7 +134,7 @@ class Node:
                 "put back" if state == "queued" else "failed (no attempt left)",
                 extra={"event": "task.rescued", "task_id": task_id, "owner": owner},
             )
-            if owner in self._owners:
+            if owner in self._listener.owners:
                 self._lose(task_id, "taken back after its lease expired")
             if state == "queued":
                 self.hint_work()
@@ -195,40 +164,8 @@ class Node:
             )
 
     async def become(self, owner: str) -> None:
-        """Serve as `owner` from now on: hold its liveness lock on the listener session.
-        Raises `StoreLocked` if another live daemon holds it (two daemons with one name
-        would share their fences), `StoreUnavailable` if there is no listener session."""
-        self._owners.add(owner)
-        self._me = owner
-        for attempt in range(BECOME_TRIES):
-            try:
-                async with asyncio.timeout(self._connect_timeout * 2):
-                    await self._connected.wait()
-                    async with self._listener_lock:
-                        conn = self._listener
-                        taken = conn is not None and await self._take_liveness(conn, owner)
-            except TimeoutError:
-                raise StoreUnavailable("PostgreSQL cannot be reached (no listener)") from None
-            except Exception as exc:
-                if unavailable(exc):
-                    raise StoreUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
-                raise
-            if taken:
-                return
-            if attempt < BECOME_TRIES - 1:
-                # An earlier process of this name may be ending: its session goes soon.
-                await asyncio.sleep(1.0)
-        raise StoreLocked(
-            f"another offload daemon named {owner!r} is alive on this database; give each "
-            f"daemon its own host name"
-        )
-
-    async def _take_liveness(self, conn: Any, owner: str) -> bool:
-        return bool(
-            await conn.fetchval(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))", LIVENESS_SPACE, owner
-            )
-        )
+        """Serve as `owner` from now on (see `Listener.become`)."""
+        await self._listener.become(owner)
 
     async def queue_health(self) -> QueueHealth:
         try:
@@ -249,7 +186,7 @@ class Node:
         """Run the listener, the heartbeat-and-rescue loop and the hint sender until exit;
         then send the last hints (briefly), stop the tasks and end the listener session."""
         tasks = [
-            asyncio.create_task(self._listen(), name="pg-listener"),
+            asyncio.create_task(self._listener.run(), name="pg-listener"),
             asyncio.create_task(self._maintain(rescue), name="pg-maintain"),
             asyncio.create_task(self._send_hints(), name="pg-hints"),
         ]
@@ -264,81 +201,6 @@ class Node:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-
-    async def _listen(self) -> None:
-        pause = RECONNECT_MIN
-        first = True
-        while True:
-            try:
-                conn = await asyncpg.connect(
-                    self._url, timeout=self._connect_timeout, server_settings=self._settings
-                )
-            except Exception as exc:
-                if not unavailable(exc):
-                    logger.exception("listener cannot connect", extra={"event": "store.bug"})
-                self.warn_unavailable("listener", exc)
-                await asyncio.sleep(pause)
-                pause = min(RECONNECT_MAX, pause * 2)
-                continue
-            try:
-                gone = asyncio.Event()
-                conn.add_termination_listener(_setter(gone))
-                for channel in (WORK, ENDED, LOST):
-                    await conn.add_listener(channel, self._on_notify)
-                async with self._listener_lock:
-                    for owner in self._owners:
-                        if not await self._take_liveness(conn, owner):
-                            logger.error(
-                                "another daemon took the name %s while this one was away",
-                                owner,
-                                extra={"event": "store.owner_taken"},
-                            )
-                self._listener = conn
-                self._connected.set()
-                pause = RECONNECT_MIN
-                if not first:
-                    logger.info("listener reconnected", extra={"event": "store.reconnected"})
-                    # Hints sent meanwhile were lost: look for work and for lost runs now.
-                    self._hooks.on_new_work()
-                    self._tick.set()
-                first = False
-                await self._watch(conn, gone)
-            except Exception as exc:
-                if not unavailable(exc):
-                    logger.exception("listener failed", extra={"event": "store.bug"})
-                self.warn_unavailable("listener", exc)
-            finally:
-                self._connected.clear()
-                self._listener = None
-                conn.terminate()
-            await asyncio.sleep(pause)
-
-    async def _watch(self, conn: Any, gone: asyncio.Event) -> None:
-        """Return when the listener session ends or stops answering."""
-        while not gone.is_set():
-            try:
-                async with asyncio.timeout(PING_EVERY):
-                    await gone.wait()
-                    return
-            except TimeoutError:
-                pass
-            async with asyncio.timeout(PING_EVERY), self._listener_lock:
-                await conn.fetchval("SELECT 1")
-
-    def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
-        sender, _, body = payload.partition("|")
-        if sender == self._me:
-            return  # our own hint: we acted on it already
-        if channel == WORK:
-            self._hooks.on_new_work()
-        elif channel == ENDED:
-            for task_id in body.split(","):
-                self._hooks.on_ended(task_id)
-        elif channel == LOST:
-            for item in body.split(","):
-                owner, _, task_id = item.rpartition(" ")
-                if owner in self._owners:
-                    self._lose(task_id, "cancelled on another node")
 
     async def _maintain(self, rescue: Callable[..., Awaitable[int]]) -> None:
         """Renew this node's leases every lease / 3, rescue expired ones as often, and wake
@@ -405,12 +267,13 @@ class Node:
             notes.append((LOST, ",".join(f"{o} {t}" for o, t in lost[i : i + IDS_PER_HINT // 2])))
         if not notes:
             return
+        me = self._listener.me
         script = ";".join(
             [
                 "BEGIN",
                 "SET LOCAL synchronous_commit TO off",
                 *(
-                    f"SELECT pg_notify({_literal(ch)}, {_literal(self._me + '|' + body)})"
+                    f"SELECT pg_notify({_literal(ch)}, {_literal(me + '|' + body)})"
                     for ch, body in notes
                 ),
                 "COMMIT",

@@ -17,7 +17,8 @@ from daemon.errors import StoreUnavailable
 from daemon.store.base import Hooks
 from daemon.store.postgres import PostgresStore
 from daemon.store.postgres_connections import ACQUIRE_TIMEOUT
-from daemon.store.postgres_node import Node, unavailable
+from daemon.store.postgres_errors import unavailable
+from daemon.store.postgres_node import Node
 from daemon.store.postgres_rows import describe_url
 from daemon.store.postgres_schema import (
     SchemaTooNew,
