@@ -5,6 +5,7 @@ this loop escapes to the TaskGroup (and then the process exits non-zero)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -32,11 +33,14 @@ class Run:
 
     claim: Claim
     task: asyncio.Task[object] | None = None
-    reason: str | None = None  # "cancel" | "shutdown"
+    reason: str | None = None  # "cancel" | "shutdown" | "timeout"
 
     def stop(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
+        """Cancel the run once: a second reason (its timeout while a cancel unwinds it)
+        must not interrupt the clean-up of the first."""
+        if self.reason is not None:
+            return
+        self.reason = reason
         if self.task is not None:
             self.task.cancel()
 
@@ -76,7 +80,12 @@ async def _run(workers: Workers, claim: Claim) -> Ended | None:
     workers.runs[task.id] = run
     try:
         run.task = asyncio.create_task(_execute(workers, claim), name=f"run-{task.id}")
-        outcome = await _outcome(workers, run, started)
+        # One timer handle, not an asyncio.timeout() context (a third of its cost).
+        timer = asyncio.get_running_loop().call_later(task.timeout, run.stop, "timeout")
+        try:
+            outcome = await _outcome(workers, run, started)
+        finally:
+            timer.cancel()
     finally:
         del workers.runs[task.id]
     if outcome is None:
@@ -113,6 +122,11 @@ def settle(workers: Workers, ended: Ended, recorded: Task | OffloadError | None)
         workers.wake()
 
 
+@functools.cache
+def _task_logger(type: str) -> logging.Logger:
+    return logging.getLogger(f"daemon.task.{type}")
+
+
 async def _execute(workers: Workers, claim: Claim) -> object:
     task = claim.task
     task_type = workers.types.get(task.type)
@@ -125,10 +139,9 @@ async def _execute(workers: Workers, claim: Claim) -> object:
         attempt=claim.attempt,
         payload=_decode(task.payload),
         deadline=time.time() + task.timeout,
-        logger=TaskLogger(logging.getLogger(f"daemon.task.{task.type}"), extra),
+        logger=TaskLogger(_task_logger(task.type), extra),
     )
-    async with asyncio.timeout(task.timeout):
-        return await task_type.executor(job)
+    return await task_type.executor(job)
 
 
 async def _outcome(workers: Workers, run: Run, started: float) -> Outcome | None:
@@ -142,8 +155,10 @@ async def _outcome(workers: Workers, run: Run, started: float) -> Outcome | None
             raise  # this consumer itself is being cancelled
         if run.reason == "shutdown":
             return Released()
+        if run.reason == "timeout":
+            return _failure(workers, claim, f"timed out after {claim.task.timeout:g}s", started)
         return None
-    except TimeoutError:
+    except TimeoutError:  # the handler's own
         return _failure(workers, claim, f"timed out after {claim.task.timeout:g}s", started)
     except RetryAfter as exc:
         return _failure(workers, claim, _describe(exc), started, not_before=exc.delay)

@@ -2,8 +2,8 @@
 
 An executor is an async callable `(Job) -> result`. The result must be JSON-serialisable.
 Raising `Permanent` ends the task `failed` at once; any other exception is retryable.
-Executors do not handle their own deadline: the consumer wraps each run in
-`asyncio.timeout()` and cancels it, so an executor must clean up on `CancelledError`.
+Executors do not handle their own deadline: the consumer cancels a run that outlives its
+timeout, so an executor must clean up on `CancelledError`.
 """
 
 from __future__ import annotations
@@ -51,8 +51,16 @@ class Job:
     payload: JSON
     deadline: float  # Unix time after which the run is cancelled
     logger: logging.LoggerAdapter[logging.Logger]
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    """Set when the run is cancelled or stopped; sync handlers should check it."""
+    _cancelled: threading.Event | None = field(default=None, repr=False)
+
+    @property
+    def cancelled(self) -> threading.Event:
+        """Set when the run is cancelled or stopped; sync handlers should check it. Made on
+        first use, on the event loop (the sync executor asks for it before handing the
+        job to a thread), since most runs never look and a threading.Event costs ~3 µs."""
+        if self._cancelled is None:
+            self._cancelled = threading.Event()
+        return self._cancelled
 
 
 Executor = Callable[[Job], Awaitable[JSON]]

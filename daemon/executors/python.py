@@ -78,11 +78,12 @@ def python_executor(
     async def run_sync(job: Job) -> JSON:
         loop = asyncio.get_running_loop()
         call_args = args(job)
+        cancelled = job.cancelled  # made here, on the loop, before the thread can look
         future = loop.run_in_executor(threads, lambda: handler(*call_args))
         try:
             return await future
         except asyncio.CancelledError:
-            job.cancelled.set()
+            cancelled.set()
             raise
 
     return run_sync
