@@ -39,7 +39,9 @@ _CHUNK = 64 * 1024
 _LINE = 4096  # longest stderr line logged as one record; longer ones are split
 _TAIL = 200  # characters of the last stderr line quoted in a failure
 _AFTER_KILL = 1.0  # seconds SIGKILL gets to take effect before we stop waiting
-_REAP_DEADLINE = 2.0  # seconds to reap killed group members that are our children
+# Seconds to reap killed group members; with the default kill_after (5 s) and _AFTER_KILL a
+# stopped run still unwinds within the drain's STOP_DEADLINE (10 s).
+_REAP_DEADLINE = 3.0
 
 
 class CommandFailed(Exception):
@@ -248,8 +250,8 @@ async def _end_group(
         await _reap_group(pgid)
 
 
-def _signal_group(pgid: int, sig: signal.Signals) -> bool:
-    """Send `sig` to the group; False when no process of it is left."""
+def _signal_group(pgid: int, sig: int) -> bool:
+    """Send `sig` to the group (0: only look); False when no process of it is left."""
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
@@ -268,7 +270,11 @@ async def _reap_group(pgid: int) -> None:
         try:
             pid, _ = os.waitpid(-pgid, os.WNOHANG)  # noqa: ASYNC222 (WNOHANG never blocks)
         except ChildProcessError:
-            return  # none of the group is our child: init reaps the rest
+            # None of the group is our child yet. A member whose parent (also killed) has
+            # not been reaped is re-parented to us only then: wait while the group lasts.
+            if not _signal_group(pgid, 0):
+                return
+            pid = 0
         if pid:
             continue
         if time.monotonic() > deadline:
