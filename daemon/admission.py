@@ -6,6 +6,7 @@ input), then commit; the store enforces `max_pending` in the same transaction as
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import math
@@ -27,8 +28,9 @@ def draining_refusal(rt: Runtime) -> Unavailable:
     )
 
 
-def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
-    """Check a decoded request against the configured type and limits."""
+def build(rt: Runtime, req: SubmitRequest, now: float, task_id: str | None = None) -> NewTask:
+    """Check a decoded request against the configured type and limits; the task gets
+    `task_id` (from `new_ids`, for a batch) or a new id."""
     task_type = rt.types.get(req.type)
     if task_type is None:
         known = ", ".join(sorted(rt.types)) or "none"
@@ -59,7 +61,7 @@ def build(rt: Runtime, req: SubmitRequest, now: float) -> NewTask:
         known = ", ".join(sorted(rt.config.callbacks)) or "none"
         raise Invalid(f"unknown callback {req.callback!r} (configured: {known})", field="callback")
     return NewTask(
-        id=new_id(now),
+        id=task_id or new_id(now),
         type=req.type,
         queue=req.queue or tc.queue,
         payload=bytes(req.payload),
@@ -119,8 +121,9 @@ async def admit(
     if admitted and tasks and admitted[0].id != tasks[0].id:
         return admitted, True
     rt.stats.accepted += len(admitted)
-    for task in admitted:
-        rt.metrics.child(rt.metrics.accepted, task.type, task.queue).inc()
+    kinds = collections.Counter((task.type, task.queue) for task in admitted)
+    for (type, queue), count in kinds.items():
+        rt.metrics.child(rt.metrics.accepted, type, queue).inc(count)
     if start is None or admitted[0].state is not TaskState.RUNNING:
-        rt.workers.wake()
+        rt.workers.due_at(min(task.run_at for task in tasks))
     return admitted, False

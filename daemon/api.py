@@ -18,7 +18,7 @@ from daemon.errors import (
     PayloadTooLarge,
     UnsupportedMediaType,
 )
-from daemon.ids import is_id
+from daemon.ids import is_id, new_ids
 from daemon.metrics import CONTENT_TYPE
 from daemon.middleware import errors
 from daemon.models import NewTask, Task, TaskQuery, TaskState
@@ -106,7 +106,8 @@ async def _admit(request: web.Request, *, batch: bool) -> tuple[list[Task], bool
                 raise Invalid(
                     f"a batch holds 1 to {rt.config.server.max_batch} tasks", field="tasks"
                 )
-            new = [_build(rt, req, now, f"tasks[{i}].") for i, req in enumerate(reqs)]
+            ids = new_ids(len(reqs), now)
+            new = [_build(rt, req, now, i, ids[i]) for i, req in enumerate(reqs)]
         else:
             new = [admission.build(rt, decode_body(body, SubmitRequest), now)]
         key = admission.idempotency(
@@ -118,12 +119,12 @@ async def _admit(request: web.Request, *, batch: bool) -> tuple[list[Task], bool
         raise
 
 
-def _build(rt: Runtime, req: SubmitRequest, now: float, prefix: str) -> NewTask:
+def _build(rt: Runtime, req: SubmitRequest, now: float, i: int, task_id: str) -> NewTask:
     """`admission.build` for the i-th task of a batch: errors name `tasks[i].field`."""
     try:
-        return admission.build(rt, req, now)
+        return admission.build(rt, req, now, task_id)
     except OffloadError as exc:
-        exc.field = prefix + exc.field if exc.field else prefix.rstrip(".")
+        exc.field = f"tasks[{i}].{exc.field}" if exc.field else f"tasks[{i}]"
         raise
 
 

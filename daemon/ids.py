@@ -13,7 +13,10 @@ import time
 _ALPHABET = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"  # Crockford base32: no I, L, O, U
 _RANDOM_BITS = 80
 _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # every 10-bit value, encoded
+# 130 bits (2 zero bits, then the 128) as 13 groups of 10 bits, two characters each; the
+# first 11 groups change only when the last 2 (20 bits) wrap.
 _SHIFTS = range(120, -10, -10)
+_TAIL_BITS = 20
 
 
 class _Last:
@@ -24,15 +27,33 @@ class _Last:
 
 
 def new_id(now: float | None = None) -> str:
-    """48 bits of milliseconds then 80 random bits, base32-encoded."""
-    millis = int((time.time() if now is None else now) * 1000)
-    value = (millis << _RANDOM_BITS) | int.from_bytes(os.urandom(10), "big")
-    with _Last.lock:
-        if value >> _RANDOM_BITS <= _Last.value >> _RANDOM_BITS:
-            value = _Last.value + 1  # same (or an earlier) millisecond: keep increasing
-        _Last.value = value
-    # 130 bits (2 zero bits, then the 128) as 13 groups of 10 bits, two characters each.
+    value = _reserve(1, now)
     return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS])
+
+
+def new_ids(count: int, now: float | None = None) -> list[str]:
+    """`count` ids for one moment, in order (a batch)."""
+    first = _reserve(count, now)
+    ids = []
+    head_of, head = -1, ""
+    for value in range(first, first + count):
+        if value >> _TAIL_BITS != head_of:
+            head_of = value >> _TAIL_BITS
+            head = "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS[:-2]])
+        ids.append(head + _PAIRS[(value >> 10) & 1023] + _PAIRS[value & 1023])
+    return ids
+
+
+def _reserve(count: int, now: float | None) -> int:
+    """The first of `count` consecutive id values: 48 bits of milliseconds then 80 random
+    bits, drawn once; the others follow it by one (monotonic ULID)."""
+    millis = int((time.time() if now is None else now) * 1000)
+    first = (millis << _RANDOM_BITS) | int.from_bytes(os.urandom(10), "big")
+    with _Last.lock:
+        if first >> _RANDOM_BITS <= _Last.value >> _RANDOM_BITS:
+            first = _Last.value + 1  # same (or an earlier) millisecond: keep increasing
+        _Last.value = first + count - 1
+    return first
 
 
 def is_id(text: str) -> bool:

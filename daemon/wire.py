@@ -90,6 +90,20 @@ def rfc3339(t: float | None) -> str | None:
     """`t` (Unix seconds) as RFC 3339 UTC with milliseconds: 2026-11-22T06:21:11.088Z."""
     if t is None:
         return None
+    # The tasks of a batch, and the times of one task, share their instants.
+    text = _written.get(t)
+    if text is None:
+        if len(_written) >= _WRITTEN:
+            _written.clear()
+        text = _written[t] = _rfc3339(t)
+    return text
+
+
+_WRITTEN = 1024
+_written: dict[float, str] = {}
+
+
+def _rfc3339(t: float) -> str:
     millis = int(t * 1000)
     seconds, ms = divmod(millis, 1000)
     if not 0 <= seconds < _YEAR_10000:

@@ -73,6 +73,8 @@ class Workers:
     _more: bool = True
     _wakes: int = 0  # wake() calls so far: a round that overlapped one proves nothing
     _due: list[float] = field(default_factory=list)  # the current round: next run_at seen
+    # When the sleeping feeder claims next by itself (None: only when nudged).
+    _sleeps_until: float | None = None
 
     def __post_init__(self) -> None:
         # The feeder never holds more than `capacity` claims (queued or running); a reload
@@ -115,6 +117,12 @@ class Workers:
         self._wakes += 1
         self._more = True
         self._nudge.set()
+
+    def due_at(self, when: float) -> None:
+        """Work was queued that is due at `when` (a delayed admission). A feeder that will
+        claim by then anyway learns of it from that claim; only an earlier one is woken."""
+        if self._feeding or self._sleeps_until is None or when < self._sleeps_until:
+            self.wake()
 
     def stop_run(self, task_id: str, reason: str) -> bool:
         run = self.runs.get(task_id)
@@ -204,11 +212,14 @@ class Workers:
                 if delay is not None and delay <= 0:
                     continue
                 if not self._nudge.is_set():
+                    self._sleeps_until = None if delay is None else time.time() + delay
                     try:
                         async with asyncio.timeout(delay):
                             await self._nudge.wait()
                     except TimeoutError:
                         pass
+                    finally:
+                        self._sleeps_until = None
         finally:
             self._fed.set()
 

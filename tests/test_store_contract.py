@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +33,8 @@ from daemon.models import (
 )
 from daemon.store import Store, sqlite_writer
 from daemon.store.sqlite import open_sqlite
+from daemon.store.sqlite_batch import PROMOTE_ROWS
+from daemon.store.sqlite_schema import MIGRATIONS
 from tests.inproc import store_fixture  # noqa: F401 (the `store` fixture)
 
 OWNER = "test-host:1"
@@ -173,6 +176,24 @@ async def test_a_delayed_task_is_not_claimed_before_run_at(store: Store) -> None
     assert (ids(due.claims), due.next_due) == ([later.id], None)
 
 
+async def test_a_task_that_came_due_is_claimed_by_priority_among_the_others(
+    store: Store,
+) -> None:
+    waiting = [new_task(n, delay=10, priority=n % 3) for n in range(1, 7)]
+    ready = [new_task(n, priority=1) for n in range(7, 10)]
+    await admit(store, *waiting, *ready)
+
+    before = await store.claim(owner=OWNER, limit=2, now=T0 + 1, lease=LEASE)
+    after = await store.claim(owner=OWNER, limit=100, now=T0 + 11, lease=LEASE)
+
+    assert ids(before.claims) == ids(ready[:2])
+    # Highest priority first, then in order of admission, delayed or not.
+    left = [*waiting, ready[2]]
+    order = sorted(range(len(left)), key=lambda i: (-left[i].priority, i))
+    assert ids(after.claims) == [left[i].id for i in order]
+    assert after.next_due is None
+
+
 # -- record ----------------------------------------------------------------------------------
 
 
@@ -285,6 +306,17 @@ async def test_retry_outcome_requeues_until_run_at_with_the_error(store: Store) 
     assert back.history == (Attempt(attempt=1, started_at=T0 + 1, duration=0.5, error="boom"),)
     batch = await store.claim(owner=OWNER, limit=10, now=T0 + 2, lease=LEASE)
     assert (batch.claims, batch.next_due) == ([], T0 + 30)
+
+
+async def test_a_retried_task_is_claimed_again_once_due(store: Store) -> None:
+    claimed = await claim_one(store, new_task(1), now=T0 + 1)
+    await store.record(claimed, Retry(error="boom", run_at=T0 + 30, duration=0.5))
+
+    early = await store.claim(owner=OWNER, limit=10, now=T0 + 29, lease=LEASE)
+    due = await store.claim(owner=OWNER, limit=10, now=T0 + 30, lease=LEASE)
+
+    assert (early.claims, early.next_due) == ([], T0 + 30)
+    assert [(c.task.id, c.attempt) for c in due.claims] == [(claimed.task.id, 2)]
 
 
 async def test_failed_outcome_ends_the_task(store: Store) -> None:
@@ -505,6 +537,45 @@ async def test_purge_deletes_in_batches_of_limit(store: Store) -> None:
         await store.record(claimed, Succeeded(result=None, finished_at=T0 + 1))
     deleted = [await store.purge(finished_before=T0 + 2, limit=3) for _ in range(4)]
     assert deleted == [3, 3, 1, 0]
+
+
+async def test_sqlite_tasks_that_came_due_in_bulk_are_claimed_over_several_claims(
+    tmp_path: Path,
+) -> None:
+    many = PROMOTE_ROWS + 1
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+        await admit(store, *(new_task(n, delay=10) for n in range(many)))
+
+        first = await store.claim(owner=OWNER, limit=many, now=T0 + 20, lease=LEASE)
+        # Not all came due in that claim: the next due time says to claim again now.
+        assert len(first.claims) == PROMOTE_ROWS
+        assert first.next_due is not None and first.next_due <= T0 + 20
+        second = await store.claim(owner=OWNER, limit=many, now=T0 + 20, lease=LEASE)
+        assert (len(second.claims), second.next_due) == (1, None)
+
+
+async def test_sqlite_migration_keeps_delayed_tasks_waiting(tmp_path: Path) -> None:
+    """A file from before `deferred` (schema 2): its delayed task still waits for run_at."""
+    config = sqlite_config(tmp_path)
+    conn = sqlite3.connect(tmp_path / "solo.db", isolation_level=None)
+    for migration in MIGRATIONS[:2]:
+        conn.executescript(migration)
+    conn.execute("PRAGMA user_version = 2")
+    for n, run_at in ((1, T0 + 60), (2, T0)):
+        conn.execute(
+            "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, created_at, "
+            "timeout, max_attempts) VALUES (?, 'noop', 'default', 'queued', x'7b7d', 0, ?, ?, "
+            "60, 3)",
+            (new_id(T0 + n / 1000), run_at, T0),
+        )
+    conn.close()
+    async with open_sqlite(config) as store:
+        due = await store.claim(owner=OWNER, limit=10, now=T0 + 1, lease=LEASE)
+        later = await store.claim(owner=OWNER, limit=10, now=T0 + 60, lease=LEASE)
+
+    assert [c.task.run_at for c in due.claims] == [T0]
+    assert due.next_due == T0 + 60
+    assert [c.task.run_at for c in later.claims] == [T0 + 60]
 
 
 async def test_sqlite_second_open_is_locked_out(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 
@@ -42,9 +43,9 @@ from daemon.models import (
     TaskState,
 )
 from daemon.store.base import ClaimBatch, Hooks
-from daemon.store.sqlite_batch import claim_sql, succeed, take
-from daemon.store.sqlite_connections import INSERT_ROWS
+from daemon.store.sqlite_batch import PROMOTE_SQL, claim_sql, succeed, take
 from daemon.store.sqlite_file import database_path, lock
+from daemon.store.sqlite_insert import Insert
 from daemon.store.sqlite_reads import ReadOps
 from daemon.store.sqlite_rows import (
     COLUMNS,
@@ -69,7 +70,9 @@ class SQLiteStore(SideOps, ReadOps):
         idempotency: IdempotencyKey | None = None,
         start: StartNow | None = None,
     ) -> list[Task]:
-        def op(conn: sqlite3.Connection) -> tuple[list[Task], bool]:
+        insert = Insert(tasks, start, time.time() if start is not None else 0.0)
+
+        def op(conn: sqlite3.Connection) -> tuple[int | list[Task], bool]:
             if idempotency is not None:
                 seen = self._seen(conn, idempotency)
                 if seen is not None:
@@ -80,7 +83,7 @@ class SQLiteStore(SideOps, ReadOps):
                     pending=self._pending,
                     needed=self._pending + len(tasks) - max_pending,
                 )
-            admitted = self._insert(conn, tasks, start)
+            first = self._insert(conn, insert)
             if idempotency is not None:
                 conn.execute(
                     "INSERT OR REPLACE INTO idempotency (scope, key, fingerprint, task_ids, "
@@ -93,15 +96,16 @@ class SQLiteStore(SideOps, ReadOps):
                         tasks[0].created_at,
                     ),
                 )
-            return admitted, False
+            return first, False
 
-        # Atomic without a key: the inserts are the op's only writes, and one statement
-        # unless the batch is over INSERT_ROWS.
-        atomic = idempotency is None and len(tasks) <= INSERT_ROWS
-        found, replayed = await self._write(op, atomic=atomic)
-        if not replayed:
-            self._changed(found)
-        return found  # type: ignore[no-any-return]
+        # Atomic without a key: the insert is the op's only write, and one statement
+        # unless the batch is long.
+        found, replayed = await self._write(op, atomic=idempotency is None and insert.atomic)
+        if replayed:
+            return found  # type: ignore[no-any-return]
+        admitted = insert.admitted(found)
+        self._changed(admitted)
+        return admitted
 
     @staticmethod
     def _seen(conn: sqlite3.Connection, idem: IdempotencyKey) -> list[Task] | None:
@@ -141,9 +145,10 @@ class SQLiteStore(SideOps, ReadOps):
         by_queue, queue_args = type_filter(only_queue, skip_queues, column="queue")
         narrow, narrow_args = narrow + by_queue, narrow_args + queue_args
         sql = claim_sql(narrow)
-        args = (now, *narrow_args, limit, now, *narrow_args)
+        args = (*narrow_args, limit, *narrow_args)
 
         def op(conn: sqlite3.Connection) -> ClaimBatch:
+            conn.execute(PROMOTE_SQL, (now,))
             found, next_due = conn.execute(sql, args).fetchone()
             claims = take(
                 conn,
@@ -156,7 +161,8 @@ class SQLiteStore(SideOps, ReadOps):
             self._change += len(claims)
             return ClaimBatch(claims=claims, next_due=None if len(claims) == limit else next_due)
 
-        # Atomic: the one write is the last statement.
+        # Atomic: the claim is one statement; the promotion before it changes nothing any
+        # reader sees, so it may stay even if the claim fails.
         batch: ClaimBatch = await self._write(op, atomic=True)
         self._changed([c.task for c in batch.claims])
         return batch
@@ -245,11 +251,13 @@ class SQLiteStore(SideOps, ReadOps):
             state, column, value = TaskState.QUEUED, "run_at", outcome.run_at
         else:
             state, column, value = TaskState.FAILED, "finished_at", outcome.finished_at
+        # Deferred even if due already: the feeder is woken and its claim finds it due.
         conn.execute(
             f"UPDATE tasks SET state = ?, changed = ?, {column} = ?, last_error = ?, "
-            f"history = ?, owner = NULL, lease_until = NULL WHERE {FENCE}",
-            (state.value, changed, value, outcome.error, history, *fence),
-        )
+            f"history = ?, owner = NULL, lease_until = NULL, deferred = ? WHERE {FENCE}",
+            (state.value, changed, value, outcome.error, history, int(state.value == "queued"),
+             *fence),
+        )  # fmt: skip
         return replace(
             task,
             state=state,

@@ -37,15 +37,28 @@ _changes = msgspec.json.Decoder(list[int])
 _encode = msgspec.json.encode
 
 
+# Deferred tasks that came due become claimable, the earliest first, this many per claim
+# (a claim that leaves some behind reports a next due time already past, so the feeder
+# claims again at once).
+PROMOTE_ROWS = 5000
+
+# Arguments: now.
+PROMOTE_SQL = (
+    "UPDATE tasks SET deferred = 0 WHERE seq IN (SELECT seq FROM tasks INDEXED BY "
+    "tasks_next_due WHERE state = 'queued' AND deferred = 1 AND run_at <= ? "
+    f"ORDER BY run_at LIMIT {PROMOTE_ROWS})"
+)
+
+
 def claim_sql(narrow: str) -> str:
-    """Up to `limit` due tasks as one JSON array, and the next `run_at` after `now`.
-    Arguments: now, *narrow, limit, now, *narrow."""
+    """Up to `limit` claimable tasks as one JSON array, and the earliest `run_at` of the
+    deferred ones. Arguments: *narrow, limit, *narrow."""
     return (
         f"SELECT (SELECT json_group_array(json_array({_COLUMNS})) FROM ("
-        f"SELECT * FROM tasks INDEXED BY tasks_claim WHERE state = 'queued' AND run_at <= ?"
+        f"SELECT * FROM tasks INDEXED BY tasks_claim WHERE state = 'queued' AND deferred = 0"
         f"{narrow} ORDER BY priority DESC, seq LIMIT ?)), "
         f"(SELECT min(run_at) FROM tasks INDEXED BY tasks_next_due "
-        f"WHERE state = 'queued' AND run_at > ?{narrow})"
+        f"WHERE state = 'queued' AND deferred = 1{narrow})"
     )
 
 

@@ -4,33 +4,17 @@ the change sequence and the unfinished-task count (both kept in the writer threa
 from __future__ import annotations
 
 import asyncio
-import functools
 import sqlite3
-import time
-from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from msgspec.structs import replace
-
 from daemon.errors import StoreUnavailable
-from daemon.models import NewTask, StartNow, Task, TaskState
+from daemon.models import Task
 from daemon.store.base import Hooks
+from daemon.store.sqlite_insert import Insert
 from daemon.store.sqlite_schema import migrate
 from daemon.store.sqlite_writer import Writer
-
-INSERT_ROWS = 500  # rows per INSERT statement: 17 values each, well under SQLite's 32,766
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(rows: int) -> str:
-    row = "(" + ", ".join("?" * 17) + ")"
-    return (
-        "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, created_at, "
-        "timeout, max_attempts, attempts, started_at, owner, lease_until, changed, callback, "
-        "callback_state) VALUES " + ", ".join([row] * rows)
-    )
 
 
 class Connections:
@@ -109,33 +93,13 @@ class Connections:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _insert(
-        self, conn: sqlite3.Connection, tasks: Sequence[NewTask], start: StartNow | None = None
-    ) -> list[Task]:
-        """Insert `tasks` as queued, in statements of many rows (one step each, see
-        sqlite_batch.py); with `start`, the first is inserted already running for its owner."""
-        first = self._next_change()
-        self._change += len(tasks) - 1
-        admitted = [Task.admitted(t, first + i) for i, t in enumerate(tasks)]
-        owner, lease_until = None, None
-        if start is not None:
-            now = time.time()
-            admitted[0] = replace(admitted[0], state=TaskState.RUNNING, attempts=1, started_at=now)
-            owner, lease_until = start.owner, now + start.lease
-        for at in range(0, len(admitted), INSERT_ROWS):
-            rows = admitted[at : at + INSERT_ROWS]
-            values: list[object] = []
-            for t in rows:
-                running = t.state is TaskState.RUNNING
-                values += (
-                    t.id, t.type, t.queue, t.state.value, t.payload, t.priority, t.run_at,
-                    t.created_at, t.timeout, t.max_attempts, t.attempts, t.started_at,
-                    owner if running else None, lease_until if running else None,
-                    t.changed, t.callback, t.callback_state,
-                )  # fmt: skip
-            conn.execute(_insert_sql(len(rows)), values)
-        self._pending += len(tasks)
-        return admitted
+    def _insert(self, conn: sqlite3.Connection, insert: Insert) -> int:
+        """Run `insert` (writer thread); returns the first of its change numbers."""
+        first = self._change + 1
+        insert.run(conn, first)
+        self._change += len(insert.tasks)
+        self._pending += len(insert.tasks)
+        return first
 
     def _next_change(self) -> int:
         """The next value of the change sequence (writer thread only; also the SQL function

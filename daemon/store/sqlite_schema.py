@@ -66,6 +66,18 @@ MIGRATIONS: tuple[str, ...] = (
         AND state IN ('succeeded', 'failed', 'cancelled');
     CREATE INDEX tasks_changed ON tasks (changed);
     """,
+    # A task queued for later (delayed, or a retry after backoff) is `deferred` until a
+    # claim finds it due; the claim index then holds only what may run now, so a claim
+    # never walks past a million tasks queued for next week.
+    """
+    ALTER TABLE tasks ADD COLUMN deferred INTEGER NOT NULL DEFAULT 0;
+    UPDATE tasks SET deferred = 1 WHERE state = 'queued' AND run_at > created_at;
+    DROP INDEX tasks_claim;
+    DROP INDEX tasks_next_due;
+    CREATE INDEX tasks_claim ON tasks (priority DESC, seq) WHERE state = 'queued'
+        AND deferred = 0;
+    CREATE INDEX tasks_next_due ON tasks (run_at) WHERE state = 'queued' AND deferred = 1;
+    """,
 )
 
 LATEST = len(MIGRATIONS)

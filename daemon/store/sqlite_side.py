@@ -9,6 +9,7 @@ from collections.abc import Collection
 
 from daemon.models import Counts, NewTask, QueueHealth, ScheduleState, Task
 from daemon.store.sqlite_connections import Connections
+from daemon.store.sqlite_insert import Insert
 from daemon.store.sqlite_rows import COLUMNS, ENDED, task_from_row, type_filter
 
 
@@ -82,7 +83,9 @@ class SideOps(Connections):
     async def fire(
         self, name: str, *, due: float, previous: float | None, task: NewTask | None
     ) -> bool:
-        def op(conn: sqlite3.Connection) -> list[Task] | None:
+        insert = Insert([task] if task is not None else [])
+
+        def op(conn: sqlite3.Connection) -> int | None:
             conn.execute("INSERT OR IGNORE INTO schedules (name) VALUES (?)", (name,))
             won = conn.execute(
                 "UPDATE schedules SET last_fire = ? WHERE name = ? AND last_fire IS ?",
@@ -90,12 +93,12 @@ class SideOps(Connections):
             ).rowcount
             if not won:
                 return None
-            return self._insert(conn, [task]) if task is not None else []
+            return self._insert(conn, insert)
 
-        admitted: list[Task] | None = await self._write(op)
-        if admitted:
-            self._changed(admitted)
-        return admitted is not None
+        first: int | None = await self._write(op)
+        if first is not None and task is not None:
+            self._changed(insert.admitted(first))
+        return first is not None
 
     async def check(self) -> None:
         def op(conn: sqlite3.Connection) -> None:

@@ -1,0 +1,79 @@
+"""Admissions as multi-row INSERT statements, prepared on the event loop.
+
+The writer thread is the store's one serial resource, and every bit of Python it runs waits
+for the GIL while the loop is busy. So the statements and their values are built before the
+operation is queued; the writer only writes in each row's change number, binds and steps,
+and the tasks as admitted are made back on the loop from the first change number.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from msgspec.structs import replace
+
+from daemon.models import NewTask, StartNow, Task, TaskState
+
+ROWS = 500  # rows per statement: 18 values each, well under SQLite's 32,766
+_WIDTH = 18
+_CHANGED = 14  # where each row's change number goes
+
+
+@functools.lru_cache(maxsize=64)
+def _sql(rows: int) -> str:
+    row = "(" + ", ".join("?" * _WIDTH) + ")"
+    return (
+        "INSERT INTO tasks (id, type, queue, state, payload, priority, run_at, created_at, "
+        "timeout, max_attempts, attempts, started_at, owner, lease_until, changed, callback, "
+        "callback_state, deferred) VALUES " + ", ".join([row] * rows)
+    )
+
+
+@dataclass
+class Insert:
+    """`tasks` inserted as queued, the first already running for `start` (owner, lease)
+    from `now` on when given."""
+
+    tasks: Sequence[NewTask]
+    start: StartNow | None = None
+    now: float = 0.0
+    _statements: list[tuple[str, list[object]]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for at in range(0, len(self.tasks), ROWS):
+            rows = self.tasks[at : at + ROWS]
+            values: list[object] = []
+            for i, t in enumerate(rows):
+                running = at + i == 0 and self.start is not None
+                values += (
+                    t.id, t.type, t.queue, "running" if running else "queued", t.payload,
+                    t.priority, t.run_at, t.created_at, t.timeout, t.max_attempts,
+                    int(running), self.now if running else None,
+                    self.start.owner if running and self.start else None,
+                    self.now + self.start.lease if running and self.start else None,
+                    0, t.callback, "pending" if t.callback else None, int(t.run_at > t.created_at),
+                )  # fmt: skip
+            self._statements.append((_sql(len(rows)), values))
+
+    @property
+    def atomic(self) -> bool:
+        """One statement: SQLite undoes it by itself if it fails."""
+        return len(self._statements) == 1
+
+    def run(self, conn: sqlite3.Connection, first_change: int) -> None:
+        """In the writer thread: the rows get change numbers from `first_change` on."""
+        change = first_change
+        for sql, values in self._statements:
+            for at in range(_CHANGED, len(values), _WIDTH):
+                values[at] = change
+                change += 1
+            conn.execute(sql, values)
+
+    def admitted(self, first_change: int) -> list[Task]:
+        tasks = [Task.admitted(t, first_change + i) for i, t in enumerate(self.tasks)]
+        if self.start is not None and tasks:
+            tasks[0] = replace(tasks[0], state=TaskState.RUNNING, attempts=1, started_at=self.now)
+        return tasks
