@@ -478,6 +478,35 @@ async def test_unfinished_by_queue(store: Store) -> None:
     assert by_queue == {"a": Counts(queued=1, running=1), "b": Counts(running=1)}
 
 
+async def unfinished_in_rows(store: Store) -> dict[str, Counts]:
+    """What `unfinished_by_queue()` should say, from the tasks themselves."""
+    found: dict[str, dict[str, int]] = {}
+    for state in (TaskState.QUEUED, TaskState.RUNNING):
+        for task in await store.list(TaskQuery(state=state, limit=1000)):
+            by_state = found.setdefault(task.queue, {})
+            by_state[state.value] = by_state.get(state.value, 0) + 1
+    return {queue: Counts(**by_state) for queue, by_state in found.items()}
+
+
+async def test_unfinished_by_queue_follows_every_kind_of_change(store: Store) -> None:
+    tasks = [new_task(n, queue="abc"[n % 3], max_attempts=1 + n % 2) for n in range(12)]
+    await admit(store, *tasks)
+    first = await claim(store, limit=8)
+    outcomes: list[Outcome] = [
+        Succeeded(result=None, finished_at=T0 + 2),
+        Failed(error="bad", finished_at=T0 + 2, duration=0.1),
+        Retry(error="again", run_at=T0 + 60, duration=0.1),
+        Released(),
+    ]
+    await store.record_many([(c, outcomes[i % 4]) for i, c in enumerate(first[:6])])
+    await store.cancel(first[6].task.id, now=T0 + 3)  # running
+    await store.cancel(tasks[11].id, now=T0 + 3)  # queued
+    await store.retry(first[1].task.id, now=T0 + 4, max_pending=ROOM)  # failed, queued again
+    assert await store.unfinished_by_queue() == await unfinished_in_rows(store)
+    await store.claim(owner=OWNER, limit=100, now=T0 + 61, lease=LEASE)
+    assert await store.unfinished_by_queue() == await unfinished_in_rows(store)
+
+
 async def test_check_answers(store: Store) -> None:
     async with asyncio.timeout(5):
         await store.check()
@@ -576,6 +605,23 @@ async def test_sqlite_migration_keeps_delayed_tasks_waiting(tmp_path: Path) -> N
     assert [c.task.run_at for c in due.claims] == [T0]
     assert due.next_due == T0 + 60
     assert [c.task.run_at for c in later.claims] == [T0 + 60]
+
+
+async def test_sqlite_unfinished_counts_survive_a_reopen_and_a_crash_recovery(
+    tmp_path: Path,
+) -> None:
+    config = sqlite_config(tmp_path)
+    async with open_sqlite(config) as store:
+        await admit(store, *(new_task(n, queue="ab"[n % 2]) for n in range(5)))
+        await claim(store, limit=3)
+    async with open_sqlite(config) as again:
+        assert await again.unfinished_by_queue() == {
+            "a": Counts(queued=1, running=2),
+            "b": Counts(queued=1, running=1),
+        }
+        await again.recover(owner=OWNER, now=T0 + 5)
+        assert await again.unfinished_by_queue() == {"a": Counts(queued=3), "b": Counts(queued=2)}
+        assert await again.unfinished_by_queue() == await unfinished_in_rows(again)
 
 
 async def test_sqlite_second_open_is_locked_out(tmp_path: Path) -> None:

@@ -43,7 +43,7 @@ from daemon.models import (
     TaskState,
 )
 from daemon.store.base import ClaimBatch, Hooks
-from daemon.store.sqlite_batch import PROMOTE_SQL, claim_sql, succeed, take
+from daemon.store.sqlite_batch import PROMOTE_SQL, Row, claim_sql, claims, succeed, take
 from daemon.store.sqlite_file import database_path, lock
 from daemon.store.sqlite_insert import Insert
 from daemon.store.sqlite_reads import ReadOps
@@ -57,6 +57,7 @@ from daemon.store.sqlite_rows import (
 )
 from daemon.store.sqlite_schema import SchemaTooNew
 from daemon.store.sqlite_side import SideOps
+from daemon.store.sqlite_unfinished import QUEUED, RUNNING
 
 
 class SQLiteStore(SideOps, ReadOps):
@@ -77,11 +78,12 @@ class SQLiteStore(SideOps, ReadOps):
                 seen = self._seen(conn, idempotency)
                 if seen is not None:
                     return seen, True
-            if self._pending + len(tasks) > max_pending:
+            pending = self._unfinished.total
+            if pending + len(tasks) > max_pending:
                 raise QueueFull(
-                    f"{self._pending} tasks are unfinished (max_pending is {max_pending})",
-                    pending=self._pending,
-                    needed=self._pending + len(tasks) - max_pending,
+                    f"{pending} tasks are unfinished (max_pending is {max_pending})",
+                    pending=pending,
+                    needed=pending + len(tasks) - max_pending,
                 )
             first = self._insert(conn, insert)
             if idempotency is not None:
@@ -147,25 +149,23 @@ class SQLiteStore(SideOps, ReadOps):
         sql = claim_sql(narrow)
         args = (*narrow_args, limit, *narrow_args)
 
-        def op(conn: sqlite3.Connection) -> ClaimBatch:
+        def op(conn: sqlite3.Connection) -> tuple[list[Row], int, float | None]:
             conn.execute(PROMOTE_SQL, (now,))
             found, next_due = conn.execute(sql, args).fetchone()
-            claims = take(
-                conn,
-                found,
-                first_change=self._change + 1,
-                owner=owner,
-                now=now,
-                lease_until=now + lease,
-            )
-            self._change += len(claims)
-            return ClaimBatch(claims=claims, next_due=None if len(claims) == limit else next_due)
+            first = self._change + 1
+            rows = take(conn, found, first_change=first, owner=owner, now=now,
+                        lease_until=now + lease)  # fmt: skip
+            self._change += len(rows)
+            for row in rows:
+                self._unfinished.move(row[3], QUEUED, RUNNING)
+            return rows, first, None if len(rows) == limit else next_due
 
         # Atomic: the claim is one statement; the promotion before it changes nothing any
         # reader sees, so it may stay even if the claim fails.
-        batch: ClaimBatch = await self._write(op, atomic=True)
-        self._changed([c.task for c in batch.claims])
-        return batch
+        rows, first, next_due = await self._write(op, atomic=True)
+        taken = claims(rows, first_change=first, owner=owner, now=now, lease_until=now + lease)
+        self._changed([c.task for c in taken])
+        return ClaimBatch(claims=taken, next_due=next_due)
 
     async def record(self, claim: Claim, outcome: Outcome) -> Task | None:
         (recorded,) = await self.record_many([(claim, outcome)])
@@ -179,11 +179,13 @@ class SQLiteStore(SideOps, ReadOps):
         """One writer operation for all of them, the successes in one statement. Nothing is
         read back: the new row is the claimed one with what the statement set."""
 
-        def op(conn: sqlite3.Connection) -> builtins.list[Task | OffloadError | None]:
-            results: builtins.list[Task | OffloadError | None] = [None] * len(outcomes)
-            done = [(i, c, o) for i, (c, o) in enumerate(outcomes) if isinstance(o, Succeeded)]
+        done = [(i, c, o) for i, (c, o) in enumerate(outcomes) if isinstance(o, Succeeded)]
+        Results = builtins.list[Task | OffloadError | None]
+
+        def op(conn: sqlite3.Connection) -> tuple[Results, int, set[int]]:
+            results: Results = [None] * len(outcomes)
+            first, lost = self._change + 1, set()
             if done:
-                first = self._change + 1
                 self._change += len(done)
                 try:
                     lost = succeed(conn, [(c, o) for _, c, o in done], first)
@@ -191,34 +193,32 @@ class SQLiteStore(SideOps, ReadOps):
                     lost = set(range(len(done)))
                     for i, _, _ in done:
                         results[i] = StoreUnavailable(f"the store could not record: {exc}")
-                for n, (i, claim, success) in enumerate(done):
-                    if n in lost:
-                        continue
-                    self._pending -= 1
-                    results[i] = replace(
-                        claim.task,
-                        state=TaskState.SUCCEEDED,
-                        changed=first + n,
-                        result=success.result,
-                        finished_at=success.finished_at,
-                    )
+                for n, (_, claim, _) in enumerate(done):
+                    if n not in lost:
+                        self._unfinished.remove(claim.task.queue, RUNNING)
             for i, (claim, outcome) in enumerate(outcomes):
                 if isinstance(outcome, Succeeded):
                     continue
                 try:
-                    task = self._apply_outcome(conn, claim, outcome)
+                    results[i] = self._apply_outcome(conn, claim, outcome)
                 except sqlite3.Error as exc:
                     # If this also ended the transaction, the commit fails and says so for all.
                     results[i] = StoreUnavailable(f"the store could not record: {exc}")
-                    continue
-                if task is not None and task.state.terminal:
-                    self._pending -= 1
-                results[i] = task
-            return results
+            return results, first, lost
 
-        recorded: builtins.list[Task | OffloadError | None] = await self._write(op, atomic=True)
+        recorded, first, lost = await self._write(op, atomic=True)
+        # The successes as written, made here rather than in the writer thread.
+        for n, (i, claim, success) in enumerate(done):
+            if n not in lost:
+                recorded[i] = replace(
+                    claim.task,
+                    state=TaskState.SUCCEEDED,
+                    changed=first + n,
+                    result=success.result,
+                    finished_at=success.finished_at,
+                )
         self._changed([t for t in recorded if isinstance(t, Task)])
-        return recorded
+        return recorded  # type: ignore[no-any-return]
 
     def _apply_outcome(
         self, conn: sqlite3.Connection, claim: Claim, outcome: Failed | Retry | Released
@@ -234,6 +234,7 @@ class SQLiteStore(SideOps, ReadOps):
             )
             if done.rowcount != 1:
                 return None
+            self._unfinished.move(task.queue, RUNNING, QUEUED)
             return replace(
                 task,
                 state=TaskState.QUEUED,
@@ -258,6 +259,10 @@ class SQLiteStore(SideOps, ReadOps):
             (state.value, changed, value, outcome.error, history, int(state.value == "queued"),
              *fence),
         )  # fmt: skip
+        if state is TaskState.QUEUED:
+            self._unfinished.move(task.queue, RUNNING, QUEUED)
+        else:
+            self._unfinished.remove(task.queue, RUNNING)
         return replace(
             task,
             state=state,
@@ -278,8 +283,9 @@ class SQLiteStore(SideOps, ReadOps):
                 f"lease_until = NULL WHERE id = ? RETURNING {COLUMNS}",
                 (now, task_id),
             ).fetchone()
-            self._pending -= 1
-            return task_from_row(row), before
+            cancelled = task_from_row(row)
+            self._unfinished.remove(cancelled.queue, before.value)
+            return cancelled, before
 
         cancelled: tuple[Task, TaskState] = await self._write(op)
         self._changed([cancelled[0]])
@@ -294,10 +300,10 @@ class SQLiteStore(SideOps, ReadOps):
                     f"retried",
                     field="id",
                 )
-            if self._pending + 1 > max_pending:
+            if self._unfinished.total + 1 > max_pending:
                 raise QueueFull(
-                    f"{self._pending} tasks are unfinished (max_pending is {max_pending})",
-                    pending=self._pending,
+                    f"{self._unfinished.total} tasks are unfinished (max_pending is {max_pending})",
+                    pending=self._unfinished.total,
                     needed=1,
                 )
             row = conn.execute(
@@ -309,8 +315,9 @@ class SQLiteStore(SideOps, ReadOps):
                 f"RETURNING {COLUMNS}",
                 (now, task_id),
             ).fetchone()
-            self._pending += 1
-            return task_from_row(row)
+            task = task_from_row(row)
+            self._unfinished.add(task.queue, QUEUED)
+            return task
 
         retried: Task = await self._write(op)
         self._changed([retried])
@@ -341,6 +348,7 @@ class SQLiteStore(SideOps, ReadOps):
                         "history = ?, owner = NULL, lease_until = NULL WHERE id = ?",
                         (now, error, history, task.id),
                     )
+                    self._unfinished.move(task.queue, RUNNING, QUEUED)
                 else:
                     conn.execute(
                         "UPDATE tasks SET state = 'failed', changed = next_change(), "
@@ -348,7 +356,7 @@ class SQLiteStore(SideOps, ReadOps):
                         "history = ?, owner = NULL, lease_until = NULL WHERE id = ?",
                         (now, error, history, task.id),
                     )
-                    self._pending -= 1
+                    self._unfinished.remove(task.queue, RUNNING)
             return len(rows)
 
         return await self._write(op)  # type: ignore[no-any-return]

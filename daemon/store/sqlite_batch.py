@@ -62,17 +62,14 @@ def claim_sql(narrow: str) -> str:
     )
 
 
-def take(
-    conn: sqlite3.Connection,
-    found: str,
-    *,
-    first_change: int,
-    owner: str,
-    now: float,
-    lease_until: float,
-) -> list[Claim]:
-    """Mark the rows `claim_sql` found as running for `owner`, each with its own change
-    number from `first_change` on, and return their claims, highest priority first."""
+Row = _Row
+
+
+def take(conn: sqlite3.Connection, found: str, *, first_change: int, owner: str, now: float,
+         lease_until: float) -> list[Row]:  # fmt: skip
+    """In the writer thread: mark the rows `claim_sql` found as running for `owner`, each
+    with its own change number from `first_change` on; returns them highest priority first
+    for `claims()` to make into claims on the event loop."""
     rows = _rows.decode(found)
     if not rows:
         return []
@@ -83,6 +80,12 @@ def take(
         "FROM (SELECT key, value FROM json_each(?)) AS j WHERE tasks.seq = j.value",
         (owner, lease_until, now, first_change, _encode([r[0] for r in rows])),
     )
+    return rows
+
+
+def claims(rows: list[Row], *, first_change: int, owner: str, now: float,
+           lease_until: float) -> list[Claim]:  # fmt: skip
+    """The claims `take()` made, as the rows now are."""
     claims = []
     for i, r in enumerate(rows):
         attempt = r[10] + 1

@@ -14,6 +14,7 @@ from daemon.models import Task
 from daemon.store.base import Hooks
 from daemon.store.sqlite_insert import Insert
 from daemon.store.sqlite_schema import migrate
+from daemon.store.sqlite_unfinished import Unfinished
 from daemon.store.sqlite_writer import Writer
 
 
@@ -27,7 +28,7 @@ class Connections:
         self._writer.on_rollback = self._recount
         self._readers = ThreadPoolExecutor(1, "sqlite-reader", initializer=self._open_reader)
         self._local: dict[str, sqlite3.Connection] = {}
-        self._pending = 0  # touched only in the writer thread
+        self._unfinished = Unfinished()  # changed only in the writer thread
         self._change = 0  # the change sequence; touched only in the writer thread
         self.hooks = Hooks()  # read at each call: the daemon fills some in after opening
 
@@ -86,10 +87,7 @@ class Connections:
             self.hooks.on_change(tasks)
 
     def _recount(self, conn: sqlite3.Connection) -> None:
-        row = conn.execute(
-            "SELECT count(*) FROM tasks WHERE state IN ('queued', 'running')"
-        ).fetchone()
-        self._pending = int(row[0])
+        self._unfinished.recount(conn)
 
     # -- writes ---------------------------------------------------------------------------
 
@@ -98,7 +96,8 @@ class Connections:
         first = self._change + 1
         insert.run(conn, first)
         self._change += len(insert.tasks)
-        self._pending += len(insert.tasks)
+        for (queue, state), n in insert.kinds.items():
+            self._unfinished.add(queue, state, n)
         return first
 
     def _next_change(self) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +42,7 @@ class Insert:
     start: StartNow | None = None
     now: float = 0.0
     _statements: list[tuple[str, list[object]]] = field(default_factory=list)
+    kinds: Counter[tuple[str, str]] = field(default_factory=Counter)  # (queue, state): rows
 
     def __post_init__(self) -> None:
         for at in range(0, len(self.tasks), ROWS):
@@ -48,6 +50,7 @@ class Insert:
             values: list[object] = []
             for i, t in enumerate(rows):
                 running = at + i == 0 and self.start is not None
+                self.kinds[t.queue, "running" if running else "queued"] += 1
                 values += (
                     t.id, t.type, t.queue, "running" if running else "queued", t.payload,
                     t.priority, t.run_at, t.created_at, t.timeout, t.max_attempts,

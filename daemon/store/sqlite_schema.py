@@ -68,7 +68,9 @@ MIGRATIONS: tuple[str, ...] = (
     """,
     # A task queued for later (delayed, or a retry after backoff) is `deferred` until a
     # claim finds it due; the claim index then holds only what may run now, so a claim
-    # never walks past a million tasks queued for next week.
+    # never walks past a million tasks queued for next week. Two indexes no query needs
+    # any more go: the writer counts unfinished tasks per queue in memory
+    # (sqlite_unfinished.py), and fenced writes find a running row by its id.
     """
     ALTER TABLE tasks ADD COLUMN deferred INTEGER NOT NULL DEFAULT 0;
     UPDATE tasks SET deferred = 1 WHERE state = 'queued' AND run_at > created_at;
@@ -77,6 +79,8 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_claim ON tasks (priority DESC, seq) WHERE state = 'queued'
         AND deferred = 0;
     CREATE INDEX tasks_next_due ON tasks (run_at) WHERE state = 'queued' AND deferred = 1;
+    DROP INDEX tasks_running;
+    DROP INDEX tasks_unfinished;
     """,
 )
 

@@ -156,15 +156,6 @@ class SideOps(Connections):
         return task
 
     async def unfinished_by_queue(self) -> dict[str, Counts]:
-        def fn(conn: sqlite3.Connection) -> dict[str, Counts]:
-            found: dict[str, dict[str, int]] = {}
-            for queue, state, n in conn.execute(
-                "SELECT queue, state, count(*) FROM tasks INDEXED BY tasks_unfinished "
-                "WHERE state IN ('queued', 'running') GROUP BY queue, state"
-            ):
-                found.setdefault(queue, {})[state] = n
-            return {queue: Counts(**by_state) for queue, by_state in found.items()}
-
-        return await self._read(fn)  # type: ignore[no-any-return]
+        return self._unfinished.by_queue()
 
     # -- lifecycle -----------------------------------------------------------------------
