@@ -121,9 +121,13 @@ async def admit(
     if admitted and tasks and admitted[0].id != tasks[0].id:
         return admitted, True
     rt.stats.accepted += len(admitted)
-    kinds = collections.Counter((task.type, task.queue) for task in admitted)
-    for (type, queue), count in kinds.items():
-        rt.metrics.child(rt.metrics.accepted, type, queue).inc(count)
+    if len(admitted) == 1:
+        only = admitted[0]
+        rt.metrics.child(rt.metrics.accepted, only.type, only.queue).inc()
+    else:
+        kinds = collections.Counter((task.type, task.queue) for task in admitted)
+        for (type, queue), count in kinds.items():
+            rt.metrics.child(rt.metrics.accepted, type, queue).inc(count)
     if start is None or admitted[0].state is not TaskState.RUNNING:
         rt.workers.due_at(min(task.run_at for task in tasks))
     return admitted, False

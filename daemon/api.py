@@ -20,7 +20,7 @@ from daemon.errors import (
 )
 from daemon.ids import is_id, new_ids
 from daemon.metrics import CONTENT_TYPE
-from daemon.middleware import errors
+from daemon.middleware import middleware
 from daemon.models import NewTask, Task, TaskQuery, TaskState
 from daemon.openapi import serve_openapi
 from daemon.runtime import RUNTIME, Runtime
@@ -34,7 +34,7 @@ _NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")
 
 def make_app(rt: Runtime) -> web.Application:
     app = web.Application(
-        middlewares=[errors, auth.middleware(rt.auth)], client_max_size=rt.config.server.max_body
+        middlewares=[middleware(rt.auth)], client_max_size=rt.config.server.max_body
     )
     app[RUNTIME] = rt
     app.router.add_post("/v1/tasks", submit)

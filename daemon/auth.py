@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from daemon.errors import Forbidden, Unauthorized
 
@@ -131,12 +130,3 @@ class Authenticator:
         if scope not in token.scopes and "admin" not in token.scopes:
             raise Forbidden(f"token {token.name!r} lacks the {scope!r} scope", field="scope")
         return token.name
-
-
-def middleware(auth: Authenticator) -> Middleware:
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        request[CALLER] = auth.authorize(request)
-        return await handler(request)
-
-    return check

@@ -1,14 +1,16 @@
-"""The one place where errors become HTTP answers: `OffloadError` subclasses map to their
-status and the contract's JSON body; aiohttp's own HTTP errors (404 route, 405, 413) are
-reshaped the same way; anything else is a bug, logged, and answered 500 without details."""
+"""The one middleware: the caller is authorized (auth.py), and errors become HTTP answers:
+`OffloadError` subclasses map to their status and the contract's JSON body; aiohttp's own
+HTTP errors (404 route, 405, 413) are reshaped the same way; anything else is a bug, logged,
+and answered 500 without details."""
 
 from __future__ import annotations
 
 import logging
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
+from daemon.auth import CALLER, Authenticator
 from daemon.errors import OffloadError, Unauthorized, Unavailable
 from daemon.runtime import RUNTIME
 from daemon.wire import ErrorBody, ErrorResponse, encode
@@ -28,18 +30,28 @@ def error_response(status: int, code: str, message: str, field: str | None = Non
     return web.Response(status=status, body=body, content_type="application/json")
 
 
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await _answer(request, handler)
-    resource = request.match_info.route.resource
-    route = resource.canonical if resource is not None else "unmatched"
-    metrics = request.app[RUNTIME].metrics
-    metrics.child(metrics.http, route, str(response.status)).inc()
-    return response
+def middleware(authenticator: Authenticator) -> Middleware:
+    """The one middleware (each layer costs every request a frame): the caller is
+    authorized, the handler answers, errors take the contract's shape, and the answer is
+    counted."""
+
+    @web.middleware
+    async def front(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await _answer(request, handler, authenticator)
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        metrics = request.app[RUNTIME].metrics
+        metrics.child(metrics.http, route, str(response.status)).inc()
+        return response
+
+    return front
 
 
-async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+async def _answer(
+    request: web.Request, handler: Handler, authenticator: Authenticator
+) -> web.StreamResponse:
     try:
+        request[CALLER] = authenticator.authorize(request)
         return await handler(request)
     except OffloadError as exc:
         response = error_response(exc.status, exc.code, exc.message, exc.field)

@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import functools
 import sqlite3
-from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 from msgspec.structs import replace
 
@@ -33,31 +31,31 @@ def _sql(rows: int) -> str:
     )
 
 
-@dataclass
 class Insert:
     """`tasks` inserted as queued, the first already running for `start` (owner, lease)
     from `now` on when given."""
 
-    tasks: Sequence[NewTask]
-    start: StartNow | None = None
-    now: float = 0.0
-    _statements: list[tuple[str, list[object]]] = field(default_factory=list)
-    kinds: Counter[tuple[str, str]] = field(default_factory=Counter)  # (queue, state): rows
+    __slots__ = ("_statements", "kinds", "now", "start", "tasks")
 
-    def __post_init__(self) -> None:
-        for at in range(0, len(self.tasks), ROWS):
-            rows = self.tasks[at : at + ROWS]
+    def __init__(
+        self, tasks: Sequence[NewTask], start: StartNow | None = None, now: float = 0.0
+    ) -> None:
+        self.tasks, self.start, self.now = tasks, start, now
+        self.kinds: dict[tuple[str, str], int] = {}  # (queue, state): rows
+        self._statements: list[tuple[str, list[object]]] = []
+        for at in range(0, len(tasks), ROWS):
+            rows = tasks[at : at + ROWS]
             values: list[object] = []
             for i, t in enumerate(rows):
-                running = at + i == 0 and self.start is not None
-                self.kinds[t.queue, "running" if running else "queued"] += 1
+                running = at + i == 0 and start is not None
+                kind = (t.queue, "running" if running else "queued")
+                self.kinds[kind] = self.kinds.get(kind, 0) + 1
                 values += (
-                    t.id, t.type, t.queue, "running" if running else "queued", t.payload,
-                    t.priority, t.run_at, t.created_at, t.timeout, t.max_attempts,
-                    int(running), self.now if running else None,
-                    self.start.owner if running and self.start else None,
-                    self.now + self.start.lease if running and self.start else None,
-                    0, t.callback, "pending" if t.callback else None, int(t.run_at > t.created_at),
+                    t.id, t.type, t.queue, kind[1], t.payload, t.priority, t.run_at,
+                    t.created_at, t.timeout, t.max_attempts, int(running),
+                    now if running else None, start.owner if running and start else None,
+                    now + start.lease if running and start else None, 0, t.callback,
+                    "pending" if t.callback else None, int(t.run_at > t.created_at),
                 )  # fmt: skip
             self._statements.append((_sql(len(rows)), values))
 
