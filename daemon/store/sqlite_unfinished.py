@@ -34,14 +34,21 @@ class Unfinished:
         self._by[queue, after] += 1
 
     def recount(self, conn: sqlite3.Connection) -> None:
-        """From the table (at open, and after a rollback): a scan of the unfinished rows."""
+        """From the table (at open, and after a rollback): a scan of the unfinished rows.
+        Its GROUP BY sorts them; with temporary storage in memory (the connection's
+        setting) a million queued tasks took 40 MiB for good, so this sort may spill to a
+        file past the page cache's size."""
         self._by.clear()
         self.total = 0
-        for queue, state, n in conn.execute(
-            "SELECT queue, state, count(*) FROM tasks WHERE state IN ('queued', 'running') "
-            "GROUP BY queue, state"
-        ):
-            self.add(queue, state, n)
+        conn.execute("PRAGMA temp_store = FILE")
+        try:
+            for queue, state, n in conn.execute(
+                "SELECT queue, state, count(*) FROM tasks WHERE state IN ('queued', 'running') "
+                "GROUP BY queue, state"
+            ):
+                self.add(queue, state, n)
+        finally:
+            conn.execute("PRAGMA temp_store = MEMORY")
 
     def by_queue(self) -> dict[str, Counts]:
         """Any thread: the copy is one step under the GIL, so never half-changed."""
