@@ -29,10 +29,11 @@ _decode = msgspec.json.decode
 
 @dataclass
 class Run:
-    """One task running in this process; `reason` says why it was stopped, if it was."""
+    """One task running in this process, in the consumer `task` (its own asyncio task
+    would cost each run a task and a wake-up more); `reason` says why it was stopped."""
 
     claim: Claim
-    task: asyncio.Task[object] | None = None
+    task: asyncio.Task[object]
     reason: str | None = None  # "cancel" | "shutdown" | "timeout"
 
     def stop(self, reason: str) -> None:
@@ -41,8 +42,13 @@ class Run:
         if self.reason is not None:
             return
         self.reason = reason
-        if self.task is not None:
-            self.task.cancel()
+        self.task.cancel()
+
+    def settle_stop(self) -> None:
+        """After the run: take back the cancellation `stop()` asked for, so the consumer
+        goes on; if someone else cancelled the consumer meanwhile, that one stands."""
+        if self.reason is not None and self.task.uncancel() > 0:
+            raise asyncio.CancelledError
 
 
 async def consume(workers: Workers) -> None:
@@ -76,18 +82,18 @@ def _fields(claim: Claim, event: str) -> dict[str, object]:
 async def _run(workers: Workers, claim: Claim) -> Ended | None:
     task = claim.task
     started = time.monotonic()
-    run = Run(claim)
+    consumer = asyncio.current_task()
+    assert consumer is not None
+    run = Run(claim, consumer)
     workers.runs[task.id] = run
+    # One timer handle, not an asyncio.timeout() context (a third of its cost).
+    timer = asyncio.get_running_loop().call_later(task.timeout, run.stop, "timeout")
     try:
-        run.task = asyncio.create_task(_execute(workers, claim), name=f"run-{task.id}")
-        # One timer handle, not an asyncio.timeout() context (a third of its cost).
-        timer = asyncio.get_running_loop().call_later(task.timeout, run.stop, "timeout")
-        try:
-            outcome = await _outcome(workers, run, started)
-        finally:
-            timer.cancel()
+        outcome = await _outcome(workers, run, started)
     finally:
+        timer.cancel()
         del workers.runs[task.id]
+    run.settle_stop()
     if outcome is None:
         return None  # cancelled through the API, which already recorded it
     return Ended(claim, outcome, time.monotonic() - started)
@@ -147,9 +153,8 @@ async def _execute(workers: Workers, claim: Claim) -> object:
 async def _outcome(workers: Workers, run: Run, started: float) -> Outcome | None:
     """Wait for the run and turn how it ended into an outcome (None: nothing to record)."""
     claim = run.claim
-    assert run.task is not None
     try:
-        value = await run.task
+        value = await _execute(workers, claim)
     except asyncio.CancelledError:
         if run.reason is None:
             raise  # this consumer itself is being cancelled

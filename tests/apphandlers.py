@@ -75,3 +75,14 @@ async def always_fail(payload: JSON) -> JSON:
 
 async def permanent(payload: JSON) -> JSON:
     raise Permanent("this input can never work")
+
+
+async def inner_timeout(payload: JSON) -> JSON:
+    """Times out on its own, with asyncio.timeout, and says so: it relies on the task it
+    runs in having no cancellation left over from an earlier run."""
+    try:
+        async with asyncio.timeout(0.01):
+            await asyncio.sleep(10)
+    except TimeoutError:
+        return {"inner": "timed out"}
+    return {"inner": "slept"}

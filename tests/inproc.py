@@ -43,6 +43,7 @@ TEST_TYPES: dict[str, dict[str, Any]] = {
     "noop": {"kind": "python", "handler": "daemon.builtins:noop", "timeout": "1m"},
     "block": {"kind": "python", "handler": "tests.apphandlers:block"},
     "flaky": {"kind": "python", "handler": "tests.apphandlers:fail_while_flag"},
+    "inner_timeout": {"kind": "python", "handler": "tests.apphandlers:inner_timeout"},
     "always_fail": {
         "kind": "python",
         "handler": "tests.apphandlers:always_fail",

@@ -404,6 +404,28 @@ async def test_a_slow_handler_times_out(api: Daemon) -> None:
     assert [h["error"] for h in ended["history"]] == ["timed out after 0.2s"]
 
 
+async def test_a_consumer_runs_on_cleanly_after_a_run_was_stopped(tmp_path: Path) -> None:
+    """Runs share their consumer's asyncio task: a timeout, then a cancel, must leave it
+    nothing that would disturb the next run's own asyncio.timeout()."""
+    async with open_daemon(tmp_path, {"workers": {"concurrency": 1}}) as api:
+        slow = {"type": "sleep", "payload": {"seconds": 60}, "max_attempts": 1}
+        timed_out = await api.submit({**slow, "timeout": 0.2})
+        assert (await api.ended(timed_out["id"]))["last_error"] == "timed out after 0.2s"
+        cancelled = await api.submit(slow)
+
+        async def running() -> bool | None:
+            return (await api.task(cancelled["id"]))["state"] == "running" or None
+
+        async with asyncio.timeout(10):
+            await eventually(running)
+        assert (await api.request("DELETE", f"/v1/tasks/{cancelled['id']}")).status == 200
+        after = [await api.submit({"type": "inner_timeout"}) for _ in range(3)]
+
+        ended = [await api.ended(task["id"]) for task in after]
+
+    assert [(t["state"], t["result"]) for t in ended] == [("succeeded", {"inner": "timed out"})] * 3
+
+
 async def test_unknown_routes_and_methods_answer_the_error_shape(api: Daemon) -> None:
     assert_error(await api.request("GET", "/v2/tasks"), 404, "not_found")
     wrong_method = await api.request("PUT", "/v1/tasks")
