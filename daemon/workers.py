@@ -237,15 +237,21 @@ class Workers:
         paused = tuple(self.flow.paused)
         # Types with their own cap are claimed apart, never past their free slots.
         caps = {n: t.config.concurrency for n, t in self.types.items() if t.config.concurrency}
+        # A type left unclaimed for want of a slot may have work due: so may one at its
+        # cap when the round ends. Either way a freed slot must wake the feeder, even if
+        # the run that held it back ends while this round is still claiming.
+        capped = False
         for name, cap in caps.items():
             free = min(room, cap - self.busy[name])
             if free > 0:
                 room -= await self._claim(free, only_type=name, skip_queues=paused)
+            else:
+                capped = True
         if room > 0 and self.flow.simple:
             await self._claim(room, skip_types=tuple(caps), skip_queues=paused)
         elif room > 0:
             await self._claim_by_queue(room, tuple(caps))
-        capped = any(cap <= self.busy[name] for name, cap in caps.items())
+        capped = capped or any(cap <= self.busy[name] for name, cap in caps.items())
         if not (self._full or capped or self._wakes != wakes) and self.flow.simple:
             self._more = False  # everything due was claimed: until the next wake()
         if self._full:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ from daemon.store import Store, sqlite_writer
 from daemon.store.sqlite import open_sqlite
 from daemon.store.sqlite_batch import PROMOTE_ROWS
 from daemon.store.sqlite_schema import MIGRATIONS
+from tests.harness import eventually
 from tests.inproc import store_fixture  # noqa: F401 (the `store` fixture)
 
 OWNER = "test-host:1"
@@ -622,6 +624,63 @@ async def test_sqlite_unfinished_counts_survive_a_reopen_and_a_crash_recovery(
         await again.recover(owner=OWNER, now=T0 + 5)
         assert await again.unfinished_by_queue() == {"a": Counts(queued=3), "b": Counts(queued=2)}
         assert await again.unfinished_by_queue() == await unfinished_in_rows(again)
+
+
+async def test_sqlite_admissions_that_meet_in_one_insert_are_each_held_to_max_pending(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+        sizes = [4, 4, 4, 2, 1]
+        batches = [[new_task(10 * b + i) for i in range(n)] for b, n in enumerate(sizes)]
+
+        results = await asyncio.gather(
+            *(store.admit(batch, max_pending=10) for batch in batches), return_exceptions=True
+        )
+
+        # In order: 4 + 4 fit, the third 4 would make 12, then 2 fits (10), then 1 does not.
+        fitted = [not isinstance(r, BaseException) for r in results]
+        assert fitted == [True, True, False, True, False]
+        assert all(
+            isinstance(r, QueueFull) for r, ok in zip(results, fitted, strict=True) if not ok
+        )
+        admitted = [t for r in results if isinstance(r, list) for t in r]
+        assert ids(admitted) == ids(
+            [t for b, ok in zip(batches, fitted, strict=True) if ok for t in b]
+        )
+        stored = await store.list(TaskQuery(limit=100))
+        assert sorted(ids(stored)) == sorted(ids(admitted))
+        assert await store.unfinished_by_queue() == {"default": Counts(queued=10)}
+
+
+async def test_sqlite_admissions_over_one_statement_get_every_row_in_order(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+        batches = [[new_task(1000 * b + i) for i in range(300)] for b in range(3)]
+        # Hold the writer, so that all three wait for it and meet in one operation.
+        held, go = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            held.set()
+            go.wait(10)
+
+        blocker = store.writer.submit(hold)
+        await asyncio.to_thread(held.wait, 10)
+        admitting = asyncio.gather(*(admit(store, *batch) for batch in batches))
+
+        async def all_waiting() -> bool | None:
+            return len(store._admissions._waiting) == len(batches) or None
+
+        async with asyncio.timeout(10):
+            await eventually(all_waiting, every=0.001)
+        go.set()
+        await blocker
+        results = await admitting
+
+        admitted = [t for r in results for t in r]
+        assert [t.changed for t in admitted] == sorted({t.changed for t in admitted})
+        changes = await store.changes(after=0, limit=1000)
+        assert [(t.id, t.changed) for t in changes] == [(t.id, t.changed) for t in admitted]
 
 
 async def test_sqlite_second_open_is_locked_out(tmp_path: Path) -> None:

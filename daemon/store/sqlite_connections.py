@@ -9,10 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from daemon.errors import StoreUnavailable
+from daemon.errors import QueueFull, StoreUnavailable
 from daemon.models import Task
 from daemon.store.base import Hooks
+from daemon.store.sqlite_admissions import Admissions, Waiting
 from daemon.store.sqlite_insert import Insert
+from daemon.store.sqlite_insert import run as insert_rows
 from daemon.store.sqlite_schema import migrate
 from daemon.store.sqlite_unfinished import Unfinished
 from daemon.store.sqlite_writer import Writer
@@ -29,6 +31,9 @@ class Connections:
         self._readers = ThreadPoolExecutor(1, "sqlite-reader", initializer=self._open_reader)
         self._local: dict[str, sqlite3.Connection] = {}
         self._unfinished = Unfinished()  # changed only in the writer thread
+        self._admissions = Admissions(
+            lambda op: self._writer.submit(op, atomic=True), self._write_admissions
+        )
         self._change = 0  # the change sequence; touched only in the writer thread
         self.hooks = Hooks()  # read at each call: the daemon fills some in after opening
 
@@ -91,14 +96,45 @@ class Connections:
 
     # -- writes ---------------------------------------------------------------------------
 
-    def _insert(self, conn: sqlite3.Connection, insert: Insert) -> int:
-        """Run `insert` (writer thread); returns the first of its change numbers."""
+    def _insert(self, conn: sqlite3.Connection, *inserts: Insert) -> int:
+        """Run `inserts` (writer thread); returns the first of their change numbers."""
         first = self._change + 1
-        insert.run(conn, first)
-        self._change += len(insert.tasks)
-        for (queue, state), n in insert.kinds.items():
-            self._unfinished.add(queue, state, n)
+        insert_rows(conn, inserts, first)
+        for insert in inserts:
+            self._change += len(insert.tasks)
+            for (queue, state), n in insert.kinds.items():
+                self._unfinished.add(queue, state, n)
         return first
+
+    def _write_admissions(
+        self, conn: sqlite3.Connection, batch: list[Waiting]
+    ) -> list[int | QueueFull]:
+        """The writer's side of `Admissions`: each admission in order, refused if it does
+        not fit under its max_pending, the others inserted together."""
+        pending = self._unfinished.total
+        fits: list[int | QueueFull] = []
+        for waiting in batch:
+            n = len(waiting.insert.tasks)
+            if pending + n > waiting.max_pending:
+                fits.append(QueueFull(
+                    f"{pending} tasks are unfinished (max_pending is {waiting.max_pending})",
+                    pending=pending, needed=pending + n - waiting.max_pending,
+                ))  # fmt: skip
+                continue
+            fits.append(n)
+            pending += n
+        accepted = [w.insert for w, fit in zip(batch, fits, strict=True) if isinstance(fit, int)]
+        if not accepted:
+            return fits
+        try:
+            change = self._insert(conn, *accepted)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the store could not admit: {exc}") from exc
+        firsts: list[int | QueueFull] = []
+        for fit in fits:
+            firsts.append(fit if isinstance(fit, QueueFull) else change)
+            change += fit if isinstance(fit, int) else 0
+        return firsts
 
     def _next_change(self) -> int:
         """The next value of the change sequence (writer thread only; also the SQL function

@@ -1,0 +1,80 @@
+"""Admissions that arrive while the writer is busy share one operation and one INSERT.
+
+Group commit already puts them in one transaction; as separate operations each still cost
+the writer thread a statement, and each statement a wait for the GIL while the event loop
+is busy. So a plain admission (no Idempotency-Key, not started at admission) joins the
+ones waiting for the writer: the first queues one operation, which takes all that joined
+by the time it runs, checks each against `max_pending` in order, and inserts the rest in
+one statement. Each caller still gets its own answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from daemon.errors import QueueFull
+from daemon.store.sqlite_insert import Insert
+
+# (the writer's connection, the admissions in order) -> each one's first change number,
+# or QueueFull for one that did not fit under its max_pending
+WriteMany = Callable[[sqlite3.Connection, list["Waiting"]], list[int | QueueFull]]
+Submit = Callable[[Callable[[sqlite3.Connection], Any]], "asyncio.Future[Any]"]
+
+
+class Waiting:
+    __slots__ = ("future", "insert", "max_pending")
+
+    def __init__(self, insert: Insert, max_pending: int, future: asyncio.Future[int]) -> None:
+        self.insert, self.max_pending, self.future = insert, max_pending, future
+
+
+class Admissions:
+    def __init__(self, submit: Submit, write_many: WriteMany) -> None:
+        self._submit = submit
+        self._write_many = write_many
+        self._lock = threading.Lock()  # the writer thread takes what the loop adds
+        self._waiting: list[Waiting] = []
+
+    async def admit(self, insert: Insert, max_pending: int) -> int:
+        """Insert `insert`'s rows; returns their first change number once committed."""
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._waiting.append(Waiting(insert, max_pending, future))
+            first = len(self._waiting) == 1
+        if first:
+            self._queue()
+        return await future
+
+    def _queue(self) -> None:
+        taken: list[Waiting] = []
+
+        def op(conn: sqlite3.Connection) -> list[int | QueueFull]:
+            with self._lock:
+                taken.extend(self._waiting)
+                self._waiting = []
+            return self._write_many(conn, taken)
+
+        def answer(done: asyncio.Future[list[int | QueueFull]]) -> None:
+            error = asyncio.CancelledError() if done.cancelled() else done.exception()
+            if error is None:
+                for waiting, result in zip(taken, done.result(), strict=True):
+                    if waiting.future.done():
+                        continue
+                    if isinstance(result, QueueFull):
+                        waiting.future.set_exception(result)
+                    else:
+                        waiting.future.set_result(result)
+                return
+            if not taken:  # the operation never ran, so took nothing: fail what waits
+                with self._lock:
+                    taken.extend(self._waiting)
+                    self._waiting = []
+            for waiting in taken:
+                if not waiting.future.done():
+                    waiting.future.set_exception(error)
+
+        self._submit(op).add_done_callback(answer)
