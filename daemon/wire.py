@@ -122,7 +122,7 @@ def view(task: Task) -> TaskView:
         id=task.id,
         type=task.type,
         queue=task.queue,
-        state=task.state.value,
+        state=task.state,  # a StrEnum: encoded as its value, without the enum lookup
         payload=msgspec.Raw(task.payload),
         attempts=task.attempts,
         max_attempts=task.max_attempts,
@@ -137,7 +137,9 @@ def view(task: Task) -> TaskView:
         history=[
             AttemptView(a.attempt, rfc3339(a.started_at), round(a.duration, 6), a.error)
             for a in task.history
-        ],
+        ]
+        if task.history
+        else [],
         callback=None
         if task.callback is None
         else CallbackView(
