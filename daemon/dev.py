@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import time
 from collections.abc import AsyncIterator, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
@@ -17,18 +16,15 @@ from aiohttp import web
 
 from daemon import logs
 from daemon.api import make_app
-from daemon.auth import Authenticator, load_tokens
 from daemon.config import load
 from daemon.executors.http import HttpClient
-from daemon.flow import load_flow
 from daemon.metrics import Metrics
-from daemon.runtime import Runtime
+from daemon.runtime import assemble
 from daemon.stats import Stats
 from daemon.store import open_store
 from daemon.store.base import Hooks
 from daemon.tasktypes import build_types
 from daemon.watch import Watchers
-from daemon.workers import Workers
 
 
 async def create_app() -> web.Application:
@@ -37,23 +33,24 @@ async def create_app() -> web.Application:
     stack = AsyncExitStack()
     threads = ThreadPoolExecutor(config.workers.concurrency, thread_name_prefix="handler")
     stack.callback(threads.shutdown, wait=False, cancel_futures=True)
-    metrics = Metrics()
-    hooks = Hooks(on_commit=metrics.observe_commit)
+    metrics, watchers = Metrics(), Watchers()
+    hooks = Hooks(on_commit=metrics.observe_commit, on_ended=watchers.ended)
     store = await stack.enter_async_context(open_store(config.store, hooks))
-    owner = f"dev:{os.getpid()}"
-    stats, watchers = Stats(), Watchers()
-    stats.recovered = await store.recover(owner=owner, now=time.time())
     http = HttpClient()
     stack.push_async_callback(http.aclose)
-    types = build_types(config, threads, http)
-    flow = await load_flow(config, store)
-    workers = Workers(
-        config.workers, store, types, stats, watchers, metrics, owner, flow, shared=store.shared
+    rt = await assemble(
+        config,
+        store,
+        hooks,
+        types=build_types(config, threads, http),
+        stats=Stats(),
+        watchers=watchers,
+        metrics=metrics,
+        owner=f"dev:{os.getpid()}",
     )
-    authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
-    rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator, ready=True)
+    rt.ready = True
     hooks.on_change = rt.events.publish
-    hooks.on_new_work = workers.wake
+    workers = rt.workers
     app = make_app(rt)
 
     async def run_workers(app: web.Application) -> AsyncIterator[None]:

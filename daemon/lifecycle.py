@@ -18,17 +18,15 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 from daemon.api import make_app
-from daemon.auth import Authenticator, load_tokens
 from daemon.callbacks import Deliverer
 from daemon.config import Config
 from daemon.executors.http import HttpClient
-from daemon.flow import load_flow
 from daemon.http_server import open_http
 from daemon.metrics import Metrics
 from daemon.models import Task
 from daemon.reload import reload_on_request
 from daemon.retention import keep_pruning
-from daemon.runtime import Runtime
+from daemon.runtime import Runtime, assemble
 from daemon.scheduler import Scheduler
 from daemon.signals import Stop, handle_signals
 from daemon.stats import Stats
@@ -37,7 +35,6 @@ from daemon.store.base import Hooks
 from daemon.systemd import Notifier, pulse, watchdog_interval
 from daemon.tasktypes import build_types
 from daemon.watch import Watchers
-from daemon.workers import Workers
 
 logger = logging.getLogger(__name__)
 
@@ -102,23 +99,17 @@ async def _run(
     # The http session closes after the consumers exit and before the store closes.
     hooks = Hooks(on_commit=metrics.observe_commit, on_ended=watchers.ended)
     async with open_store(config.store, hooks) as store, http:
-        stats.recovered = await store.recover(owner=owner, now=time.time())
-        flow = await load_flow(config, store)
-        workers = Workers(
-            config.workers,
+        rt = await assemble(
+            config,
             store,
-            types,
-            stats,
-            watchers,
-            metrics,
-            owner,
-            flow,
-            shared=store.shared,
+            hooks,
+            types=types,
+            stats=stats,
+            watchers=watchers,
+            metrics=metrics,
+            owner=owner,
         )
-        hooks.on_new_work = workers.wake
-        hooks.on_lost = lambda task_id: workers.stop_run(task_id, "cancel")
-        authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
-        rt = Runtime(config, store, types, workers, stats, watchers, metrics, authenticator)
+        workers = rt.workers
         deliverer = Deliverer(rt, http)
 
         def changed(tasks: list[Task]) -> None:
