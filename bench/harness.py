@@ -416,24 +416,7 @@ def machine() -> str:
             if text.startswith("model name"):
                 model = text.split(":", 1)[1].strip()
                 break
-    return (
-        f"{cpus} CPU ({model or 'unknown'}), Python {sys.version.split()[0]}, {revision()}; "
-        f"Python speed now {speed():.1f} M loop steps/s"
-    )
-
-
-def speed(steps: int = 300_000) -> float:
-    """Millions of plain Python loop steps per second, best of three, now. This VM's speed
-    swings 2-3x with its host's load, which nothing inside the guest shows: figures taken
-    at different speeds do not compare."""
-    best = 0.0
-    for _ in range(3):
-        began = time.perf_counter()
-        total = 0
-        for i in range(steps):
-            total += i
-        best = max(best, steps / (time.perf_counter() - began) / 1e6)
-    return best
+    return f"{cpus} CPU ({model or 'unknown'}), Python {sys.version.split()[0]}, {revision()}"
 
 
 def revision() -> str:
