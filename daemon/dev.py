@@ -1,7 +1,8 @@
 """An app factory for `adev runserver daemon/dev.py --app-factory create_app` (`make dev`):
-the HTTP API with its store, feeder and consumers, rebuilt on every code change. Config from
-$OFFLOAD_CONFIG (default config.example.toml). Development only: production is
-`offload serve`, which also handles signals and the ordered stop."""
+the HTTP API with its store, feeder, consumers, callbacks, scheduler and retention, rebuilt
+on every code change. Config from $OFFLOAD_CONFIG (default config.example.toml).
+Development only: production is `offload serve`, which also handles signals, systemd,
+reloads and the ordered stop."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from daemon.config import load
 from daemon.executors.http import HttpClient
 from daemon.metrics import Metrics
 from daemon.runtime import assemble
+from daemon.services import services
 from daemon.stats import Stats
 from daemon.store import open_store
 from daemon.store.base import Hooks
@@ -49,7 +51,7 @@ async def create_app() -> web.Application:
         owner=f"dev:{os.getpid()}",
     )
     rt.ready = True
-    hooks.on_change = rt.events.publish
+    beside = services(rt, hooks, http)
     workers = rt.workers
     app = make_app(rt)
 
@@ -61,11 +63,14 @@ async def create_app() -> web.Application:
             return tasks[-1]
 
         workers.start(spawn)
+        background = [asyncio.create_task(coro, name=name) for coro, name in beside]
         yield
         rt.draining.set()
         await workers.drain(config.workers.grace_period, asyncio.Event())
         rt.events.close()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*tasks, *background, return_exceptions=True)
         await stack.aclose()
 
     app.cleanup_ctx.append(run_workers)

@@ -18,16 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 from daemon.api import make_app
-from daemon.callbacks import Deliverer
 from daemon.config import Config
 from daemon.executors.http import HttpClient
 from daemon.http_server import open_http
 from daemon.metrics import Metrics
-from daemon.models import Task
 from daemon.reload import reload_on_request
-from daemon.retention import keep_pruning
 from daemon.runtime import Runtime, assemble
-from daemon.scheduler import Scheduler
+from daemon.services import services
 from daemon.signals import Stop, handle_signals
 from daemon.stats import Stats
 from daemon.store import open_store
@@ -110,13 +107,7 @@ async def _run(
             owner=owner,
         )
         workers = rt.workers
-        deliverer = Deliverer(rt, http)
-
-        def changed(tasks: list[Task]) -> None:
-            rt.events.publish(tasks)
-            deliverer.changed(tasks)
-
-        hooks.on_change = changed
+        beside = services(rt, hooks, http)
         async with asyncio.TaskGroup() as tg:
             workers.start(lambda coro, name: tg.create_task(coro, name=name))
             beat = _Pulse(rt)
@@ -132,9 +123,7 @@ async def _run(
                     name="systemd-pulse",
                 )
             ]
-            background.append(tg.create_task(keep_pruning(rt), name="retention"))
-            background.append(tg.create_task(deliverer.run(), name="callbacks"))
-            background.append(tg.create_task(Scheduler(rt).run(), name="scheduler"))
+            background += [tg.create_task(coro, name=name) for coro, name in beside]
             if config_path is not None:
                 reloader = reload_on_request(
                     rt, config_path, requested=reload, threads=threads, http=http, notifier=notifier
