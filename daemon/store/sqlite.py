@@ -104,9 +104,9 @@ class SQLiteStore(SideOps, ReadOps):
                 )
             return first, False
 
-        # Atomic without a key: the insert is the op's only write, and one statement
-        # unless the batch is long.
-        found, replayed = await self._write(op, atomic=idempotency is None and insert.atomic)
+        # Atomic without a key: the insert is then the op's only write, all or nothing by
+        # itself (several statements share a savepoint, see sqlite_insert.run).
+        found, replayed = await self._write(op, atomic=idempotency is None)
         if replayed:
             return found  # type: ignore[no-any-return]
         admitted = insert.admitted(found)

@@ -56,11 +56,6 @@ class Insert:
                 "pending" if t.callback else None, int(t.run_at > t.created_at),
             )  # fmt: skip
 
-    @property
-    def atomic(self) -> bool:
-        """One statement: SQLite undoes it by itself if it fails."""
-        return len(self.tasks) <= ROWS
-
     def admitted(self, first_change: int) -> list[Task]:
         tasks = [Task.admitted(t, first_change + i) for i, t in enumerate(self.tasks)]
         if self.start is not None and tasks:
