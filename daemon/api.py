@@ -85,9 +85,10 @@ async def submit(request: web.Request) -> web.Response:
 
 async def submit_batch(request: web.Request) -> web.Response:
     """Up to `server.max_batch` tasks, validated all-or-nothing, committed in one
-    transaction, answered in order."""
+    transaction, answered with their ids in order. Ids alone: the client sent the rest, and
+    the views of a batch of 100 cost the event loop a quarter of its time per task."""
     tasks, replayed = await _admit(request, batch=True)
-    response = _json({"tasks": [view(t) for t in tasks]}, status=202)
+    response = _json({"ids": [t.id for t in tasks]}, status=202)
     if replayed:
         response.headers["Idempotent-Replayed"] = "true"
     return response

@@ -154,11 +154,12 @@ class OffloadClient:
 
     async def submit_batch(
         self, tasks: Sequence[Submission], *, idempotency_key: str | None = None
-    ) -> list[Task]:
+    ) -> list[str]:
         """Submit `tasks` (up to the server's `server.max_batch`) all-or-nothing in one
-        transaction; returns them committed, in order. A refusal names `tasks[i].field`."""
+        transaction; returns their ids, in order, once committed. A refusal names
+        `tasks[i].field`."""
         raw = await self._post_json("/v1/tasks/batch", _Batch(list(tasks)), idempotency_key)
-        return decode_answer(raw, _TaskList).tasks
+        return decode_answer(raw, _IdList).ids
 
     async def _post_json(self, path: str, body: object, idempotency_key: str | None) -> bytes:
         headers = {"Content-Type": "application/json"}
@@ -306,8 +307,8 @@ class _Batch(msgspec.Struct):
     tasks: list[Submission]
 
 
-class _TaskList(msgspec.Struct):
-    tasks: list[Task]
+class _IdList(msgspec.Struct):
+    ids: list[str]
 
 
 def _unset(value: Any) -> Any:

@@ -45,8 +45,8 @@ class Health(msgspec.Struct, frozen=True):
     status: Literal["ok", "ready", "starting", "draining"]
 
 
-class TaskList(msgspec.Struct, frozen=True):
-    tasks: list[TaskView]
+class IdList(msgspec.Struct, frozen=True):
+    ids: list[str]
 
 
 class QueueList(msgspec.Struct, frozen=True):
@@ -157,7 +157,7 @@ def _schemas(shape: Shape) -> Json:
     submission variant per configured type (what requests are checked against)."""
     submit = _schema_twin(SubmitRequest)
     batch = _schema_twin(BatchRequest, {SubmitRequest: submit})
-    wire = [submit, batch, TaskView, TaskPage, TaskList, ErrorResponse, Health]
+    wire = [submit, batch, TaskView, TaskPage, IdList, ErrorResponse, Health]
     wire += [QueueList, ScheduleList]
     payload_types = [t.payload_type for t in shape.types]
     refs, components = msgspec.json.schema_components([*wire, *payload_types], ref_template=REF)
@@ -210,6 +210,7 @@ def _refine(components: Json) -> None:
     naive one)."""
     task = components["TaskView"]["properties"]
     task["id"] = {"$ref": REF.format(name="TaskId")}
+    components["IdList"]["properties"]["ids"]["items"] = {"$ref": REF.format(name="TaskId")}
     task["state"] = {"enum": [s.value for s in TaskState]}
     for name in ("run_at", "created_at", "started_at", "finished_at"):
         _add_to_string(task[name], format="date-time")

@@ -108,8 +108,8 @@ class Operations:
             },
             ok=(
                 "202",
-                "The tasks, committed, in the order sent.",
-                "TaskList",
+                "The ids of the tasks, committed, in the order sent.",
+                "IdList",
                 {"Idempotent-Replayed": _REPLAYED},
             ),
             errors=self._submit_errors("tasks[3].payload.seconds"),

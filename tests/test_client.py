@@ -97,7 +97,7 @@ async def test_batches_are_all_or_nothing_and_keys_make_submissions_idempotent(
             Submission(type="sleep", payload={"seconds": 0}, priority=3, delay=LATER),
             Submission(type="noop", payload={"n": 2}, queue="other", delay=LATER),
         ]
-        made = await client.submit_batch(batch)
+        made = [await client.get(task_id) for task_id in await client.submit_batch(batch)]
         assert [(t.type, t.payload, t.priority, t.queue) for t in made] == [
             ("noop", {"n": 0}, 0, "default"),
             ("sleep", {"seconds": 0}, 3, "default"),

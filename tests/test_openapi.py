@@ -216,6 +216,10 @@ async def test_examples_and_real_answers_fit_the_schemas(api: Daemon) -> None:
     task = await api.submit({"type": "sleep", "payload": {"seconds": 0}})
     check({"$ref": "#/components/schemas/TaskView"}, task)
     check({"$ref": "#/components/schemas/TaskView"}, await api.ended(task["id"]))
+    batch = await api.request("POST", "/v1/tasks/batch", json={"tasks": [{"type": "noop"}] * 2})
+    check({"$ref": "#/components/schemas/IdList"}, batch.body)
+    with pytest.raises(jsonschema.ValidationError):
+        check({"$ref": "#/components/schemas/IdList"}, {"ids": ["not-an-id"]})
     page = await api.request("GET", "/v1/tasks", params={"limit": "1"})
     check({"$ref": "#/components/schemas/TaskPage"}, page.body)
     missing = await api.request("GET", f"/v1/tasks/{new_id()}")

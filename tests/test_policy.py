@@ -52,9 +52,8 @@ async def test_a_type_never_runs_more_than_its_concurrency(tmp_path: Path) -> No
         ]
         reply = await daemon.request("POST", "/v1/tasks/batch", json={"tasks": batch})
         assert reply.status == 202
-        submitted = reply.body["tasks"]
-        for task in submitted:
-            assert (await daemon.ended(task["id"], within=30))["state"] == "succeeded"
+        for task_id in reply.body["ids"]:
+            assert (await daemon.ended(task_id, within=30))["state"] == "succeeded"
         assert (capped.done, free.done) == (30, 30)
         assert capped.peak == 2  # the cap, reached and never passed
         assert free.peak > 2  # the other type was not held to it
