@@ -656,7 +656,7 @@ async def test_sqlite_admissions_over_one_statement_get_every_row_in_order(
     tmp_path: Path,
 ) -> None:
     async with open_sqlite(sqlite_config(tmp_path)) as store:
-        batches = [[new_task(1000 * b + i) for i in range(300)] for b in range(3)]
+        batches = [[new_task(1000 * b + i) for i in range(400)] for b in range(3)]
         # Hold the writer, so that all three wait for it and meet in one operation.
         held, go = threading.Event(), threading.Event()
 

@@ -22,27 +22,40 @@ from msgspec.structs import replace
 
 from daemon.models import NewTask, StartNow, Task, TaskState
 
-ROWS = 500  # rows per statement: 13 values each, well under SQLite's 32,766
+MAX_ROWS = 1024  # rows per statement, if SQLite takes that many values in one
 _WIDTH = 13
 _CHANGED = 9  # where each queued row's change number goes
-_COLUMNS = (
+_INTO = (
     "INSERT INTO tasks (id, type, queue, payload, priority, run_at, created_at, timeout, "
     "max_attempts, changed, callback, callback_state, deferred, state, attempts, started_at, "
-    "owner, lease_until) VALUES "
-)
-_QUEUED = (
-    "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULLIF(?, ''), NULLIF(?, ''), ?, 'queued', 0, NULL, NULL, NULL)"
+    "owner, lease_until) "
 )
 # A task started at admission: its claim (owner, lease) is in the same row.
 _RUNNING_SQL = (
-    _COLUMNS
-    + "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULLIF(?, ''), NULLIF(?, ''), 0, 'running', 1, ?, ?, ?)"
+    _INTO + "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULLIF(?, ''), NULLIF(?, ''), 0, 'running', "
+    "1, ?, ?, ?)"
 )
+# Preparing a statement costs more than running it (~10 µs a row), so statements come in
+# a few sizes that stay prepared: powers of two, the last rows padded with rows whose id is
+# '' that the WHERE drops.
+_PAD: list[object] = ["", *[0] * (_WIDTH - 1)]
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _sql(rows: int) -> str:
-    return _COLUMNS + ", ".join([_QUEUED] * rows)
+    values = ", ".join(["(" + ", ".join("?" * _WIDTH) + ")"] * rows)
+    return (
+        _INTO + "SELECT column1, column2, column3, column4, column5, column6, column7, "
+        "column8, column9, column10, NULLIF(column11, ''), NULLIF(column12, ''), column13, "
+        f"'queued', 0, NULL, NULL, NULL FROM (VALUES {values}) WHERE column1 != ''"
+    )
+
+
+def statement_rows(conn: sqlite3.Connection) -> int:
+    """The most rows one statement may hold on this SQLite (its variable limit is 32,766
+    by default, 999 before 3.32): a power of two."""
+    fit = min(MAX_ROWS, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // _WIDTH)
+    return 1 << (fit.bit_length() - 1)
 
 
 def _row(t: NewTask) -> tuple[object, ...]:
@@ -85,15 +98,15 @@ class Insert:
 
 
 def run(conn: sqlite3.Connection, inserts: Sequence[Insert], first_change: int) -> None:
-    """In the writer thread: the rows of `inserts`, in order, in statements of up to ROWS
-    rows, with change numbers from `first_change` on. Several statements are one savepoint,
-    so that a failure leaves none of the rows."""
+    """In the writer thread: the rows of `inserts`, in order, in statements of up to
+    `statement_rows` rows, with change numbers from `first_change` on. Several statements
+    are one savepoint, so that a failure leaves none of the rows."""
     statements: list[tuple[str, list[object]]] = []
     queued: list[list[object]] = []  # values lists not yet in a statement
     change = first_change
     for insert in inserts:
         if insert.head is not None:
-            _queued_statements(queued, statements)
+            _queued_statements(queued, statements, statement_rows(conn))
             insert.head[_CHANGED] = change
             change += 1
             statements.append((_RUNNING_SQL, insert.head))
@@ -103,7 +116,7 @@ def run(conn: sqlite3.Connection, inserts: Sequence[Insert], first_change: int) 
             change += 1
         if values:
             queued.append(values)
-    _queued_statements(queued, statements)
+    _queued_statements(queued, statements, statement_rows(conn))
     if not statements:
         return
     if len(statements) == 1:
@@ -121,17 +134,19 @@ def run(conn: sqlite3.Connection, inserts: Sequence[Insert], first_change: int) 
 
 
 def _queued_statements(
-    queued: list[list[object]], statements: list[tuple[str, list[object]]]
+    queued: list[list[object]], statements: list[tuple[str, list[object]]], most: int
 ) -> None:
-    """Move the `queued` rows into `statements` of up to ROWS rows each."""
+    """Move the `queued` rows into `statements` of up to `most` rows each, the last padded
+    to a power of two."""
     if not queued:
         return
     values = queued[0] if len(queued) == 1 else list(chain(*queued))
     queued.clear()
-    step = ROWS * _WIDTH
-    if len(values) <= step:
-        statements.append((_sql(len(values) // _WIDTH), values))
-        return
+    step = most * _WIDTH
     for at in range(0, len(values), step):
-        chunk = values[at : at + step]
-        statements.append((_sql(len(chunk) // _WIDTH), chunk))
+        chunk = values[at : at + step] if len(values) > step else values
+        rows = len(chunk) // _WIDTH
+        size = 1 << (rows - 1).bit_length()
+        if size > rows:
+            chunk = chunk + _PAD * (size - rows)
+        statements.append((_sql(size), chunk))
