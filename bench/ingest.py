@@ -2,17 +2,20 @@
 SQLite before its 202), against a bare aiohttp+uvloop server that only parses the JSON.
 
 wrk (`apt-get install wrk`) posts `{"type":"noop","payload":{}}` with `-t2 -c64 -d10s`;
-the daemon's consumers run the noop tasks as they come (the realistic case), with
+the daemon's consumers run the noop tasks as they come (the realistic case; `--delay`
+submits them for later instead, to measure admission alone), with
 `max_pending` high enough that nothing is refused. Runs the bare server, then the daemon
 with `store.synchronous` = "normal" and = "full", and prints requests/s, non-2xx answers,
 latency, the ratio daemon/bare, and how far the consumers kept up.
 
     .venv/bin/python bench/ingest.py [--duration 10] [--connections 64] [--threads 2]
+        [--log-level info] [--delay SECONDS] [--repeat 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -31,7 +34,7 @@ from bench.harness import out
 
 LUA = """
 wrk.method = "POST"
-wrk.body = '{"type":"noop","payload":{}}'
+wrk.body = '{BODY}'
 wrk.headers["Content-Type"] = "application/json"
 """
 WARMUP = 2  # seconds of wrk before each measured run, not counted
@@ -178,6 +181,12 @@ def main() -> None:
     parser.add_argument("--log-level", default="info", help="the daemon's log.level")
     parser.add_argument("--prefetch", type=int, default=None, help="workers.prefetch")
     parser.add_argument(
+        "--delay",
+        type=float,
+        default=None,
+        help="submit the tasks delayed by this many seconds: admission alone, nothing runs",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="rounds (bare, normal, full); the median is shown"
     )
     args = parser.parse_args()
@@ -189,6 +198,7 @@ def main() -> None:
     out(
         f"# ingest: POST /v1/tasks, wrk -t{args.threads} -c{args.connections} "
         f"-d{args.duration}s, concurrency {args.concurrency}, log.level={args.log_level}, "
+        f"{'' if args.delay is None else f'tasks delayed {args.delay:g}s, '}"
         f"{args.repeat} round(s)"
     )
     out(f"# {harness.machine()}")
@@ -196,7 +206,10 @@ def main() -> None:
     daemons: dict[str, list[DaemonResult]] = {"normal": [], "full": []}
     with harness.workdir() as directory:
         lua = directory / "post.lua"
-        lua.write_text(LUA, encoding="utf-8")
+        body = {"type": "noop", "payload": {}}
+        if args.delay is not None:
+            body["delay"] = args.delay
+        lua.write_text(LUA.replace("{BODY}", json.dumps(body, separators=(",", ":"))), "utf-8")
         for round_ in range(args.repeat):
             bares.append(bare(directory, lua, args))
             for sync, runs in daemons.items():

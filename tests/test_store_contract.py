@@ -679,7 +679,7 @@ async def test_sqlite_admissions_over_one_statement_get_every_row_in_order(
 
         admitted = [t for r in results for t in r]
         assert [t.changed for t in admitted] == sorted({t.changed for t in admitted})
-        changes = await store.changes(after=0, limit=1000)
+        changes = await store.changes(after=0, limit=len(admitted))
         assert [(t.id, t.changed) for t in changes] == [(t.id, t.changed) for t in admitted]
 
 
