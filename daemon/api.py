@@ -58,14 +58,24 @@ def _json(value: object, status: int = 200) -> web.Response:
 
 
 async def _read_json(request: web.Request) -> bytes:
-    if request.content_type != "application/json":
+    # The header as clients send it is compared before aiohttp parses it.
+    if (
+        request.headers.get("Content-Type") != "application/json"
+        and request.content_type != "application/json"
+    ):
         raise UnsupportedMediaType(
             f"send Content-Type: application/json (got {request.content_type or 'none'})",
             field="Content-Type",
         )
     limit = request.app[RUNTIME].config.server.max_body
-    if request.content_length is not None and request.content_length > limit:
+    length = request.content_length
+    if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is over {limit} bytes")
+    body = request.content
+    if length is not None and body.is_eof() and not body.exception():
+        # The whole body came with the headers and its length is within the limit: take
+        # it as it is, without request.read()'s loop of awaits (a tenth of a submission).
+        return body.read_nowait()
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
