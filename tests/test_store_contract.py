@@ -705,6 +705,35 @@ async def test_sqlite_group_commit_batches_concurrent_admits(tmp_path: Path) -> 
         assert await store.counts() == Counts(queued=200)
 
 
+async def test_sqlite_a_lone_atomic_operation_commits_by_itself_others_share_one(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+
+        def in_transaction(conn: sqlite3.Connection) -> bool:
+            return conn.in_transaction
+
+        assert await store.writer.submit(in_transaction, atomic=True) is False
+        assert await store.writer.submit(in_transaction) is True  # it gets a savepoint
+
+        # Held, so that the next two wait together and go in one batch.
+        held, go = threading.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            held.set()
+            go.wait(10)
+
+        blocker = store.writer.submit(hold)
+        await asyncio.to_thread(held.wait, 10)
+        together = [store.writer.submit(in_transaction, atomic=True) for _ in range(2)]
+        go.set()
+        await blocker
+        assert await asyncio.gather(*together) == [True, True]
+        # Autocommit left nothing open: the next transaction begins and commits.
+        await admit(store, new_task(1))
+        assert await store.counts() == Counts(queued=1)
+
+
 async def test_sqlite_wal_stays_bounded_under_constant_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
