@@ -97,8 +97,8 @@ class Operations:
             "submit",
             summary="Submit up to `server.max_batch` tasks at once",
             description="Validated all-or-nothing (an error names `tasks[i].field`), committed "
-            "in one transaction, answered in order. A batch that does not fit under "
-            "`workers.max_pending` is refused whole (503).",
+            "in one transaction, answered with the tasks' ids in order. A batch that does not "
+            "fit under `workers.max_pending` is refused whole (503).",
             params=[_IDEMPOTENCY_KEY],
             body={
                 "required": True,
