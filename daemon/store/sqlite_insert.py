@@ -22,7 +22,7 @@ from msgspec.structs import replace
 
 from daemon.models import NewTask, StartNow, Task, TaskState
 
-MAX_ROWS = 1024  # rows per statement, if SQLite takes that many values in one
+MAX_ROWS = 1024  # rows per statement (13,312 values), where SQLite allows that many
 _WIDTH = 13
 _CHANGED = 9  # where each queued row's change number goes
 _INTO = (
@@ -59,7 +59,7 @@ def statement_rows(conn: sqlite3.Connection) -> int:
 
 
 def _row(t: NewTask) -> tuple[object, ...]:
-    """The values of a row in `_QUEUED`'s order, the change number still 0."""
+    """A queued row's values, column1 to column13 of `_sql`, the change number still 0."""
     return (
         t.id, t.type, t.queue, bytearray(t.payload), t.priority, t.run_at, t.created_at,
         t.timeout, t.max_attempts, 0, t.callback or "", "pending" if t.callback else "",
