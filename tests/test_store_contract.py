@@ -5,11 +5,12 @@ The SQLite-only behaviours (the file lock, the bounded WAL, group commit) come l
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import msgspec
@@ -33,7 +34,7 @@ from daemon.models import (
     TaskState,
 )
 from daemon.store import Store, sqlite_writer
-from daemon.store.sqlite import open_sqlite
+from daemon.store.sqlite import SQLiteStore, open_sqlite
 from daemon.store.sqlite_batch import PROMOTE_ROWS
 from daemon.store.sqlite_schema import MIGRATIONS
 from tests.harness import eventually
@@ -652,29 +653,39 @@ async def test_sqlite_admissions_that_meet_in_one_insert_are_each_held_to_max_pe
         assert await store.unfinished_by_queue() == {"default": Counts(queued=10)}
 
 
+@contextlib.asynccontextmanager
+async def writer_held(store: SQLiteStore) -> AsyncIterator[None]:
+    """The writer thread busy in an operation until the block ends: what is submitted
+    meanwhile waits for it, and goes in one batch after it."""
+    held, go = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        held.set()
+        go.wait(10)
+
+    blocker = store.writer.submit(hold)
+    await asyncio.to_thread(held.wait, 10)
+    try:
+        yield
+    finally:
+        go.set()
+        await blocker
+
+
 async def test_sqlite_admissions_over_one_statement_get_every_row_in_order(
     tmp_path: Path,
 ) -> None:
     async with open_sqlite(sqlite_config(tmp_path)) as store:
         batches = [[new_task(1000 * b + i) for i in range(400)] for b in range(3)]
-        # Hold the writer, so that all three wait for it and meet in one operation.
-        held, go = threading.Event(), threading.Event()
+        # The writer held, so that all three wait for it and meet in one operation.
+        async with writer_held(store):
+            admitting = asyncio.gather(*(admit(store, *batch) for batch in batches))
 
-        def hold(conn: sqlite3.Connection) -> None:
-            held.set()
-            go.wait(10)
+            async def all_waiting() -> bool | None:
+                return len(store._admissions._waiting) == len(batches) or None
 
-        blocker = store.writer.submit(hold)
-        await asyncio.to_thread(held.wait, 10)
-        admitting = asyncio.gather(*(admit(store, *batch) for batch in batches))
-
-        async def all_waiting() -> bool | None:
-            return len(store._admissions._waiting) == len(batches) or None
-
-        async with asyncio.timeout(10):
-            await eventually(all_waiting, every=0.001)
-        go.set()
-        await blocker
+            async with asyncio.timeout(10):
+                await eventually(all_waiting, every=0.001)
         results = await admitting
 
         admitted = [t for r in results for t in r]
@@ -716,18 +727,8 @@ async def test_sqlite_a_lone_atomic_operation_commits_by_itself_others_share_one
         assert await store.writer.submit(in_transaction, atomic=True) is False
         assert await store.writer.submit(in_transaction) is True  # it gets a savepoint
 
-        # Held, so that the next two wait together and go in one batch.
-        held, go = threading.Event(), threading.Event()
-
-        def hold(conn: sqlite3.Connection) -> None:
-            held.set()
-            go.wait(10)
-
-        blocker = store.writer.submit(hold)
-        await asyncio.to_thread(held.wait, 10)
-        together = [store.writer.submit(in_transaction, atomic=True) for _ in range(2)]
-        go.set()
-        await blocker
+        async with writer_held(store):  # the next two wait together and go in one batch
+            together = [store.writer.submit(in_transaction, atomic=True) for _ in range(2)]
         assert await asyncio.gather(*together) == [True, True]
         # Autocommit left nothing open: the next transaction begins and commits.
         await admit(store, new_task(1))
