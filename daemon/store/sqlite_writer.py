@@ -4,11 +4,11 @@ Callers on the event loop submit functions of the connection and await a future.
 takes whatever is waiting (up to `MAX_BATCH`), runs each in its own savepoint inside one
 `BEGIN IMMEDIATE` transaction, commits once, and only then settles the futures: so a future
 resolves only after its writes are durable, and an operation that raises undoes only itself.
-An operation submitted as `atomic` is all or nothing by itself (one writing statement, which
-SQLite undoes by itself if it fails, or its own savepoint), so it skips the savepoint: two
-statements fewer per task; alone in a batch it runs in SQLite's autocommit, without BEGIN
-and COMMIT either. If the commit fails every operation of the batch fails with
-`StoreUnavailable`.
+An operation submitted as `atomic` needs no savepoint: each of its writing statements may
+stand alone (SQLite undoes a failed one by itself), or it opens its own savepoint around
+those that must go together. It skips the savepoint (two statements fewer per task) and,
+alone in a batch, runs in SQLite's autocommit, without BEGIN and COMMIT either. If the
+commit fails every operation of the batch fails with `StoreUnavailable`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class Writer:
     def submit(
         self, op: Callable[[sqlite3.Connection], T], *, atomic: bool = False
     ) -> asyncio.Future[T]:
-        """Queue `op`; `atomic` only for an operation that is all or nothing by itself."""
+        """Queue `op`; `atomic` only for an operation whose writing statements may each
+        commit alone (see the module's docstring)."""
         assert self._loop is not None, "Writer.start() first"
         future: asyncio.Future[T] = self._loop.create_future()
         self._items.put(_Item(op, future, atomic))
@@ -137,7 +138,7 @@ class Writer:
 
     def _apply(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[tuple[bool, Any]]:
         if len(batch) == 1 and batch[0].atomic:
-            # Its statement commits by itself. Each statement the writer runs gives the GIL
+            # Its statements commit by themselves. Each statement the writer runs gives the GIL
             # up and waits to take it back, with a busy event loop for up to the switch
             # interval (5 ms): BEGIN and COMMIT around one statement tripled that wait.
             try:
