@@ -34,9 +34,14 @@ def new_id(now: float | None = None) -> str:
     head_of, head = _Last.head  # one tuple: another thread may replace it meanwhile
     if value >> _TAIL_BITS != head_of:
         head_of = value >> _TAIL_BITS
-        head = "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS[:-2]])
+        head = _head(value)
         _Last.head = (head_of, head)
     return head + _PAIRS[(value >> 10) & 1023] + _PAIRS[value & 1023]
+
+
+def _head(value: int) -> str:
+    """The first 22 characters of the id of `value`: all but its last 20 bits."""
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS[:-2]])
 
 
 def new_ids(count: int, now: float | None = None) -> list[str]:
@@ -47,7 +52,7 @@ def new_ids(count: int, now: float | None = None) -> list[str]:
     for value in range(first, first + count):
         if value >> _TAIL_BITS != head_of:
             head_of = value >> _TAIL_BITS
-            head = "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS[:-2]])
+            head = _head(value)
         ids.append(head + _PAIRS[(value >> 10) & 1023] + _PAIRS[value & 1023])
     return ids
 

@@ -103,10 +103,11 @@ def run(conn: sqlite3.Connection, inserts: Sequence[Insert], first_change: int) 
     are one savepoint, so that a failure leaves none of the rows."""
     statements: list[tuple[str, list[object]]] = []
     queued: list[list[object]] = []  # values lists not yet in a statement
+    most = statement_rows(conn)
     change = first_change
     for insert in inserts:
         if insert.head is not None:
-            _queued_statements(queued, statements, statement_rows(conn))
+            _queued_statements(queued, statements, most)
             insert.head[_CHANGED] = change
             change += 1
             statements.append((_RUNNING_SQL, insert.head))
@@ -116,7 +117,7 @@ def run(conn: sqlite3.Connection, inserts: Sequence[Insert], first_change: int) 
             change += 1
         if values:
             queued.append(values)
-    _queued_statements(queued, statements, statement_rows(conn))
+    _queued_statements(queued, statements, most)
     if not statements:
         return
     if len(statements) == 1:
