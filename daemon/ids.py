@@ -59,12 +59,19 @@ def new_ids(count: int, now: float | None = None) -> list[str]:
 
 def _reserve(count: int, now: float | None) -> int:
     """The first of `count` consecutive id values: 48 bits of milliseconds then 80 random
-    bits, drawn once; the others follow it by one (monotonic ULID)."""
+    bits, drawn once a millisecond; the others follow it by one (monotonic ULID)."""
     millis = int((time.time() if now is None else now) * 1000)
+    with _Last.lock:
+        if millis <= _Last.value >> _RANDOM_BITS:
+            first = _Last.value + 1  # same (or an earlier) millisecond: keep increasing
+            _Last.value = first + count - 1
+            return first
+    # A new millisecond: draw its random part outside the lock (os.urandom is a system
+    # call, a tenth of an admission's time on the event loop when made for every id).
     first = (millis << _RANDOM_BITS) | int.from_bytes(os.urandom(10), "big")
     with _Last.lock:
-        if first >> _RANDOM_BITS <= _Last.value >> _RANDOM_BITS:
-            first = _Last.value + 1  # same (or an earlier) millisecond: keep increasing
+        if millis <= _Last.value >> _RANDOM_BITS:
+            first = _Last.value + 1  # another thread began this millisecond meanwhile
         _Last.value = first + count - 1
     return first
 

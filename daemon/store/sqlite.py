@@ -73,9 +73,7 @@ class SQLiteStore(SideOps, ReadOps):
     ) -> list[Task]:
         insert = Insert(tasks, start, time.time() if start is not None else 0.0)
         if idempotency is None and start is None:
-            admitted = insert.admitted(await self._admissions.admit(insert, max_pending))
-            self._changed(admitted)
-            return admitted
+            return await self._admissions.admit(insert, max_pending)
 
         def op(conn: sqlite3.Connection) -> tuple[int | list[Task], bool]:
             if idempotency is not None:

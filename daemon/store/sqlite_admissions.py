@@ -5,7 +5,8 @@ the writer thread a statement, and each statement a wait for the GIL while the e
 is busy. So a plain admission (no Idempotency-Key, not started at admission) joins the
 ones waiting for the writer: the first queues one operation, which takes all that joined
 by the time it runs, checks each against `max_pending` in order, and inserts the rest in
-one statement. Each caller still gets its own answer.
+one statement. Each caller still gets its own answer; the store hears of all the tasks of a
+commit at once (`on_admitted`), even those whose caller has gone meanwhile.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from daemon.errors import QueueFull
+from daemon.models import Task
 from daemon.store.sqlite_insert import Insert
 
 # (the writer's connection, the admissions in order) -> each one's first change number,
@@ -28,26 +30,36 @@ Submit = Callable[[Callable[[sqlite3.Connection], Any]], "asyncio.Future[Any]"]
 class Waiting:
     __slots__ = ("future", "insert", "max_pending")
 
-    def __init__(self, insert: Insert, max_pending: int, future: asyncio.Future[int]) -> None:
+    def __init__(
+        self, insert: Insert, max_pending: int, future: asyncio.Future[list[Task]]
+    ) -> None:
         self.insert, self.max_pending, self.future = insert, max_pending, future
 
 
 class Admissions:
-    def __init__(self, submit: Submit, write_many: WriteMany) -> None:
+    def __init__(
+        self,
+        submit: Submit,
+        write_many: WriteMany,
+        on_admitted: Callable[[list[Task]], None],
+    ) -> None:
         self._submit = submit
         self._write_many = write_many
+        self._on_admitted = on_admitted
         self._lock = threading.Lock()  # the writer thread takes what the loop adds
         self._waiting: list[Waiting] = []
 
-    async def admit(self, insert: Insert, max_pending: int) -> int:
-        """Insert `insert`'s rows; returns their first change number once committed."""
-        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    def admit(self, insert: Insert, max_pending: int) -> asyncio.Future[list[Task]]:
+        """Insert `insert`'s rows; the future has their tasks once committed. A plain
+        function, not a coroutine: the caller awaits the future itself, one frame fewer to
+        suspend and resume on the way to every answer."""
+        future: asyncio.Future[list[Task]] = asyncio.get_running_loop().create_future()
         with self._lock:
             self._waiting.append(Waiting(insert, max_pending, future))
             first = len(self._waiting) == 1
         if first:
             self._queue()
-        return await future
+        return future
 
     def _queue(self) -> None:
         taken: list[Waiting] = []
@@ -61,13 +73,7 @@ class Admissions:
         def answer(done: asyncio.Future[list[int | QueueFull]]) -> None:
             error = asyncio.CancelledError() if done.cancelled() else done.exception()
             if error is None:
-                for waiting, result in zip(taken, done.result(), strict=True):
-                    if waiting.future.done():
-                        continue
-                    if isinstance(result, QueueFull):
-                        waiting.future.set_exception(result)
-                    else:
-                        waiting.future.set_result(result)
+                self._answer(taken, done.result())
                 return
             if not taken:  # the operation never ran, so took nothing: fail what waits
                 with self._lock:
@@ -78,3 +84,23 @@ class Admissions:
                     waiting.future.set_exception(error)
 
         self._submit(op).add_done_callback(answer)
+
+    def _answer(self, taken: list[Waiting], results: list[int | QueueFull]) -> None:
+        every: list[Task] = []
+        answers: list[tuple[Waiting, list[Task] | QueueFull]] = []
+        for waiting, result in zip(taken, results, strict=True):
+            if isinstance(result, QueueFull):
+                answers.append((waiting, result))
+                continue
+            tasks = waiting.insert.admitted(result)
+            every += tasks
+            answers.append((waiting, tasks))
+        if every:
+            self._on_admitted(every)
+        for waiting, answer in answers:
+            if waiting.future.done():  # its caller is gone; its tasks stay committed
+                continue
+            if isinstance(answer, QueueFull):
+                waiting.future.set_exception(answer)
+            else:
+                waiting.future.set_result(answer)

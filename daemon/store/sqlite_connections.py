@@ -32,7 +32,9 @@ class Connections:
         self._local: dict[str, sqlite3.Connection] = {}
         self._unfinished = Unfinished()  # changed only in the writer thread
         self._admissions = Admissions(
-            lambda op: self._writer.submit(op, atomic=True), self._write_admissions
+            lambda op: self._writer.submit(op, atomic=True),
+            self._write_admissions,
+            self._changed,
         )
         self._change = 0  # the change sequence; touched only in the writer thread
         self.hooks = Hooks()  # read at each call: the daemon fills some in after opening
