@@ -123,11 +123,12 @@ async def admit(
     rt.stats.accepted += len(admitted)
     if len(admitted) == 1:
         only = admitted[0]
-        rt.metrics.child(rt.metrics.accepted, only.type, only.queue).inc()
-    else:
-        kinds = collections.Counter((task.type, task.queue) for task in admitted)
-        for (type, queue), count in kinds.items():
-            rt.metrics.child(rt.metrics.accepted, type, queue).inc(count)
-    if start is None or admitted[0].state is not TaskState.RUNNING:
-        rt.workers.due_at(min(task.run_at for task in tasks))
+        rt.metrics.accepted.add((only.type, only.queue))
+        if start is None or only.state is not TaskState.RUNNING:
+            rt.workers.due_at(only.run_at)
+        return admitted, False
+    kinds = collections.Counter((task.type, task.queue) for task in admitted)
+    for (type, queue), count in kinds.items():
+        rt.metrics.accepted.add((type, queue), count)
+    rt.workers.due_at(min(task.run_at for task in tasks))
     return admitted, False

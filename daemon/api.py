@@ -126,7 +126,7 @@ async def _admit(request: web.Request, *, batch: bool) -> tuple[list[Task], bool
         )
         return await admission.admit(rt, new, key)
     except OffloadError as exc:
-        rt.metrics.rejected.labels(exc.code).inc()
+        rt.metrics.rejected.add((exc.code,))
         raise
 
 
@@ -197,7 +197,7 @@ async def cancel_task(request: web.Request) -> web.Response:
     if before is TaskState.RUNNING:
         rt.workers.stop_run(task_id, "cancel")
     rt.stats.cancelled += 1
-    rt.metrics.child(rt.metrics.tasks, task.type, task.queue, "cancelled").inc()
+    rt.metrics.tasks.add((task.type, task.queue, "cancelled"))
     rt.watchers.ended(task_id)
     return _json(view(task))
 

@@ -235,7 +235,7 @@ def _count(workers: Workers, claim: Claim, outcome: Outcome, duration: float) ->
         stats.released += 1
         name = "released"
     metrics = workers.metrics
-    metrics.child(metrics.tasks, claim.task.type, claim.task.queue, name).inc()
+    metrics.tasks.add((claim.task.type, claim.task.queue, name))
     metrics.child(metrics.duration, claim.task.type).observe(duration)
 
 

@@ -41,7 +41,7 @@ def middleware(authenticator: Authenticator) -> Middleware:
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else "unmatched"
         metrics = request.app[RUNTIME].metrics
-        metrics.child(metrics.http, route, str(response.status)).inc()
+        metrics.http.add((route, str(response.status)))
         return response
 
     return front

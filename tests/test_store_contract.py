@@ -586,6 +586,39 @@ async def test_sqlite_tasks_that_came_due_in_bulk_are_claimed_over_several_claim
         assert (len(second.claims), second.next_due) == (1, None)
 
 
+async def test_sqlite_claims_promote_deferred_tasks_only_once_one_may_be_due(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+        promotions: list[str] = []
+
+        def trace(conn: sqlite3.Connection) -> None:
+            def seen(sql: str) -> None:
+                if sql.startswith("UPDATE tasks SET deferred = 0"):
+                    promotions.append(sql)
+
+            conn.set_trace_callback(seen)
+
+        await store.writer.submit(trace)
+        await claim(store, now=T0 + 1)  # nothing is known of deferred tasks yet
+        await claim(store, now=T0 + 2)  # the first claim found none
+        assert len(promotions) == 1
+
+        delayed = new_task(1, delay=100)
+        await admit(store, delayed)
+        assert await claim(store, now=T0 + 50) == []
+        assert len(promotions) == 1  # none due yet: the admission said when one will be
+        claimed = await claim(store, now=T0 + 101)
+        assert ids(claimed) == [delayed.id] and len(promotions) == 2
+
+        # A retry's run_at counts too, after a claim that found nothing deferred left.
+        await store.record(claimed[0], Retry(error="boom", run_at=T0 + 200, duration=0.1))
+        assert await claim(store, now=T0 + 150) == []
+        assert len(promotions) == 2
+        assert ids(await claim(store, now=T0 + 201)) == [delayed.id]
+        assert len(promotions) == 3
+
+
 async def test_sqlite_migration_keeps_delayed_tasks_waiting(tmp_path: Path) -> None:
     """A file from before `deferred` (schema 2): its delayed task still waits for run_at."""
     config = sqlite_config(tmp_path)
@@ -716,7 +749,7 @@ async def test_sqlite_group_commit_batches_concurrent_admits(tmp_path: Path) -> 
         assert await store.counts() == Counts(queued=200)
 
 
-async def test_sqlite_a_lone_atomic_operation_commits_by_itself_others_share_one(
+async def test_sqlite_atomic_operations_commit_by_themselves_others_share_a_transaction(
     tmp_path: Path,
 ) -> None:
     async with open_sqlite(sqlite_config(tmp_path)) as store:
@@ -728,11 +761,41 @@ async def test_sqlite_a_lone_atomic_operation_commits_by_itself_others_share_one
         assert await store.writer.submit(in_transaction) is True  # it gets a savepoint
 
         async with writer_held(store):  # the next two wait together and go in one batch
-            together = [store.writer.submit(in_transaction, atomic=True) for _ in range(2)]
-        assert await asyncio.gather(*together) == [True, True]
+            atomics = [store.writer.submit(in_transaction, atomic=True) for _ in range(2)]
+        assert await asyncio.gather(*atomics) == [False, False]
+        async with writer_held(store):  # one that is not atomic: all share one transaction
+            mixed = [
+                store.writer.submit(in_transaction, atomic=True),
+                store.writer.submit(in_transaction),
+            ]
+        assert await asyncio.gather(*mixed) == [True, True]
         # Autocommit left nothing open: the next transaction begins and commits.
         await admit(store, new_task(1))
         assert await store.counts() == Counts(queued=1)
+
+
+async def test_sqlite_an_atomic_operation_is_answered_before_the_rest_of_its_batch(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+        second_runs, second_may_end = threading.Event(), threading.Event()
+
+        def second(conn: sqlite3.Connection) -> str:
+            second_runs.set()
+            second_may_end.wait(10)
+            return "second"
+
+        async with writer_held(store):  # both wait for the writer and go in one batch
+            first = store.writer.submit(lambda conn: "first", atomic=True)
+            later = store.writer.submit(second, atomic=True)
+        try:
+            async with asyncio.timeout(10):
+                assert await first == "first"  # while the second cannot have ended
+            assert not later.done()
+            assert await asyncio.to_thread(second_runs.wait, 10)
+        finally:
+            second_may_end.set()
+        assert await later == "second"
 
 
 async def test_sqlite_wal_stays_bounded_under_constant_reads(

@@ -10,6 +10,7 @@ from the table whenever a transaction rolls back.
 from __future__ import annotations
 
 import builtins
+import math
 import os
 import sqlite3
 import time
@@ -152,8 +153,11 @@ class SQLiteStore(SideOps, ReadOps):
         args = (*narrow_args, limit, *narrow_args)
 
         def op(conn: sqlite3.Connection) -> tuple[list[Row], int, float | None]:
-            conn.execute(PROMOTE_SQL, (now,))
+            if now >= self._promote_at:
+                conn.execute(PROMOTE_SQL, (now,))
             found, next_due = conn.execute(sql, args).fetchone()
+            if not narrow:  # the earliest deferred task of all: none is due before it
+                self._promote_at = math.inf if next_due is None else next_due
             first = self._change + 1
             rows = take(conn, found, first_change=first, owner=owner, now=now,
                         lease_until=now + lease)  # fmt: skip
@@ -255,6 +259,8 @@ class SQLiteStore(SideOps, ReadOps):
         else:
             state, column, value = TaskState.FAILED, "finished_at", outcome.finished_at
         # Deferred even if due already: the feeder is woken and its claim finds it due.
+        if state is TaskState.QUEUED:
+            self._promote_at = min(self._promote_at, value)
         conn.execute(
             f"UPDATE tasks SET state = ?, changed = ?, {column} = ?, last_error = ?, "
             f"history = ?, owner = NULL, lease_until = NULL, deferred = ? WHERE {FENCE}",
@@ -310,7 +316,7 @@ class SQLiteStore(SideOps, ReadOps):
                 )
             row = conn.execute(
                 f"UPDATE tasks SET state = 'queued', changed = next_change(), "
-                f"attempt_floor = attempts, run_at = ?, "
+                f"attempt_floor = attempts, run_at = ?, deferred = 0, "
                 f"started_at = NULL, finished_at = NULL, result = NULL, callback_attempts = 0, "
                 f"callback_next = 0, callback_error = NULL, callback_state = CASE WHEN callback "
                 f"IS NULL THEN NULL ELSE 'pending' END WHERE id = ? "

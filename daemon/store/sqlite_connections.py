@@ -37,6 +37,9 @@ class Connections:
             self._changed,
         )
         self._change = 0  # the change sequence; touched only in the writer thread
+        # Writer thread: no deferred task comes due before this (0.0: unknown), so a claim
+        # until then skips promoting them, a statement fewer (see SQLiteStore.claim).
+        self._promote_at = 0.0
         self.hooks = Hooks()  # read at each call: the daemon fills some in after opening
 
     @property
@@ -103,6 +106,7 @@ class Connections:
         first = self._change + 1
         insert_rows(conn, inserts, first)
         for insert in inserts:
+            self._promote_at = min(self._promote_at, insert.deferred_due)
             self._change += len(insert.tasks)
             for (queue, state), n in insert.kinds.items():
                 self._unfinished.add(queue, state, n)

@@ -14,6 +14,7 @@ what every queued row has in common is written into the SQL, absent values trave
 from __future__ import annotations
 
 import functools
+import math
 import sqlite3
 from collections.abc import Sequence
 from itertools import chain
@@ -71,7 +72,7 @@ class Insert:
     """`tasks` inserted as queued, the first already running for `start` (owner, lease)
     from `now` on when given."""
 
-    __slots__ = ("head", "kinds", "now", "start", "tasks", "values")
+    __slots__ = ("deferred_due", "head", "kinds", "now", "start", "tasks", "values")
 
     def __init__(
         self, tasks: Sequence[NewTask], start: StartNow | None = None, now: float = 0.0
@@ -80,6 +81,7 @@ class Insert:
         self.kinds: dict[tuple[str, str], int] = {}  # (queue, state): rows
         self.head: list[object] | None = None  # the running first row's values, if any
         self.values: list[object] = []  # every queued row's, one after the other
+        self.deferred_due = math.inf  # the earliest run_at of the rows queued for later
         rest = tasks
         if start is not None and tasks:
             first, rest = tasks[0], tasks[1:]
@@ -89,6 +91,8 @@ class Insert:
             kind = (t.queue, "queued")
             self.kinds[kind] = self.kinds.get(kind, 0) + 1
             self.values += _row(t)
+            if t.run_at > t.created_at and t.run_at < self.deferred_due:
+                self.deferred_due = t.run_at
 
     def admitted(self, first_change: int) -> list[Task]:
         tasks = [Task.admitted(t, first_change + i) for i, t in enumerate(self.tasks)]
