@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -73,12 +74,28 @@ def serve(path: str) -> int:
         logger.error("configuration error in %s", exc, extra={"event": "config.invalid"})
         return EX_CONFIG
     logs.setup(config.log.level, config.log.format)
+    _tune_gc()
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(config, config_path=path))
     except BaseException as exc:  # the one place errors become exit codes
         return _exit_code(exc)
     return EX_OK
+
+
+# Each request and task allocates a few dozen containers that reference counting frees; the
+# few that live on (those of requests in flight) are what the cycle collector keeps
+# scanning. At Python's default threshold (700) it ran ~900 times in 8 s of ingest, 10 % of
+# the event loop's time; at this one, a handful of times. Garbage cycles wait longer to be
+# freed: at most this many allocations' worth.
+GC_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """Collect cycles less often, and never scan what was imported or built before serving
+    (modules, the config): `gc.freeze()` moves it out of the collector's generations."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _exit_code(exc: BaseException) -> int:
