@@ -7,6 +7,7 @@ is incremented, as monotonic ULIDs do), so their order is the order of admission
 from __future__ import annotations
 
 import os
+import random
 import threading
 import time
 
@@ -17,6 +18,13 @@ _PAIRS = [a + b for a in _ALPHABET for b in _ALPHABET]  # every 10-bit value, en
 # first 11 groups change only when the last 2 (20 bits) wrap.
 _SHIFTS = range(120, -10, -10)
 _TAIL_BITS = 20
+
+
+# Seeded from os.urandom once: the random part makes ids of different processes and
+# milliseconds unlikely to meet, it is not a secret (ids within a millisecond count up, and
+# reading a task needs a token, not its id). os.urandom per id, a system call, was a tenth
+# of an admission's time on the event loop.
+_random = random.Random(os.urandom(32))
 
 
 class _Last:
@@ -66,9 +74,8 @@ def _reserve(count: int, now: float | None) -> int:
             first = _Last.value + 1  # same (or an earlier) millisecond: keep increasing
             _Last.value = first + count - 1
             return first
-    # A new millisecond: draw its random part outside the lock (os.urandom is a system
-    # call, a tenth of an admission's time on the event loop when made for every id).
-    first = (millis << _RANDOM_BITS) | int.from_bytes(os.urandom(10), "big")
+    # A new millisecond: draw its random part outside the lock.
+    first = (millis << _RANDOM_BITS) | _random.getrandbits(_RANDOM_BITS)
     with _Last.lock:
         if millis <= _Last.value >> _RANDOM_BITS:
             first = _Last.value + 1  # another thread began this millisecond meanwhile

@@ -48,12 +48,15 @@ class Admissions:
         self._on_admitted = on_admitted
         self._lock = threading.Lock()  # the writer thread takes what the loop adds
         self._waiting: list[Waiting] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def admit(self, insert: Insert, max_pending: int) -> asyncio.Future[list[Task]]:
         """Insert `insert`'s rows; the future has their tasks once committed. A plain
         function, not a coroutine: the caller awaits the future itself, one frame fewer to
         suspend and resume on the way to every answer."""
-        future: asyncio.Future[list[Task]] = asyncio.get_running_loop().create_future()
+        # The loop, asked once: get_running_loop() makes a system call (getpid) each time.
+        loop = self._loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[list[Task]] = loop.create_future()
         with self._lock:
             self._waiting.append(Waiting(insert, max_pending, future))
             first = len(self._waiting) == 1
