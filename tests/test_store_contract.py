@@ -749,7 +749,7 @@ async def test_sqlite_group_commit_batches_concurrent_admits(tmp_path: Path) -> 
         assert await store.counts() == Counts(queued=200)
 
 
-async def test_sqlite_atomic_operations_commit_by_themselves_others_share_a_transaction(
+async def test_sqlite_a_lone_atomic_operation_commits_by_itself_others_share_one(
     tmp_path: Path,
 ) -> None:
     async with open_sqlite(sqlite_config(tmp_path)) as store:
@@ -761,41 +761,11 @@ async def test_sqlite_atomic_operations_commit_by_themselves_others_share_a_tran
         assert await store.writer.submit(in_transaction) is True  # it gets a savepoint
 
         async with writer_held(store):  # the next two wait together and go in one batch
-            atomics = [store.writer.submit(in_transaction, atomic=True) for _ in range(2)]
-        assert await asyncio.gather(*atomics) == [False, False]
-        async with writer_held(store):  # one that is not atomic: all share one transaction
-            mixed = [
-                store.writer.submit(in_transaction, atomic=True),
-                store.writer.submit(in_transaction),
-            ]
-        assert await asyncio.gather(*mixed) == [True, True]
+            together = [store.writer.submit(in_transaction, atomic=True) for _ in range(2)]
+        assert await asyncio.gather(*together) == [True, True]
         # Autocommit left nothing open: the next transaction begins and commits.
         await admit(store, new_task(1))
         assert await store.counts() == Counts(queued=1)
-
-
-async def test_sqlite_an_atomic_operation_is_answered_before_the_rest_of_its_batch(
-    tmp_path: Path,
-) -> None:
-    async with open_sqlite(sqlite_config(tmp_path)) as store:
-        second_runs, second_may_end = threading.Event(), threading.Event()
-
-        def second(conn: sqlite3.Connection) -> str:
-            second_runs.set()
-            second_may_end.wait(10)
-            return "second"
-
-        async with writer_held(store):  # both wait for the writer and go in one batch
-            first = store.writer.submit(lambda conn: "first", atomic=True)
-            later = store.writer.submit(second, atomic=True)
-        try:
-            async with asyncio.timeout(10):
-                assert await first == "first"  # while the second cannot have ended
-            assert not later.done()
-            assert await asyncio.to_thread(second_runs.wait, 10)
-        finally:
-            second_may_end.set()
-        assert await later == "second"
 
 
 async def test_sqlite_wal_stays_bounded_under_constant_reads(
