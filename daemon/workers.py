@@ -120,9 +120,16 @@ class Workers:
 
     def due_at(self, when: float) -> None:
         """Work was queued that is due at `when` (a delayed admission). A feeder that will
-        claim by then anyway learns of it from that claim; only an earlier one is woken."""
-        if self._feeding or self._sleeps_until is None or when < self._sleeps_until:
-            self.wake()
+        claim by then anyway learns of it from that claim; only an earlier one is woken,
+        and only if it would claim now: else the next slot a run frees wakes it (`_let_go`).
+        Under a stream of admissions that spares the feeder a wake-up each, for nothing."""
+        if not (self._feeding or self._sleeps_until is None or when < self._sleeps_until):
+            return
+        if not self._worth_claiming():
+            self._wakes += 1
+            self._more = True
+            return
+        self.wake()
 
     def stop_run(self, task_id: str, reason: str) -> bool:
         run = self.runs.get(task_id)
@@ -226,12 +233,16 @@ class Workers:
     def _room(self) -> int:
         return self.capacity - self.inflight
 
+    def _worth_claiming(self) -> bool:
+        """Claim in batches: wait for a quarter of the room unless the consumers starve."""
+        room = self._room()
+        return room > 0 and (room >= max(1, self.capacity // 4) or self.handoff.empty())
+
     async def _feed_once(self) -> float | None:
         """Claim once if worthwhile; returns how long to sleep, None for 'until nudged'."""
-        room = self._room()
-        # Claim in batches: wait for a quarter of the room unless the consumers are starving.
-        if room <= 0 or (room < max(1, self.capacity // 4) and not self.handoff.empty()):
+        if not self._worth_claiming():
             return None
+        room = self._room()
         self._full, self._due, wakes = False, [], self._wakes
         await self._refresh_paused()
         paused = tuple(self.flow.paused)
