@@ -6,7 +6,8 @@ the daemon's consumers run the noop tasks as they come (the realistic case; `--d
 submits them for later instead, to measure admission alone), with
 `max_pending` high enough that nothing is refused. Runs the bare server, then the daemon
 with `store.synchronous` = "normal" and = "full", and prints requests/s, non-2xx answers,
-latency, the ratio daemon/bare, and how far the consumers kept up.
+latency, the ratio daemon/bare (the median of each round's ratio to that round's bare
+server), and how far the consumers kept up.
 
     .venv/bin/python bench/ingest.py [--duration 10] [--connections 64] [--threads 2]
         [--log-level info] [--delay SECONDS] [--repeat 1]
@@ -18,6 +19,7 @@ import argparse
 import json
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -226,16 +228,23 @@ def main() -> None:
          _all(bares)]
     )  # fmt: skip
     medians: dict[str, DaemonResult] = {}
+    ratios: dict[str, list[float]] = {}
     for sync, runs in daemons.items():
         r = medians[sync] = sorted(runs, key=lambda x: x.wrk.rps)[len(runs) // 2]
         w = r.wrk
+        # Each round's daemon against that round's bare server, run just before it: the VM's
+        # speed drifts between rounds more than between two runs of one round.
+        ratios[sync] = [x.wrk.rps / b.rps for x, b in zip(runs, bares, strict=True)]
+        ratio = statistics.median(ratios[sync])
         rows.append(
-            [f"offload synchronous={sync}", f"{w.rps:,.0f}", f"{w.rps / base.rps:.2f}",
+            [f"offload synchronous={sync}", f"{w.rps:,.0f}", f"{ratio:.2f}",
              str(w.non_2xx), w.socket_errors, w.p50, w.p99, w.cpu_per_request("main"),
              w.cpu_per_request("threads"), _all([x.wrk for x in runs])]
         )  # fmt: skip
     out(harness.table(rows))
     out()
+    for sync, each in ratios.items():
+        out(f"synchronous={sync}: daemon/bare per round {' / '.join(f'{x:.2f}' for x in each)}")
     out(f"bare (median round): {base.noise}")
     for sync, r in medians.items():
         out(f"synchronous={sync} (median round): {r.wrk.commits}; {r.wrk.noise}")
