@@ -66,7 +66,7 @@ async def test_an_admission_with_no_room_leaves_the_feeder_asleep_until_a_slot_f
                     return (log.exists() and len(log.read_text().splitlines()) == 2) or None
 
                 async def feeder_asleep() -> bool | None:
-                    return (not workers._feeding and not workers._nudge.is_set()) or None
+                    return workers.feeder.quiet or None
 
                 async with asyncio.timeout(QUICK):
                     await eventually(both_running)
@@ -74,7 +74,7 @@ async def test_an_admission_with_no_room_leaves_the_feeder_asleep_until_a_slot_f
 
                 later = task("noop", {})
                 await admit(later)  # both slots are taken: no claim could be made now
-                assert not workers._nudge.is_set()
+                assert workers.feeder.quiet
 
                 release.touch()  # the holds end; the first freed slot wakes the feeder
 
