@@ -1,5 +1,5 @@
 """The HTTP API (v1): routes and handlers. Handlers decode, call admission or the store, and
-encode; they never build error answers (raise an `OffloadError`; see `middleware.py`)."""
+encode; they never build error answers (raise an `OffloadError`; see `routing.py`)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from daemon.errors import (
 )
 from daemon.ids import is_id, new_ids
 from daemon.metrics import CONTENT_TYPE
-from daemon.middleware import middleware
 from daemon.models import NewTask, Task, TaskQuery, TaskState
 from daemon.openapi import serve_openapi
+from daemon.routing import Routes
 from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import BatchRequest, SubmitRequest, TaskPage, decode_body, encode, view
 
@@ -33,23 +33,21 @@ _NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")
 
 
 def make_app(rt: Runtime) -> web.Application:
-    app = web.Application(
-        middlewares=[middleware(rt.auth)], client_max_size=rt.config.server.max_body
-    )
+    app = web.Application(client_max_size=rt.config.server.max_body)
     app[RUNTIME] = rt
-    app.router.add_post("/v1/tasks", submit)
-    app.router.add_post("/v1/tasks/batch", submit_batch)
-    app.router.add_get("/v1/tasks", list_tasks)
+    routes = Routes(app, rt)
+    routes.add("/v1/tasks", POST=submit, GET=list_tasks)
+    routes.add("/v1/tasks/batch", POST=submit_batch)
     # A task id is never "batch": that path belongs to POST /v1/tasks/batch alone (405).
-    app.router.add_get(f"/v1/tasks/{TASK_ID}", get_task)
-    app.router.add_delete(f"/v1/tasks/{TASK_ID}", cancel_task)
-    app.router.add_post(f"/v1/tasks/{TASK_ID}/retry", retry_task)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    api_flow.add_routes(app)
-    api_events.add_routes(app)
-    app.router.add_get("/openapi.json", serve_openapi)
+    routes.add(f"/v1/tasks/{TASK_ID}", GET=get_task, DELETE=cancel_task)
+    routes.add(f"/v1/tasks/{TASK_ID}/retry", POST=retry_task)
+    routes.add("/healthz", GET=healthz)
+    routes.add("/readyz", GET=readyz)
+    routes.add("/metrics", GET=metrics)
+    api_flow.add_routes(routes)
+    api_events.add_routes(routes)
+    routes.add("/openapi.json", GET=serve_openapi)
+    routes.close()
     return app
 
 

@@ -16,14 +16,15 @@ from daemon.errors import Invalid
 from daemon.events import Filter, Subscription
 from daemon.ids import is_id
 from daemon.models import Task
+from daemon.routing import Routes
 from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import encode, view
 
 PAGE = 500
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/events", events)
+def add_routes(routes: Routes) -> None:
+    routes.add("/v1/events", GET=events)
 
 
 def _filter(request: web.Request) -> Filter:

@@ -11,6 +11,7 @@ from aiohttp import web
 from daemon.config import ScheduleConfig
 from daemon.errors import NotFound
 from daemon.models import Counts, ScheduleState
+from daemon.routing import Routes
 from daemon.runtime import RUNTIME, Runtime
 from daemon.scheduler import next_fire
 from daemon.wire import encode, rfc3339
@@ -40,13 +41,13 @@ class ScheduleView(msgspec.Struct, frozen=True):
     next_fire: str | None
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/v1/queues", list_queues)
-    app.router.add_post("/v1/queues/{name}/pause", pause_queue)
-    app.router.add_post("/v1/queues/{name}/resume", resume_queue)
-    app.router.add_get("/v1/schedules", list_schedules)
-    app.router.add_post("/v1/schedules/{name}/pause", pause_schedule)
-    app.router.add_post("/v1/schedules/{name}/resume", resume_schedule)
+def add_routes(routes: Routes) -> None:
+    routes.add("/v1/queues", GET=list_queues)
+    routes.add("/v1/queues/{name}/pause", POST=pause_queue)
+    routes.add("/v1/queues/{name}/resume", POST=resume_queue)
+    routes.add("/v1/schedules", GET=list_schedules)
+    routes.add("/v1/schedules/{name}/pause", POST=pause_schedule)
+    routes.add("/v1/schedules/{name}/resume", POST=resume_schedule)
 
 
 def _json(value: object) -> web.Response:

@@ -1,7 +1,7 @@
 """Every error offload raises on purpose, as types.
 
-The HTTP middleware maps `OffloadError` subclasses to a status and the JSON error body of
-the contract; only the entry point turns a `ConfigError` into an exit code.
+The route wrapper (`routing.py`) maps `OffloadError` subclasses to a status and the JSON
+error body of the contract; only the entry point turns a `ConfigError` into an exit code.
 """
 
 from __future__ import annotations
@@ -39,6 +39,17 @@ class Forbidden(OffloadError):
 class NotFound(OffloadError):
     status = 404
     code = "not_found"
+
+
+class MethodNotAllowed(OffloadError):
+    """The path is served, but not with this method; `allow` lists those it is."""
+
+    status = 405
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: list[str]) -> None:
+        super().__init__(message)
+        self.allow = allow
 
 
 class Conflict(OffloadError):

@@ -1,7 +1,7 @@
 """Prometheus metrics (`GET /metrics`), in a registry of this daemon's own.
 
 Counters and histograms are updated where things happen (consumer, admission, HTTP
-middleware, store commits); the counters touched for every request and task are `Tally`s,
+route wrapper, store commits); the counters touched for every request and task are `Tally`s,
 plain numbers the event loop adds to and a scrape reads. The `offload_tasks{state,queue}`
 gauge is read from the store at scrape time, at most once per `SNAPSHOT_TTL`, so scrapes
 cannot load the store.

@@ -3,7 +3,7 @@ can answer, its parameters, and the token scope it needs. The task routes are he
 flow and operations routes in daemon/openapi_ops.py, and the response objects and example
 error bodies all of them share in daemon/openapi_responses.py.
 
-Statuses are those the handlers raise (`daemon.errors`) and the middleware adds (401/403
+Statuses are those the handlers raise (`daemon.errors`) and the route wrapper adds (401/403
 from auth where a token is needed); 405 and 500 can answer anything and are said once, in
 the document's description.
 """

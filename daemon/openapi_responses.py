@@ -1,6 +1,6 @@
 """The answers of the OpenAPI document's operations (daemon/openapi_paths.py and
 daemon/openapi_ops.py build the routes): the response objects, and one example error body
-per status, encoded through the same types the middleware sends (`daemon.wire`) so the
+per status, encoded through the same types the route wrapper sends (`daemon.wire`) so the
 document cannot drift from what is answered. It also holds the small vocabulary every part
 of the document shares (`Json`, `REF`, `EXAMPLE_ID`). It is apart from the routes because
 what a status looks like is one decision for all of them, whichever route answers it.
@@ -28,7 +28,7 @@ EXAMPLE_ID = "01JD8X3K5Q9W2M7P4R6T0V1Y3Z"
 
 
 def error_example(error: type[OffloadError], message: str, field: str | None = None) -> Any:
-    """The body the middleware sends for `error`, through the same types."""
+    """The body the route wrapper sends for `error`, through the same types."""
     body = ErrorResponse(ErrorBody(code=error.code, message=message, field=field))
     return msgspec.json.decode(encode(body))
 
