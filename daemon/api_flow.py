@@ -11,10 +11,10 @@ from aiohttp import web
 from daemon.config import ScheduleConfig
 from daemon.errors import NotFound
 from daemon.models import Counts, ScheduleState
-from daemon.routing import Routes
+from daemon.routing import Routes, json_response
 from daemon.runtime import RUNTIME, Runtime
 from daemon.scheduler import next_fire
-from daemon.wire import encode, rfc3339
+from daemon.wire import rfc3339
 
 
 class QueueView(msgspec.Struct, frozen=True):
@@ -50,10 +50,6 @@ def add_routes(routes: Routes) -> None:
     routes.add("/v1/schedules/{name}/resume", POST=resume_schedule)
 
 
-def _json(value: object) -> web.Response:
-    return web.Response(body=encode(value), content_type="application/json")
-
-
 def _queue_view(rt: Runtime, name: str, counts: Counts) -> QueueView:
     q = rt.workers.flow.queues[name]
     return QueueView(
@@ -73,7 +69,7 @@ async def list_queues(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     counts = await rt.store.unfinished_by_queue()
     views = [_queue_view(rt, n, counts.get(n, Counts())) for n in sorted(rt.workers.flow.queues)]
-    return _json({"queues": views})
+    return json_response({"queues": views})
 
 
 async def _set_queue_paused(request: web.Request, paused: bool) -> web.Response:
@@ -88,7 +84,7 @@ async def _set_queue_paused(request: web.Request, paused: bool) -> web.Response:
         rt.workers.flow.paused.discard(name)
         rt.workers.wake()
     counts = (await rt.store.unfinished_by_queue()).get(name, Counts())
-    return _json(_queue_view(rt, name, counts))
+    return json_response(_queue_view(rt, name, counts))
 
 
 async def pause_queue(request: web.Request) -> web.Response:
@@ -118,7 +114,7 @@ async def list_schedules(request: web.Request) -> web.Response:
     rt = request.app[RUNTIME]
     states = await rt.store.schedules()
     views = [_schedule_view(s, states.get(s.name, ScheduleState())) for s in rt.config.schedules]
-    return _json({"schedules": views})
+    return json_response({"schedules": views})
 
 
 async def _set_schedule_paused(request: web.Request, paused: bool) -> web.Response:
@@ -130,7 +126,7 @@ async def _set_schedule_paused(request: web.Request, paused: bool) -> web.Respon
     await rt.store.set_schedule_paused(name, paused)
     rt.schedules_changed.set()
     state = (await rt.store.schedules()).get(name, ScheduleState())
-    return _json(_schedule_view(schedule, state))
+    return json_response(_schedule_view(schedule, state))
 
 
 async def pause_schedule(request: web.Request) -> web.Response:

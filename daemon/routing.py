@@ -35,9 +35,12 @@ _AIOHTTP_CODES = {
 }
 
 
+def json_response(value: object, status: int = 200) -> web.Response:
+    return web.Response(status=status, body=encode(value), content_type="application/json")
+
+
 def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
-    body = encode(ErrorResponse(ErrorBody(code=code, message=message, field=field)))
-    return web.Response(status=status, body=body, content_type="application/json")
+    return json_response(ErrorResponse(ErrorBody(code=code, message=message, field=field)), status)
 
 
 def _offload_error(exc: OffloadError) -> web.Response:

@@ -9,7 +9,7 @@ storage; they never acknowledge what they did not commit.
 from __future__ import annotations
 
 import builtins
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol
@@ -51,21 +51,22 @@ class Store(Protocol):
         """Whether other daemons admit into and claim from this store too."""
         ...
 
-    async def admit(
+    def admit(
         self,
         tasks: Sequence[NewTask],
         *,
         max_pending: int,
         idempotency: IdempotencyKey | None = None,
         start: StartNow | None = None,
-    ) -> list[Task]:
+    ) -> Awaitable[list[Task]]:
         """Commit all of `tasks` as `queued`, or none: raises `QueueFull` if they would take
         the unfinished count past `max_pending`. Returns only after the commit. With
         `idempotency`, a key first seen after its `not_before` returns the tasks it admitted
         then, as they are now, and admits nothing (the caller tells by the ids); with
         another fingerprint it raises `IdempotencyKeyReused`. With `start`, the store may
         commit the first task already `running` for `start.owner`, its first attempt
-        counted, as a claim would (the caller tells by its state)."""
+        counted, as a claim would (the caller tells by its state). An awaitable rather than
+        a coroutine, so that a store may hand back the future its commit resolves."""
         ...
 
     async def claim(
