@@ -1,0 +1,110 @@
+"""The route wrapper over real HTTP on loopback: what a handler raises becomes the contract's
+JSON answer, a bug is logged and answered 500 without details, and every answer is counted
+under its route's label."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import cast
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from daemon.auth import Authenticator
+from daemon.errors import Conflict, QueueFull
+from daemon.metrics import Metrics
+from daemon.routing import UNMATCHED, Routes
+from daemon.runtime import Runtime
+
+
+async def broken(request: web.Request) -> web.Response:
+    raise RuntimeError("secret detail of a bug")
+
+
+async def busy(request: web.Request) -> web.Response:
+    error = QueueFull("too many", pending=10, needed=1)
+    error.retry_after = 7
+    raise error
+
+
+async def taken(request: web.Request) -> web.Response:
+    raise Conflict(f"item {request.match_info['name']} is taken", field="name")
+
+
+async def hello(request: web.Request) -> web.Response:
+    return web.Response(text="hello")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[str, Metrics]]:
+    metrics = Metrics()
+    # The wrapper reads only these attributes of the runtime.
+    rt = cast(Runtime, SimpleNamespace(auth=Authenticator([], []), metrics=metrics))
+    app = web.Application()
+    routes = Routes(app, rt)
+    routes.add("/broken", GET=broken)
+    routes.add("/busy", POST=busy)
+    routes.add("/items/{name}", PUT=taken, GET=hello)
+    routes.close()
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")), metrics
+    finally:
+        await server.close()
+
+
+async def test_a_bug_is_logged_and_answered_500_without_its_details(
+    served: tuple[str, Metrics], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, metrics = served
+    with caplog.at_level(logging.ERROR, logger="daemon.routing"):
+        async with aiohttp.ClientSession() as http, http.get(url + "/broken") as reply:
+            body = await reply.json()
+            status = reply.status
+    assert status == 500
+    assert body["error"]["code"] == "internal"
+    assert "secret" not in body["error"]["message"]
+    (record,) = [r for r in caplog.records if getattr(r, "event", None) == "http.bug"]
+    assert record.exc_info is not None and "secret detail" in str(record.exc_info[1])
+    assert metrics.http.counts[("/broken", "500")] == 1
+
+
+async def test_errors_keep_their_status_field_and_headers(served: tuple[str, Metrics]) -> None:
+    url, metrics = served
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url + "/busy") as reply:
+            assert reply.status == 503
+            assert reply.headers["Retry-After"] == "7"
+            assert (await reply.json())["error"]["code"] == "queue_full"
+        async with http.put(url + "/items/a") as reply:
+            assert reply.status == 409
+            error = (await reply.json())["error"]
+            assert (error["code"], error["field"]) == ("conflict", "name")
+            assert "item a is taken" in error["message"]
+    assert metrics.http.counts[("/busy", "503")] == 1
+    assert metrics.http.counts[("/items/{name}", "409")] == 1
+
+
+async def test_other_methods_and_paths_answer_405_and_404_in_the_same_shape(
+    served: tuple[str, Metrics],
+) -> None:
+    url, metrics = served
+    async with aiohttp.ClientSession() as http:
+        async with http.head(url + "/items/a") as reply:
+            assert reply.status == 200  # a GET route answers HEAD too
+        async with http.delete(url + "/items/a") as reply:
+            assert reply.status == 405
+            assert set(reply.headers["Allow"].split(",")) == {"GET", "HEAD", "PUT"}
+            assert (await reply.json())["error"]["code"] == "method_not_allowed"
+        for path in ("/nowhere", "/items/a/b"):
+            async with http.get(url + path) as reply:
+                assert reply.status == 404
+                assert (await reply.json())["error"]["code"] == "not_found"
+    assert metrics.http.counts[("/items/{name}", "200")] == 1
+    assert metrics.http.counts[("/items/{name}", "405")] == 1
+    assert metrics.http.counts[(UNMATCHED, "404")] == 2
