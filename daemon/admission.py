@@ -125,10 +125,10 @@ async def admit(
         only = admitted[0]
         rt.metrics.accepted.add((only.type, only.queue))
         if start is None or only.state is not TaskState.RUNNING:
-            rt.workers.due_at(only.run_at)
+            rt.workers.feeder.due_at(only.run_at)
         return admitted, False
     kinds = collections.Counter((task.type, task.queue) for task in admitted)
     for (type, queue), count in kinds.items():
         rt.metrics.accepted.add((type, queue), count)
-    rt.workers.due_at(min(task.run_at for task in tasks))
+    rt.workers.feeder.due_at(min(task.run_at for task in tasks))
     return admitted, False

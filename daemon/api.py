@@ -204,7 +204,7 @@ async def retry_task(request: web.Request) -> web.Response:
     if rt.draining.is_set():
         raise admission.draining_refusal(rt)
     task = await rt.store.retry(task_id, now=time.time(), max_pending=rt.config.workers.max_pending)
-    rt.workers.wake()
+    rt.workers.feeder.wake()
     return json_response(view(task))
 
 

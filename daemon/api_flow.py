@@ -82,7 +82,7 @@ async def _set_queue_paused(request: web.Request, paused: bool) -> web.Response:
         rt.workers.flow.paused.add(name)
     else:
         rt.workers.flow.paused.discard(name)
-        rt.workers.wake()
+        rt.workers.feeder.wake()
     counts = (await rt.store.unfinished_by_queue()).get(name, Counts())
     return json_response(_queue_view(rt, name, counts))
 

@@ -125,7 +125,7 @@ def settle(workers: Workers, ended: Ended, recorded: Task | OffloadError | None)
     if recorded.state.terminal:
         workers.watchers.ended(task.id)
     elif recorded.state is TaskState.QUEUED:
-        workers.wake()
+        workers.feeder.wake()
 
 
 @functools.cache

@@ -61,11 +61,10 @@ class Feeder:
         Under a stream of admissions that spares the feeder a wake-up each, for nothing."""
         if not (self._feeding or self._sleeps_until is None or when < self._sleeps_until):
             return
-        if not self._worth_claiming():
-            self._wakes += 1
-            self._more = True
-            return
-        self.wake()
+        self._wakes += 1
+        self._more = True
+        if self._worth_claiming():
+            self._nudge.set()
 
     def freed(self) -> None:
         """A slot came free: claim into it if the store may hold due work."""

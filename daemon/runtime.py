@@ -60,7 +60,7 @@ async def assemble(
     workers = Workers(
         config.workers, store, types, stats, watchers, metrics, owner, flow, shared=store.shared
     )
-    hooks.on_new_work = workers.wake
+    hooks.on_new_work = workers.feeder.wake
     hooks.on_lost = lambda task_id: workers.stop_run(task_id, "cancel")
     authenticator = Authenticator(load_tokens(config.auth), list(config.auth.open))
     return Runtime(config, store, types, workers, stats, watchers, metrics, authenticator)

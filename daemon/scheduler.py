@@ -77,7 +77,7 @@ class Scheduler:
         won = await self.rt.store.fire(schedule.name, due=latest, previous=last, task=task)
         if won and task is not None:
             self.rt.stats.accepted += 1
-            self.rt.workers.wake()
+            self.rt.workers.feeder.wake()
             logger.info(
                 "schedule %s fired for %s%s",
                 schedule.name,

@@ -97,15 +97,7 @@ class Workers:
             task = self._spawn(consume(self), f"consumer-{len(self._consumers)}")
             self._consumers.add(task)
             task.add_done_callback(self._consumers.discard)
-        self.wake()
-
-    def wake(self) -> None:
-        """New work may be due (an admission, a retry, a resumed queue, a hint)."""
         self.feeder.wake()
-
-    def due_at(self, when: float) -> None:
-        """Work was queued that is due at `when` (a delayed admission)."""
-        self.feeder.due_at(when)
 
     def stop_run(self, task_id: str, reason: str) -> bool:
         run = self.runs.get(task_id)

@@ -55,7 +55,7 @@ async def test_an_admission_with_no_room_leaves_the_feeder_asleep_until_a_slot_f
 
             async def admit(new: NewTask) -> None:
                 await store.admit([new], max_pending=100)
-                workers.due_at(new.run_at)
+                workers.feeder.due_at(new.run_at)
 
             async with asyncio.TaskGroup() as tg:
                 workers.start(lambda coro, name: tg.create_task(coro, name=name))
