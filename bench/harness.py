@@ -134,9 +134,12 @@ def workdir(prefix: str = "offload-bench-") -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def daemon(directory: Path, settings: Settings, *, db: Path | None = None) -> Iterator[Daemon]:
+def daemon(
+    directory: Path, settings: Settings, *, db: Path | None = None, wrapper: Sequence[str] = ()
+) -> Iterator[Daemon]:
     """Start `offload serve` in `directory` (the SQLite file is `db`, by default
-    `directory/offload.db`), wait until /readyz answers 200, and stop it on exit."""
+    `directory/offload.db`), under the `wrapper` command if given (e.g. valgrind), wait until
+    /readyz answers 200, and stop it on exit."""
     port = free_port()
     db = db or directory / "offload.db"
     config = directory / f"offload-{port}.toml"
@@ -149,7 +152,7 @@ def daemon(directory: Path, settings: Settings, *, db: Path | None = None) -> It
     with log.open("wb") as log_file:
         started_at = time.time()
         proc = subprocess.Popen(
-            [str(OFFLOAD), "serve", "--config", str(config)],
+            [*wrapper, str(OFFLOAD), "serve", "--config", str(config)],
             cwd=directory,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -162,6 +165,41 @@ def daemon(directory: Path, settings: Settings, *, db: Path | None = None) -> It
         yield d
     finally:
         _stop(d)
+
+
+@contextlib.contextmanager
+def bare_server(
+    wrapper: Sequence[str] = (), timeout: float = 30.0
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Start `bench/bare_server.py` (under `wrapper`, if given) on a free port, wait until its
+    /readyz answers, and end it on exit; yields its base address and process."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [*wrapper, str(PYTHON), "-m", "bench.bare_server", "--port", str(port)],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the bare server did not start")
+            try:
+                with urllib.request.urlopen(f"{url}/readyz", timeout=1):
+                    break
+            except (urllib.error.URLError, ConnectionError):
+                time.sleep(0.02)
+        yield url, proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
 
 
 def _wait_ready(d: Daemon) -> float:

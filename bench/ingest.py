@@ -23,8 +23,6 @@ import statistics
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,37 +96,10 @@ def _find(pattern: str, text: str, default: str | None = None) -> str:
     return m.group(1)
 
 
-def bare(directory: Path, lua: Path, args: argparse.Namespace) -> WrkResult:
-    port = harness.free_port()
-    log = (directory / "bare.log").open("wb")
-    proc = subprocess.Popen(
-        [str(harness.PYTHON), "-m", "bench.bare_server", "--port", str(port)],
-        cwd=harness.ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=log,
-        stderr=log,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the bare server did not start")
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.02)
+def bare(lua: Path, args: argparse.Namespace) -> WrkResult:
+    with harness.bare_server() as (url, proc):
         run_wrk(url, lua, args, WARMUP, proc.pid)
         return run_wrk(url, lua, args, args.duration, proc.pid)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
 
 
 @dataclass
@@ -213,7 +184,7 @@ def main() -> None:
             body["delay"] = args.delay
         lua.write_text(LUA.replace("{BODY}", json.dumps(body, separators=(",", ":"))), "utf-8")
         for round_ in range(args.repeat):
-            bares.append(bare(directory, lua, args))
+            bares.append(bare(lua, args))
             for sync, runs in daemons.items():
                 runs.append(daemon(directory / f"{sync}-{round_}", lua, args, sync))
 

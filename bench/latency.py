@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -145,34 +144,9 @@ def ping_pong_floor(rate: float, duration: float) -> list[float]:
 
 def bare_round_trips(rate: float, duration: float) -> list[float]:
     """The 202 round trips of the bare aiohttp server under the same client and rate."""
-    port = harness.free_port()
-    proc = subprocess.Popen(
-        [str(harness.PYTHON), "-m", "bench.bare_server", "--port", str(port)],
-        cwd=harness.ROOT,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the bare server did not start") from None
-                time.sleep(0.02)
+    with harness.bare_server() as (url, _):
         asyncio.run(submit_steadily(url, 50, 1.0))
         sent, _ = asyncio.run(submit_steadily(url, rate, duration))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
     first = min(s.at for s in sent)
     return sorted(s.rtt for s in sent if s.at >= first + WARMUP)
 
