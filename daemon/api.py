@@ -51,7 +51,7 @@ def make_app(rt: Runtime) -> web.Application:
     return app
 
 
-async def _read_json(request: web.Request) -> bytes:
+async def _read_json(request: web.Request, limit: int) -> bytes:
     # The header as clients send it is compared before aiohttp parses it.
     if (
         request.headers.get("Content-Type") != "application/json"
@@ -61,7 +61,6 @@ async def _read_json(request: web.Request) -> bytes:
             f"send Content-Type: application/json (got {request.content_type or 'none'})",
             field="Content-Type",
         )
-    limit = request.app[RUNTIME].config.server.max_body
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is over {limit} bytes")
@@ -103,7 +102,7 @@ async def _admit(request: web.Request, *, batch: bool) -> tuple[list[Task], bool
     try:
         if rt.draining.is_set():
             raise admission.draining_refusal(rt)
-        body = await _read_json(request)
+        body = await _read_json(request, rt.config.server.max_body)
         now = time.time()
         if batch:
             reqs = decode_body(body, BatchRequest).tasks
