@@ -167,6 +167,17 @@ def daemon(
         _stop(d)
 
 
+def wrk_post_script(path: Path, body: object) -> Path:
+    """Write a wrk Lua script to `path` that POSTs `body` (made JSON) as application/json."""
+    text = json.dumps(body, separators=(",", ":"))
+    path.write_text(
+        f"wrk.method = \"POST\"\nwrk.body = '{text}'\n"
+        'wrk.headers["Content-Type"] = "application/json"\n',
+        encoding="utf-8",
+    )
+    return path
+
+
 @contextlib.contextmanager
 def bare_server(
     wrapper: Sequence[str] = (), timeout: float = 30.0

@@ -16,7 +16,6 @@ server), and how far the consumers kept up.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import statistics
@@ -32,11 +31,6 @@ if __package__ in (None, ""):
 from bench import harness
 from bench.harness import out
 
-LUA = """
-wrk.method = "POST"
-wrk.body = '{BODY}'
-wrk.headers["Content-Type"] = "application/json"
-"""
 WARMUP = 2  # seconds of wrk before each measured run, not counted
 
 
@@ -178,11 +172,10 @@ def main() -> None:
     bares: list[WrkResult] = []
     daemons: dict[str, list[DaemonResult]] = {"normal": [], "full": []}
     with harness.workdir() as directory:
-        lua = directory / "post.lua"
-        body = {"type": "noop", "payload": {}}
+        body: dict[str, object] = {"type": "noop", "payload": {}}
         if args.delay is not None:
             body["delay"] = args.delay
-        lua.write_text(LUA.replace("{BODY}", json.dumps(body, separators=(",", ":"))), "utf-8")
+        lua = harness.wrk_post_script(directory / "post.lua", body)
         for round_ in range(args.repeat):
             bares.append(bare(lua, args))
             for sync, runs in daemons.items():

@@ -34,11 +34,6 @@ if __package__ in (None, ""):
 from bench import harness
 from bench.harness import out
 
-LUA = """
-wrk.method = "POST"
-wrk.body = '{BODY}'
-wrk.headers["Content-Type"] = "application/json"
-"""
 DUMP_TIMEOUT = 120.0  # seconds callgrind gets to write its counts
 
 
@@ -117,22 +112,20 @@ def main() -> None:
     out(f"# {harness.machine()}")
     out("| server | requests counted | event loop thread | other threads | all |")
     out("|---|---|---|---|---|")
-    cases = [("daemon, tasks delayed (admission alone)", ',"delay":3600')]
+    noop: dict[str, object] = {"type": "noop", "payload": {}}
+    cases = [("daemon, tasks delayed (admission alone)", {**noop, "delay": 3600})]
     if not args.admission_only:
-        cases.append(("daemon, noop tasks running", ""))
+        cases.append(("daemon, noop tasks running", noop))
     with harness.workdir() as work:
-        lua = work / "post.lua"
-        lua.write_text(LUA.replace("{BODY}", '{"type":"noop","payload":{}}'), encoding="utf-8")
+        lua = harness.wrk_post_script(work / "post.lua", noop)
         d = Path(tempfile.mkdtemp(dir=work))
         with harness.bare_server(callgrind(d), harness.READY_TIMEOUT) as (url, proc):
             _row("bare aiohttp", counted(url, proc.pid, lua, args, d))
-        for name, extra in cases:
-            body = work / f"post{len(extra)}.lua"
-            task = '{"type":"noop","payload":{}' + extra + "}"
-            body.write_text(LUA.replace("{BODY}", task), encoding="utf-8")
+        for i, (name, task) in enumerate(cases):
+            lua = harness.wrk_post_script(work / f"case{i}.lua", task)
             d = Path(tempfile.mkdtemp(dir=work))
             with harness.daemon(d, harness.Settings(), wrapper=callgrind(d)) as dm:
-                _row(name, counted(dm.url, dm.pid, body, args, d))
+                _row(name, counted(dm.url, dm.pid, lua, args, d))
     out()
     out(f"reproduce: {harness.command_line()}")
 
