@@ -97,8 +97,8 @@ def rfc3339(t: float | None) -> str | None:
             _written.clear()
         seconds, ms = divmod(int(t * 1000), 1000)
         if 0 <= seconds < _YEAR_10000:
-            # Two cached pieces joined: a format spec for the milliseconds, or a call more,
-            # was a third of what a submission's answer costs to write.
+            # Two cached pieces joined: the format spec for the milliseconds and a call
+            # more took 0.8 of the 2.3 µs a new instant cost, one per submission.
             text = _second(seconds) + _MILLIS[ms]
         else:
             moment = dt.datetime.fromtimestamp(t, dt.UTC)
