@@ -194,50 +194,54 @@ def bare_server(
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the bare server did not start")
-            try:
-                with urllib.request.urlopen(f"{url}/readyz", timeout=1):
-                    break
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.02)
+        _await_ready(proc, url, timeout, "the bare server")
         yield url, proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        _end(proc, 10.0)
 
 
 def _wait_ready(d: Daemon) -> float:
-    deadline = time.monotonic() + READY_TIMEOUT
+    return _await_ready(d.proc, d.url, READY_TIMEOUT, "offload", d.log)
+
+
+def _await_ready(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, name: str, log: Path | None = None
+) -> float:
+    """Poll `url`/readyz until it answers 200 (returns when, as time.time()); fails if `proc`
+    exits or `timeout` passes first, with the end of its `log` if it has one."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if d.proc.poll() is not None:
-            raise RuntimeError(f"offload exited with {d.proc.returncode}:\n{_tail(d.log)}")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {proc.returncode}{_log_end(log)}")
         try:
-            with urllib.request.urlopen(f"{d.url}/readyz", timeout=1.0) as r:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=1.0) as r:
                 if r.status == 200:
                     return time.time()
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             pass
         time.sleep(0.005)
-    raise RuntimeError(f"offload was not ready within {READY_TIMEOUT:g}s:\n{_tail(d.log)}")
+    raise RuntimeError(f"{name} was not ready within {timeout:g}s{_log_end(log)}")
 
 
 def _stop(d: Daemon) -> None:
-    if d.proc.poll() is None:
-        d.proc.send_signal(signal.SIGTERM)
-        try:
-            d.proc.wait(STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            d.proc.kill()
-            d.proc.wait(STOP_TIMEOUT)
+    _end(d.proc, STOP_TIMEOUT)
     if d.proc.returncode not in (0, -signal.SIGTERM):
-        d.notes.append(f"offload exited with {d.proc.returncode}:\n{_tail(d.log)}")
+        d.notes.append(f"offload exited with {d.proc.returncode}{_log_end(d.log)}")
+
+
+def _end(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, then SIGKILL if `proc` is still there after `timeout` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout)
+
+
+def _log_end(log: Path | None) -> str:
+    return "" if log is None else f":\n{_tail(log)}"
 
 
 def _tail(path: Path, lines: int = 20) -> str:
