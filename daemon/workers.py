@@ -136,11 +136,11 @@ class Workers:
         then no queued task can be overtaken. Weighted, strict, capped or rate-limited
         queues always go through the feeder."""
         if (
-            self.stopping.is_set()
+            task.run_at > now  # the cheap tests first: they decide under load
+            or self.inflight >= self.config.concurrency
+            or self.stopping.is_set()
             or not self.feeder.quiet
             or not self.handoff.empty()
-            or self.inflight >= self.config.concurrency
-            or task.run_at > now
             or task.queue in self.flow.paused
             or not self.flow.simple
         ):

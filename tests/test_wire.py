@@ -48,3 +48,13 @@ def test_before_1970_and_none() -> None:
     wire._written.clear()
     assert wire.rfc3339(-1.5) == "1969-12-31T23:59:58.500Z"
     assert wire.rfc3339(None) is None
+
+
+def test_instants_of_one_millisecond_share_their_text() -> None:
+    wire._written.clear()
+    base = 1_800_000_000.123
+    instants = [base + k * 0.0001 for k in range(9)]  # all within .123
+    texts = [wire.rfc3339(t) for t in instants]
+    assert texts == [reference(t) for t in instants]
+    assert set(texts) == {"2027-01-15T08:00:00.123Z"}
+    assert len(wire._written) == 1

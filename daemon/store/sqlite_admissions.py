@@ -89,21 +89,18 @@ class Admissions:
         self._submit(op).add_done_callback(answer)
 
     def _answer(self, taken: list[Waiting], results: list[int | QueueFull]) -> None:
+        # Callers resume only after this returns (a result schedules them, it does not
+        # call them), so the hook hears of the tasks before any caller answers.
         every: list[Task] = []
-        answers: list[tuple[Waiting, list[Task] | QueueFull]] = []
         for waiting, result in zip(taken, results, strict=True):
+            future = waiting.future
             if isinstance(result, QueueFull):
-                answers.append((waiting, result))
+                if not future.done():
+                    future.set_exception(result)
                 continue
             tasks = waiting.insert.admitted(result)
             every += tasks
-            answers.append((waiting, tasks))
+            if not future.done():  # else its caller is gone; its tasks stay committed
+                future.set_result(tasks)
         if every:
             self._on_admitted(every)
-        for waiting, answer in answers:
-            if waiting.future.done():  # its caller is gone; its tasks stay committed
-                continue
-            if isinstance(answer, QueueFull):
-                waiting.future.set_exception(answer)
-            else:
-                waiting.future.set_result(answer)
