@@ -236,7 +236,7 @@ def _count(workers: Workers, claim: Claim, outcome: Outcome, duration: float) ->
         name = "released"
     metrics = workers.metrics
     metrics.tasks.add((claim.task.type, claim.task.queue, name))
-    metrics.child(metrics.duration, claim.task.type).observe(duration)
+    metrics.duration.observe(claim.task.type, duration)
 
 
 def _log_outcome(claim: Claim, outcome: Outcome, duration: float) -> None:

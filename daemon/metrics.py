@@ -1,22 +1,30 @@
 """Prometheus metrics (`GET /metrics`), in a registry of this daemon's own.
 
 Counters and histograms are updated where things happen (consumer, admission, HTTP
-route wrapper, store commits); the counters touched for every request and task are `Tally`s,
-plain numbers the event loop adds to and a scrape reads. The `offload_tasks{state,queue}`
+route wrapper, store commits); the counters touched for every request and task are `Tally`s
+and the run durations a `Spread`: plain numbers the event loop adds to and a scrape reads. The `offload_tasks{state,queue}`
 gauge is read from the store at scrape time, at most once per `SNAPSHOT_TTL`, so scrapes
 cannot load the store.
 """
 
 from __future__ import annotations
 
+import math
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
 import prometheus_client
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from daemon.models import Counts
 
@@ -69,6 +77,47 @@ class Tally(Collector):
         yield family
 
 
+class Spread(Collector):
+    """A histogram family with one label, observed by the event loop alone (see `Tally`):
+    per label value, a count per bucket (not yet cumulative) and the sum."""
+
+    def __init__(
+        self,
+        registry: prometheus_client.CollectorRegistry,
+        name: str,
+        doc: str,
+        label: str,
+        buckets: tuple[float, ...],
+    ) -> None:
+        self.name, self.doc, self.label = name, doc, label
+        self.bounds = sorted(buckets)
+        # The `le` labels as prometheus_client writes them ("0.001", "1.0", "+Inf").
+        self._le: list[str] = [
+            floatToGoString(b)  # type: ignore[no-untyped-call]
+            for b in [*self.bounds, math.inf]
+        ]
+        self.series: dict[str, list[float]] = {}  # value -> [bucket counts..., +Inf, sum]
+        registry.register(self)
+
+    def observe(self, label: str, value: float) -> None:
+        counts = self.series.get(label)
+        if counts is None:
+            counts = self.series[label] = [0] * (len(self.bounds) + 2)
+        counts[bisect_left(self.bounds, value)] += 1  # the first bucket with value <= le
+        counts[-1] += value
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.doc, labels=[self.label])
+        for label, counts in sorted(self.series.items()):
+            cumulative = 0.0
+            buckets = []
+            for le, count in zip(self._le, counts, strict=False):  # the sum is left out
+                cumulative += count
+                buckets.append((le, cumulative))
+            family.add_metric([label], buckets, counts[-1])
+        yield family
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = prometheus_client.CollectorRegistry()
@@ -79,12 +128,8 @@ class Metrics:
             "Runs that ended, by outcome (succeeded, failed, retried, cancelled, released).",
             ["type", "queue", "outcome"],
         )
-        self.duration = prometheus_client.Histogram(
-            "offload_task_duration_seconds",
-            "How long runs took.",
-            ["type"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+        self.duration = Spread(
+            r, "offload_task_duration_seconds", "How long runs took.", "type", DURATION_BUCKETS
         )
         self.running = prometheus_client.Gauge(
             "offload_tasks_running", "Tasks running in this daemon.", registry=r

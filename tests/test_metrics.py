@@ -6,12 +6,15 @@ histograms have observations."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
+import prometheus_client
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.metrics import DURATION_BUCKETS, Spread
 from tests.inproc import Daemon, open_daemon
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -146,3 +149,23 @@ async def test_unmatched_routes_are_counted_under_one_label(tmp_path: Path) -> N
         for path in ("/nope", "/v1/nope/1", "/v1/tasks/x/y"):
             assert (await api.request("GET", path)).status == 404
         await settled(api, {key("offload_http_requests_total", route="unmatched", code="404"): 3})
+
+
+def test_spread_writes_what_a_prometheus_histogram_writes() -> None:
+    """`Spread` (the loop's own histogram) is exposed exactly like prometheus_client's
+    Histogram given the same observations, edges of buckets included."""
+    theirs_registry = prometheus_client.CollectorRegistry()
+    theirs = prometheus_client.Histogram(
+        "d_seconds", "How long.", ["type"], buckets=DURATION_BUCKETS, registry=theirs_registry
+    )
+    ours_registry = prometheus_client.CollectorRegistry()
+    ours = Spread(ours_registry, "d_seconds", "How long.", "type", DURATION_BUCKETS)
+    rng = random.Random(3)
+    values = [*DURATION_BUCKETS, 0.0, 7200.0, *(rng.expovariate(2.0) for _ in range(500))]
+    for i, v in enumerate(values):
+        label = ("noop", "sleep")[i % 2]
+        theirs.labels(label).observe(v)
+        ours.observe(label, v)
+    assert prometheus_client.generate_latest(ours_registry) == prometheus_client.generate_latest(
+        theirs_registry
+    )
