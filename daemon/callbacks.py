@@ -33,8 +33,10 @@ class Deliverer:
 
     def changed(self, tasks: list[Task]) -> None:
         """Store hook: a task with a callback ended (or was retried): look again."""
-        if any(t.callback is not None and t.state.terminal for t in tasks):
-            self.wake.set()
+        for t in tasks:  # a loop, not any() over a generator: this sees every change
+            if t.callback is not None and t.state.terminal:
+                self.wake.set()
+                return
 
     async def run(self) -> None:
         while True:

@@ -73,6 +73,19 @@ class Record(logging.LogRecord):
         self.thread = self.threadName = self.processName = self.process = None
 
 
+def task_line(
+    logger: logging.Logger, level: int, fields: dict[str, object], msg: str, *args: object
+) -> None:
+    """`logger.log(level, msg, *args, extra=fields)` for the lines written as tasks end
+    (one per task): the record is made here and handed to the logger's handlers, without
+    `Logger._log` and `makeRecord`'s check of every field against the record's own names
+    (FIELDS never clash with them), a fifth of what such a line cost."""
+    if logger.isEnabledFor(level):
+        record = Record(logger.name, level, _UNKNOWN_FILE, 0, msg, args, None)
+        record.__dict__.update(fields)
+        logger.handle(record)
+
+
 class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__()

@@ -2,9 +2,9 @@
 
 Counters and histograms are updated where things happen (consumer, admission, HTTP
 route wrapper, store commits); the counters touched for every request and task are `Tally`s
-and the run durations a `Spread`: plain numbers the event loop adds to and a scrape reads. The `offload_tasks{state,queue}`
-gauge is read from the store at scrape time, at most once per `SNAPSHOT_TTL`, so scrapes
-cannot load the store.
+and the run durations a `Spread`: plain numbers the event loop adds to and a scrape reads.
+The `offload_tasks{state,queue}` gauge is read from the store at scrape time, at most once
+per `SNAPSHOT_TTL`, so scrapes cannot load the store.
 """
 
 from __future__ import annotations

@@ -54,7 +54,10 @@ class Stats:
             self._all = Rate(self.started)
         self._all.add(now)
         if queue:
-            self._queues.setdefault(queue, Rate(self.started)).add(now)
+            rate = self._queues.get(queue)
+            if rate is None:  # not setdefault(): that would make a Rate each time
+                rate = self._queues[queue] = Rate(self.started)
+            rate.add(now)
 
     def completion_rate(self, now: float | None = None, *, queue: str = "") -> float:
         """Runs ended per second over the last `WINDOW` seconds (0.0 if none), overall or
