@@ -118,8 +118,8 @@ async def admit(
     finally:
         if start is not None:
             rt.workers.started(tasks[0], admitted[0] if admitted else None)
-    if admitted and tasks and admitted[0].id != tasks[0].id:
-        return admitted, True
+    if key is not None and admitted and admitted[0].id != tasks[0].id:
+        return admitted, True  # only a key finds what an earlier request committed
     rt.stats.accepted += len(admitted)
     if len(admitted) == 1:
         only = admitted[0]
