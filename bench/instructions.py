@@ -11,14 +11,18 @@ users get.
 Each server gets `--warmup` seconds of wrk, then its counters are zeroed, then
 `--duration` seconds of wrk are counted. The daemon runs with its tasks delayed (admission
 alone) and, unless `--admission-only`, again with its noop tasks running as they come.
+`--slow-clock 50` slows the daemon's `time.time()` as much as valgrind slows the daemon
+(see `clock/sitecustomize.py`), so that what it shares within a millisecond is shared as
+often as under load.
 
     .venv/bin/python bench/instructions.py [--duration 20] [--connections 16]
-        [--admission-only]
+        [--admission-only] [--slow-clock 50]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -102,13 +106,17 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="seconds of wrk not counted")
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--admission-only", action="store_true", help="skip the running case")
+    parser.add_argument(
+        "--slow-clock", type=float, default=1.0, help="the daemon's time.time() runs N x slower"
+    )
     args = parser.parse_args()
     for tool in ("valgrind", "callgrind_control", "wrk"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} is not installed: apt-get install -y valgrind wrk")
 
     out(f"# instructions per POST /v1/tasks under callgrind, wrk -t1 -c{args.connections}, "
-        f"{args.duration}s counted after {args.warmup}s")  # fmt: skip
+        f"{args.duration}s counted after {args.warmup}s, the daemon's clock "
+        f"{args.slow_clock:g}x slower")  # fmt: skip
     out(f"# {harness.machine()}")
     out("| server | requests counted | event loop thread | other threads | all |")
     out("|---|---|---|---|---|")
@@ -121,6 +129,7 @@ def main() -> None:
         d = Path(tempfile.mkdtemp(dir=work))
         with harness.bare_server(callgrind(d), harness.READY_TIMEOUT) as (url, proc):
             _row("bare aiohttp", counted(url, proc.pid, lua, args, d))
+        _slow_clock(args.slow_clock)  # for the daemons started from here on
         for i, (name, task) in enumerate(cases):
             lua = harness.wrk_post_script(work / f"case{i}.lua", task)
             d = Path(tempfile.mkdtemp(dir=work))
@@ -128,6 +137,16 @@ def main() -> None:
                 _row(name, counted(dm.url, dm.pid, lua, args, d))
     out()
     out(f"reproduce: {harness.command_line()}")
+
+
+def _slow_clock(rate: float) -> None:
+    """Processes started after this see `time.time()` advance `rate` times slower."""
+    if rate > 1:
+        os.environ["OFFLOAD_BENCH_SLOW_CLOCK"] = str(rate)
+        clock = str(Path(__file__).resolve().parent / "clock")
+        os.environ["PYTHONPATH"] = os.pathsep.join(
+            p for p in (clock, os.environ.get("PYTHONPATH")) if p
+        )
 
 
 def _row(name: str, c: Count) -> None:
