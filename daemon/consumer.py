@@ -57,10 +57,12 @@ async def consume(workers: Workers) -> None:
     """Run claims until cancelled (the drain ends idle consumers) or retired (a reload
     lowered the concurrency). Outcomes go to the recorder; the next claim does not wait
     for them to be written."""
+    consumer = asyncio.current_task()  # the task each run is stopped through
+    assert consumer is not None
     while True:
         claim = await workers.handoff.get()
         try:
-            ended = await _run(workers, claim)
+            ended = await _run(workers, claim, consumer)
         finally:
             workers.finished(claim)
         if ended is not None:
@@ -81,11 +83,9 @@ def _fields(claim: Claim, event: str) -> dict[str, object]:
     }
 
 
-async def _run(workers: Workers, claim: Claim) -> Ended | None:
+async def _run(workers: Workers, claim: Claim, consumer: asyncio.Task[object]) -> Ended | None:
     task = claim.task
     started = time.monotonic()
-    consumer = asyncio.current_task()
-    assert consumer is not None
     run = Run(claim, consumer)
     workers.runs[task.id] = run
     # One timer handle, not an asyncio.timeout() context (a third of its cost).

@@ -44,27 +44,25 @@ class Stats:
     cancelled: int = 0
     released: int = 0
     recovered: int = 0
-    _all: Rate | None = None
     _queues: dict[str, Rate] = field(default_factory=dict)
 
     def completed(self, queue: str = "", now: float | None = None) -> None:
-        """Count one run that ended, whatever its outcome: it freed a slot."""
+        """Count one run that ended, whatever its outcome: it freed a slot. Counted for its
+        queue alone (one count a task, not two); the overall rate is their sum."""
         now = time.monotonic() if now is None else now
-        if self._all is None:
-            self._all = Rate(self.started)
-        self._all.add(now)
-        if queue:
-            rate = self._queues.get(queue)
-            if rate is None:  # not setdefault(): that would make a Rate each time
-                rate = self._queues[queue] = Rate(self.started)
-            rate.add(now)
+        rate = self._queues.get(queue)
+        if rate is None:  # not setdefault(): that would make a Rate each time
+            rate = self._queues[queue] = Rate(self.started)
+        rate.add(now)
 
     def completion_rate(self, now: float | None = None, *, queue: str = "") -> float:
         """Runs ended per second over the last `WINDOW` seconds (0.0 if none), overall or
         for one queue."""
         now = time.monotonic() if now is None else now
-        rate = self._queues.get(queue) if queue else self._all
-        return 0.0 if rate is None else rate.per_second(now)
+        if queue:
+            rate = self._queues.get(queue)
+            return 0.0 if rate is None else rate.per_second(now)
+        return sum(rate.per_second(now) for rate in self._queues.values())
 
     def retry_after(self, needed: int, *, cap: int = 60, now: float | None = None) -> int:
         """Whole seconds until `needed` slots should have freed at the recent rate."""

@@ -115,10 +115,11 @@ class Workers:
         self._let_go(claim.task.type, claim.task.queue)
 
     def _hold(self, type: str, queue: str) -> None:
+        if self.inflight == 0:  # idle no more (the Event is touched only when that changes)
+            self._idle.clear()
         self.inflight += 1
         self.busy[type] += 1
         self.flow.busy[queue] += 1
-        self._idle.clear()
 
     def _let_go(self, type: str, queue: str) -> None:
         self.inflight -= 1
