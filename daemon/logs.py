@@ -31,8 +31,8 @@ _LEVELS = {
 class Record(logging.LogRecord):
     """Every record of this process (`setup()` makes it the record factory): LogRecord's
     fields without the work for what `setup()` turned off. LogRecord parses the file name
-    of the caller (a constant here: nobody looked it up) with two posixpath calls and looks
-    up a level name on each record, ~40 % of making one, once for each task that ends."""
+    of the caller (a constant here: nobody looked it up) with two posixpath calls on each
+    record, ~40 % of making one, and one is made for each task that ends."""
 
     def __init__(  # noqa: PLR0917 (LogRecord's signature: makeRecord passes them by position)
         self,
