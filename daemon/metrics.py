@@ -13,7 +13,6 @@ import math
 import time
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import Any, TypeVar
 
 import prometheus_client
 from prometheus_client.core import (
@@ -22,13 +21,10 @@ from prometheus_client.core import (
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from daemon.models import Counts
-
-M = TypeVar("M", bound=MetricWrapperBase)
 
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
@@ -167,16 +163,6 @@ class Metrics:
         self._unfinished = _UnfinishedTasks()
         r.register(self._unfinished)
         self._taken = 0.0
-        self._children: dict[tuple[object, ...], Any] = {}
-
-    def child(self, metric: M, *labels: str) -> M:
-        """`metric.labels(*labels)`, remembered: the library's lookup costs microseconds
-        per call, on the path of every task and request."""
-        key = (id(metric), *labels)
-        found = self._children.get(key)
-        if found is None:
-            found = self._children[key] = metric.labels(*labels)
-        return found
 
     def observe_commit(self, seconds: float, operations: int) -> None:
         """Called from the store's writer thread (prometheus_client is thread-safe)."""
