@@ -59,10 +59,12 @@ async def consume(workers: Workers) -> None:
     for them to be written."""
     consumer = asyncio.current_task()  # the task each run is stopped through
     assert consumer is not None
+    # Asked once: on Python 3.11 each get_running_loop() is a system call (getpid).
+    loop = asyncio.get_running_loop()
     while True:
         claim = await workers.handoff.get()
         try:
-            ended = await _run(workers, claim, consumer)
+            ended = await _run(workers, claim, consumer, loop)
         finally:
             workers.finished(claim)
         if ended is not None:
@@ -83,13 +85,18 @@ def _fields(claim: Claim, event: str) -> dict[str, object]:
     }
 
 
-async def _run(workers: Workers, claim: Claim, consumer: asyncio.Task[object]) -> Ended | None:
+async def _run(
+    workers: Workers,
+    claim: Claim,
+    consumer: asyncio.Task[object],
+    loop: asyncio.AbstractEventLoop,
+) -> Ended | None:
     task = claim.task
     started = time.monotonic()
     run = Run(claim, consumer)
     workers.runs[task.id] = run
     # One timer handle, not an asyncio.timeout() context (a third of its cost).
-    timer = asyncio.get_running_loop().call_later(task.timeout, run.stop, "timeout")
+    timer = loop.call_later(task.timeout, run.stop, "timeout")
     try:
         outcome = await _outcome(workers, run, started)
     finally:

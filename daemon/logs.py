@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TextIO
 
 import msgspec
 
@@ -18,6 +18,7 @@ from daemon.journal import JournalHandler, stderr_is_journal
 
 FIELDS = ("event", "task_id", "task_type", "queue", "attempt")
 _STARTED: float = logging._startTime  # type: ignore[attr-defined]  # relativeCreated is from it
+_MILLIS = [f"{ms:03d}" for ms in range(1000)]  # a format spec costs a line ~0.5 µs more
 _UNKNOWN_FILE = "(unknown file)"  # the pathname of a record whose caller was not looked up
 _LEVELS = {
     logging.DEBUG: "debug",
@@ -101,15 +102,45 @@ class TextFormatter(logging.Formatter):
         message = record.getMessage()
         if "\n" in message:
             message = message.replace("\n", "\\n")
-        parts = [f"{self._stamp}.{int(record.msecs):03d} {level} {message}"]
+        line = f"{self._stamp}.{_MILLIS[int(record.msecs)]} {level} {message}"
         fields = record.__dict__
         for name in FIELDS:
             value = fields.get(name)
             if value is not None:
-                parts.append(f"{name}={value}")
+                line += f" {name}={value}"
         if record.exc_info:
-            parts.append("exception=" + self.formatException(record.exc_info).replace("\n", "\\n"))
-        return " ".join(parts)
+            line += " exception=" + self.formatException(record.exc_info).replace("\n", "\\n")
+        return line
+
+
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Each record as one line on a stream (stderr), written whole under the handler's lock.
+
+    StreamHandler gets there through five Python calls more for each record (filter,
+    acquire, emit, format, then flush with its own acquire and release), a fifth of what a
+    task's line costs; stderr writes through (or is line buffered) by itself, so flushing
+    is needed only for a stream that does neither."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self._flush = not (
+            getattr(stream, "write_through", False) or getattr(stream, "line_buffering", False)
+        )
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        if self.filters and not self.filter(record):
+            return False
+        try:
+            line = (self.formatter or logging.Formatter()).format(record) + "\n"
+            with self.lock:  # type: ignore[union-attr]  # Handler.__init__ made it
+                self.stream.write(line)
+                if self._flush:
+                    self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -143,7 +174,7 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     if stderr_is_journal():
         handler = JournalHandler()
     else:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = LineHandler(sys.stderr)
         handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -22,6 +22,7 @@ from daemon.consumer import Run, consume, settle
 from daemon.errors import OffloadError
 from daemon.feeder import Feeder
 from daemon.flow import Flow
+from daemon.handoff import Handoff
 from daemon.metrics import Metrics
 from daemon.models import Claim, NewTask, Released, StartNow, Task, TaskState
 from daemon.recorder import Ended, Recorder
@@ -33,7 +34,6 @@ from daemon.watch import Watchers
 logger = logging.getLogger(__name__)
 
 STOP_DEADLINE = 10.0  # seconds a stopped run gets to unwind after the grace period
-MAX_CAPACITY = 8192  # workers.concurrency + workers.prefetch at most (each is <= 4096)
 Spawn = Callable[[Coroutine[Any, Any, None], str], "asyncio.Task[None]"]
 
 
@@ -63,9 +63,9 @@ class Workers:
     _idle: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
-        # The feeder never holds more than `capacity` claims (queued or running); a reload
-        # may raise that, so the queue's own bound is the most the config allows.
-        self.handoff: asyncio.Queue[Claim] = asyncio.Queue(MAX_CAPACITY)
+        # The feeder never holds more than `capacity` claims (queued or running): that
+        # bounds the hand-off.
+        self.handoff: Handoff[Claim] = Handoff()
         self.feeder = Feeder(self)
         self.recorder = Recorder(self.store, lambda ended, result: settle(self, ended, result))
         self._idle.set()

@@ -3,6 +3,7 @@ logging's own LogRecord makes, and a line carries its fields on one line."""
 
 from __future__ import annotations
 
+import io
 import logging
 
 import pytest
@@ -48,3 +49,30 @@ def test_a_task_line_carries_its_fields_and_stays_one_line() -> None:
     assert line.split(" ", 1)[1] == (
         "warning a\\nb c event=task.retry task_id=01ABC queue=default attempt=2"
     )
+
+
+@pytest.mark.parametrize("write_through", [True, False])
+def test_the_line_handler_writes_each_record_whole_and_out(write_through: bool) -> None:
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="utf-8", write_through=write_through)
+    handler = logs.LineHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    for n in range(3):
+        record = logs.Record("daemon.x", logging.INFO, "(unknown file)", 0, "n=%d", (n,), None)
+        record.__dict__.update(event="test.line", task_id=f"T{n}")
+        assert handler.handle(record)
+    # Out of the stream's buffer without a flush by anyone else: a crash loses no line.
+    lines = raw.getvalue().decode().splitlines()
+    assert [line.split(" ", 1)[1] for line in lines] == [
+        f"info n={n} event=test.line task_id=T{n}" for n in range(3)
+    ]
+
+
+def test_the_line_handler_honours_its_filters() -> None:
+    stream = io.StringIO()
+    handler = logs.LineHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    handler.addFilter(lambda record: record.levelno >= logging.WARNING)
+    for level in (logging.INFO, logging.WARNING):
+        handler.handle(logs.Record("daemon.x", level, "(unknown file)", 0, "m", (), None))
+    assert [line.split(" ")[1] for line in stream.getvalue().splitlines()] == ["warning"]
