@@ -117,15 +117,18 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Each record as one line on a stream (stderr), written whole under the handler's lock.
 
     StreamHandler gets there through five Python calls more for each record (filter,
-    acquire, emit, format, then flush with its own acquire and release), a fifth of what a
-    task's line costs; stderr writes through (or is line buffered) by itself, so flushing
-    is needed only for a stream that does neither."""
+    acquire, emit, format, then flush with its own acquire and release: ~1 µs of the ~9 µs
+    a task's line took to handle); stderr writes through (or is line buffered) by itself,
+    so flushing is needed only for a stream that does neither."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
-        self._flush = not (
-            getattr(stream, "write_through", False) or getattr(stream, "line_buffering", False)
-        )
+        self._flush = _needs_flush(stream)
+
+    def setStream(self, stream: TextIO) -> TextIO | None:
+        old = super().setStream(stream)
+        self._flush = _needs_flush(stream)
+        return old
 
     def handle(self, record: logging.LogRecord) -> bool:
         if self.filters and not self.filter(record):
@@ -141,6 +144,10 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
         return True
+
+
+def _needs_flush(stream: TextIO) -> bool:
+    return not (getattr(stream, "write_through", False) or getattr(stream, "line_buffering", False))
 
 
 class JsonFormatter(logging.Formatter):

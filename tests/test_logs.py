@@ -76,3 +76,12 @@ def test_the_line_handler_honours_its_filters() -> None:
     for level in (logging.INFO, logging.WARNING):
         handler.handle(logs.Record("daemon.x", level, "(unknown file)", 0, "m", (), None))
     assert [line.split(" ")[1] for line in stream.getvalue().splitlines()] == ["warning"]
+
+
+def test_the_line_handler_flushes_a_stream_set_later_if_it_must() -> None:
+    handler = logs.LineHandler(io.TextIOWrapper(io.BytesIO(), write_through=True))
+    handler.setFormatter(logs.TextFormatter())
+    raw = io.BytesIO()
+    handler.setStream(io.TextIOWrapper(raw, encoding="utf-8", write_through=False))
+    handler.handle(logs.Record("daemon.x", logging.INFO, "(unknown file)", 0, "late", (), None))
+    assert raw.getvalue().decode().endswith(" info late\n")
