@@ -13,10 +13,18 @@ import os
 import socket
 import struct
 import sys
+from collections.abc import Mapping
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
 MAX_VALUE = 48 * 1024  # a datagram must fit the socket's buffer; longer values are cut
-_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+# Syslog priorities by logging level; any other level is sent as info (6).
+_PRIORITY = {
+    logging.DEBUG: "7",
+    logging.INFO: "6",
+    logging.WARNING: "4",
+    logging.ERROR: "3",
+    logging.CRITICAL: "2",
+}
 _FIELDS = {
     "event": "EVENT",
     "task_id": "TASK_ID",
@@ -66,14 +74,19 @@ class JournalHandler(logging.Handler):
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + logging.Formatter().formatException(record.exc_info)
+        return self._entry(record.levelno, record.name, message, record.__dict__)
+
+    def _entry(
+        self, level: int, name: str, message: str, extra: Mapping[str, object]
+    ) -> dict[str, str]:
         fields = {
             "MESSAGE": message,
-            "PRIORITY": str(_PRIORITY.get(record.levelname, 6)),
+            "PRIORITY": _PRIORITY.get(level, "6"),
             "SYSLOG_IDENTIFIER": self.identifier,
-            "LOGGER": record.name,
+            "LOGGER": name,
         }
         for attr, key in _FIELDS.items():
-            value = record.__dict__.get(attr)
+            value = extra.get(attr)
             if value is not None:
                 fields[key] = str(value)
         return fields
@@ -83,6 +96,15 @@ class JournalHandler(logging.Handler):
             self._sock.sendto(encode_entry(self.fields(record)), self.address)
         except OSError:
             self._fallback.emit(record)
+
+    def event(self, level: int, name: str, message: str, fields: Mapping[str, object]) -> bool:
+        """A task's line without a LogRecord (`logs.task_line`); False when the journal
+        socket refuses it, so that the record path falls back to stderr."""
+        try:
+            self._sock.sendto(encode_entry(self._entry(level, name, message, fields)), self.address)
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
         self._sock.close()

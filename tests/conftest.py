@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Generator
+import logging
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from pathlib import Path
 
 import pytest
 
+from daemon import logs
+from daemon.journal import JournalHandler
 from tests.harness import Offload, open_offload
 
 
@@ -28,3 +31,32 @@ def pytest_runtest_makereport(
         for name, text in factory.logs():
             report.sections.append((f"offload log {name}", text))
     return report
+
+
+InstallHandler = Callable[[logs.LineHandler | JournalHandler], None]
+
+
+@pytest.fixture
+def install_handler() -> Iterator[InstallHandler]:
+    """Makes a handler the root logger's only one at level INFO (what `logs.setup()` does),
+    then puts the root's handlers and level back and closes the handler."""
+    root = logging.getLogger()
+    level = root.level
+    replaced: list[logging.Handler] = []
+    mine: list[logging.Handler] = []
+
+    def install(handler: logs.LineHandler | JournalHandler) -> None:
+        mine.append(handler)
+        replaced.extend(logs.install(handler))
+        root.setLevel(logging.INFO)
+
+    try:
+        yield install
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in replaced:
+            root.addHandler(handler)
+        for handler in mine:
+            handler.close()
+        root.setLevel(level)

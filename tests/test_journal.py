@@ -24,7 +24,9 @@ from pathlib import Path
 
 import pytest
 
+from daemon import logs
 from daemon.journal import JOURNAL_SOCKET, JournalHandler
+from tests.conftest import InstallHandler
 from tests.harness import Offload, eventually
 from tests.systemd_harness import open_process
 
@@ -204,6 +206,33 @@ def test_without_the_socket_records_go_to_stderr(
         log.removeHandler(handler)
         handler.close()
     assert "the journal is gone" in capsys.readouterr().err
+
+
+def test_a_task_line_without_a_record_carries_the_same_fields(
+    journal: JournalSocket,
+    logger: logging.Logger,
+    install_handler: InstallHandler,
+) -> None:
+    install_handler(JournalHandler(address=journal.path))
+    task_logger = logging.getLogger(f"offload.test.journal.direct{id(journal)}")
+    task_id = TASK_FIELDS["task_id"]
+    logs.task_line(task_logger, logging.WARNING, TASK_FIELDS, "task %s retrying", task_id)
+    logger.warning("task %s retrying", task_id, extra=TASK_FIELDS)  # the record path
+    direct, recorded = journal.take()
+    assert direct.fields == {**recorded.fields, "LOGGER": task_logger.name}
+    assert direct.fields["TASK_ID"] == task_id
+    assert direct.fields["PRIORITY"] == "4"
+
+
+def test_a_task_line_without_the_journal_goes_to_stderr(
+    tmp_path: Path,
+    install_handler: InstallHandler,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    install_handler(JournalHandler(address=str(tmp_path / "no-journal-here")))
+    task_logger = logging.getLogger("offload.test.journal.direct-fallback")
+    logs.task_line(task_logger, logging.ERROR, TASK_FIELDS, "task %s failed", "T1")
+    assert "task T1 failed" in capsys.readouterr().err
 
 
 # -- a real daemon whose stderr is the journal stream ------------------------------------------

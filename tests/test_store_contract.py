@@ -229,6 +229,31 @@ async def test_bytes_and_times_survive_claim_and_record_exactly(store: Store) ->
     assert await store.get(task.id) == done
 
 
+async def test_a_claimed_task_is_the_row_as_the_claim_left_it(store: Store) -> None:
+    # Every field set, and a second attempt (so a history and an error), as the store's
+    # claim and admission make their tasks without reading the rows back.
+    new = msgspec.structs.replace(
+        new_task(1, type="sleep", queue="reports", priority=4, delay=0.5, max_attempts=5),
+        callback="example",
+        timeout=12.5,
+    )
+    (admitted,) = await admit(store, new)
+    assert await store.get(new.id) == admitted
+    assert admitted.callback_state == "pending"
+    (claimed,) = await claim(store, now=T0 + 1)
+    assert await store.get(new.id) == claimed.task
+    await store.record(claimed, Retry(error="again", run_at=T0 + 2, duration=0.25))
+    (again,) = await claim(store, now=T0 + 3)
+
+    assert await store.get(new.id) == again.task
+    assert (again.attempt, again.task.attempts, again.task.last_error) == (2, 2, "again")
+    assert again.task.history == (
+        Attempt(attempt=1, started_at=T0 + 1, duration=0.25, error="again"),
+    )
+    assert (again.owner, again.lease_until) == (OWNER, T0 + 3 + LEASE)
+    assert admitted.changed < claimed.task.changed < again.task.changed
+
+
 async def test_record_many_keeps_order_and_reports_each(store: Store) -> None:
     await admit(store, *(new_task(n) for n in range(4)))
     claims = await claim(store)

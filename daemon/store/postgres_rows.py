@@ -15,7 +15,6 @@ from daemon.models import (
     IdempotencyKey,
     NewTask,
     Task,
-    TaskState,
 )
 from daemon.store.postgres_schema import (
     PENDING_SLOTS,
@@ -30,30 +29,8 @@ _history_decoder = msgspec.json.Decoder(list[Attempt])
 def task_from_row(row: Any, at: int = 0) -> Task:
     """A task from `row[at:]`, laid out as COLUMNS."""
     history = row[at + 16]
-    return Task(
-        id=row[at],
-        type=row[at + 1],
-        queue=row[at + 2],
-        state=TaskState(row[at + 3]),
-        payload=row[at + 4],
-        priority=row[at + 5],
-        run_at=row[at + 6],
-        created_at=row[at + 7],
-        timeout=row[at + 8],
-        max_attempts=row[at + 9],
-        attempts=row[at + 10],
-        attempt_floor=row[at + 11],
-        started_at=row[at + 12],
-        finished_at=row[at + 13],
-        result=row[at + 14],
-        last_error=row[at + 15],
-        history=() if history is None else tuple(_history_decoder.decode(history)),
-        changed=row[at + 17],
-        callback=row[at + 18],
-        callback_state=row[at + 19],
-        callback_attempts=row[at + 20],
-        callback_error=row[at + 21],
-    )
+    decoded = () if history is None else tuple(_history_decoder.decode(history))
+    return Task.from_columns(row, decoded, at)
 
 
 def columns_of(tasks: Sequence[NewTask]) -> list[list[Any]]:

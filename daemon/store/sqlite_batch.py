@@ -89,29 +89,32 @@ def claims(rows: list[Row], *, first_change: int, owner: str, now: float,
     claims = []
     for i, r in enumerate(rows):
         attempt = r[10] + 1
+        # Positional, in Task's order: keywords made a claim's task take four times as long.
         task = Task(
-            id=r[1],
-            type=r[2],
-            queue=r[3],
-            state=TaskState.RUNNING,
-            payload=bytes.fromhex(r[4]),
-            priority=r[5],
-            run_at=float(r[6]),
-            created_at=float(r[7]),
-            timeout=float(r[8]),
-            max_attempts=r[9],
-            attempts=attempt,
-            attempt_floor=r[11],
-            started_at=now,
-            last_error=r[12],
-            history=tuple(_history.decode(bytes.fromhex(r[13]))) if r[13] else (),
-            callback=r[14],
-            callback_state=r[15],
-            callback_attempts=r[16],
-            callback_error=r[17],
-            changed=first_change + i,
+            r[1],  # id
+            r[2],  # type
+            r[3],  # queue
+            TaskState.RUNNING,
+            bytes.fromhex(r[4]),  # payload
+            r[5],  # priority
+            float(r[6]),  # run_at
+            float(r[7]),  # created_at
+            float(r[8]),  # timeout
+            r[9],  # max_attempts
+            attempt,  # attempts
+            r[11],  # attempt_floor
+            now,  # started_at
+            None,  # finished_at
+            None,  # result
+            r[12],  # last_error
+            tuple(_history.decode(bytes.fromhex(r[13]))) if r[13] else (),
+            r[14],  # callback
+            r[15],  # callback_state
+            r[16],  # callback_attempts
+            r[17],  # callback_error
+            first_change + i,  # changed
         )
-        claims.append(Claim(task=task, owner=owner, attempt=attempt, lease_until=lease_until))
+        claims.append(Claim(task, owner, attempt, lease_until))
     return claims
 
 

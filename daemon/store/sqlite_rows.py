@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from daemon.models import Attempt, Task, TaskState
+from daemon.models import Attempt, Task
 
 HISTORY_LIMIT = 10
 COLUMNS = (
@@ -23,30 +23,7 @@ encode = msgspec.json.encode
 
 def task_from_row(row: tuple[Any, ...]) -> Task:
     history = () if row[16] is None else tuple(_history_decoder.decode(row[16]))
-    return Task(
-        id=row[0],
-        type=row[1],
-        queue=row[2],
-        state=TaskState(row[3]),
-        payload=row[4],
-        priority=row[5],
-        run_at=row[6],
-        created_at=row[7],
-        timeout=row[8],
-        max_attempts=row[9],
-        attempts=row[10],
-        attempt_floor=row[11],
-        started_at=row[12],
-        finished_at=row[13],
-        result=row[14],
-        last_error=row[15],
-        history=history,
-        changed=row[17],
-        callback=row[18],
-        callback_state=row[19],
-        callback_attempts=row[20],
-        callback_error=row[21],
-    )
+    return Task.from_columns(row, history)
 
 
 def type_filter(
