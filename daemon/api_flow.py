@@ -65,14 +65,14 @@ def _queue_view(rt: Runtime, name: str, counts: Counts) -> QueueView:
     )
 
 
-async def list_queues(request: web.Request) -> web.Response:
+async def list_queues(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     counts = await rt.store.unfinished_by_queue()
     views = [_queue_view(rt, n, counts.get(n, Counts())) for n in sorted(rt.workers.flow.queues)]
     return json_response({"queues": views})
 
 
-async def _set_queue_paused(request: web.Request, paused: bool) -> web.Response:
+async def _set_queue_paused(request: web.Request, paused: bool) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     name = request.match_info["name"]
     if name not in rt.workers.flow.queues:
@@ -87,11 +87,11 @@ async def _set_queue_paused(request: web.Request, paused: bool) -> web.Response:
     return json_response(_queue_view(rt, name, counts))
 
 
-async def pause_queue(request: web.Request) -> web.Response:
+async def pause_queue(request: web.Request) -> web.StreamResponse:
     return await _set_queue_paused(request, True)
 
 
-async def resume_queue(request: web.Request) -> web.Response:
+async def resume_queue(request: web.Request) -> web.StreamResponse:
     return await _set_queue_paused(request, False)
 
 
@@ -110,14 +110,14 @@ def _schedule_view(schedule: ScheduleConfig, state: ScheduleState) -> ScheduleVi
     )
 
 
-async def list_schedules(request: web.Request) -> web.Response:
+async def list_schedules(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     states = await rt.store.schedules()
     views = [_schedule_view(s, states.get(s.name, ScheduleState())) for s in rt.config.schedules]
     return json_response({"schedules": views})
 
 
-async def _set_schedule_paused(request: web.Request, paused: bool) -> web.Response:
+async def _set_schedule_paused(request: web.Request, paused: bool) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     name = request.match_info["name"]
     schedule = next((s for s in rt.config.schedules if s.name == name), None)
@@ -129,9 +129,9 @@ async def _set_schedule_paused(request: web.Request, paused: bool) -> web.Respon
     return json_response(_schedule_view(schedule, state))
 
 
-async def pause_schedule(request: web.Request) -> web.Response:
+async def pause_schedule(request: web.Request) -> web.StreamResponse:
     return await _set_schedule_paused(request, True)
 
 
-async def resume_schedule(request: web.Request) -> web.Response:
+async def resume_schedule(request: web.Request) -> web.StreamResponse:
     return await _set_schedule_paused(request, False)

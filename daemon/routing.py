@@ -18,6 +18,7 @@ import logging
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
+from daemon.answer import JsonAnswer
 from daemon.auth import CALLER
 from daemon.errors import MethodNotAllowed, NotFound, OffloadError, Unauthorized, Unavailable
 from daemon.runtime import Runtime
@@ -35,15 +36,15 @@ _AIOHTTP_CODES = {
 }
 
 
-def json_response(value: object, status: int = 200) -> web.Response:
-    return web.Response(status=status, body=encode(value), content_type="application/json")
+def json_response(value: object, status: int = 200) -> JsonAnswer:
+    return JsonAnswer(encode(value), status)
 
 
-def error_response(status: int, code: str, message: str, field: str | None = None) -> web.Response:
+def error_response(status: int, code: str, message: str, field: str | None = None) -> JsonAnswer:
     return json_response(ErrorResponse(ErrorBody(code=code, message=message, field=field)), status)
 
 
-def _offload_error(exc: OffloadError) -> web.Response:
+def _offload_error(exc: OffloadError) -> JsonAnswer:
     response = error_response(exc.status, exc.code, exc.message, exc.field)
     if isinstance(exc, Unavailable):
         response.headers["Retry-After"] = str(exc.retry_after)

@@ -1,0 +1,156 @@
+"""JSON answers written to the connection as one block of bytes.
+
+aiohttp's `web.Response` builds a header multidict for each answer, then on the way out
+checks it for cookies, compression, chunking, Content-Length, Date, Server and Connection,
+serialises it and hands headers and body to the transport: the code behind the tenth of
+the event loop's time a single submission spent writing its answer, beyond the send
+itself. A `JsonAnswer` knows it carries a complete JSON body, so it writes the status
+line, its few headers and the body in one `transport.write()`, the headers aiohttp would
+have sent included (Date, Server, Connection as keep-alive requires).
+
+It goes aiohttp's own way, as a plain response, whenever that could matter: a HEAD
+request, an application with `on_response_prepare` receivers (they may change headers),
+or a response someone set cookies on or asked to compress.
+"""
+
+from __future__ import annotations
+
+import http
+import time
+from email.utils import formatdate
+from http.cookies import SimpleCookie
+
+from aiohttp import hdrs, web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
+
+CONTENT_TYPE = "application/json"
+
+
+class _Date:
+    """The Date header's value, made once a second."""
+
+    second = -1
+    value = b""
+
+
+def _date() -> bytes:
+    now = time.time()
+    second = int(now)
+    if second != _Date.second:
+        _Date.value = formatdate(now, usegmt=True).encode()
+        _Date.second = second
+    return _Date.value
+
+
+def _status_line(status: int, version: str) -> bytes:
+    try:
+        reason = http.HTTPStatus(status).phrase
+    except ValueError:
+        reason = ""
+    return f"HTTP/{version} {status} {reason}\r\n".encode()
+
+
+# Status lines and the headers every answer has, by (status, HTTP version).
+_HEADS = {
+    (status, version): _status_line(status, version)
+    + b"Content-Type: " + CONTENT_TYPE.encode() + b"\r\n"
+    + b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
+    for status in (200, 201, 202)
+    for version in ("1.0", "1.1")
+}  # fmt: skip
+
+
+class JsonAnswer(web.StreamResponse):
+    """A response with a JSON body (bytes, already encoded). Headers may be added through
+    `headers` until it is sent, as on any response; it carries no cookies and is not
+    compressed (JSON answers here are small)."""
+
+    def __init__(self, body: bytes, status: int = 200) -> None:
+        super().__init__(status=status)
+        self.json_body = body
+        self._written = False
+        self._keep = False
+        self._plain: web.Response | None = None  # when it goes aiohttp's way
+
+    @property
+    def prepared(self) -> bool:
+        return self._written or (self._plain is not None and self._plain.prepared)
+
+    @property
+    def keep_alive(self) -> bool | None:
+        if self._written:
+            return self._keep
+        return self._plain.keep_alive if self._plain is not None else super().keep_alive
+
+    @property
+    def body_length(self) -> int:
+        if self._written:
+            return len(self.json_body)
+        return self._plain.body_length if self._plain is not None else 0
+
+    @property
+    def cookies(self) -> SimpleCookie:
+        raise TypeError("a JsonAnswer carries no cookies")
+
+    def enable_compression(self, *args: object, **kwargs: object) -> None:
+        raise TypeError("a JsonAnswer is not compressed")
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        head = self._head(request)
+        if head is None:
+            typed = hdrs.CONTENT_TYPE in self.headers
+            self._plain = web.Response(
+                body=self.json_body,
+                status=self.status,
+                headers=self.headers,
+                content_type=None if typed else CONTENT_TYPE,
+            )
+            if super().keep_alive is False:
+                self._plain.force_close()
+            return await self._plain.prepare(request)
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the client is gone")
+        transport.write(head + self.json_body)
+        self._written = True
+        return None
+
+    async def write_eof(self, data: bytes = b"") -> None:
+        if self._plain is not None:
+            await self._plain.write_eof()
+
+    def _head(self, request: web.BaseRequest) -> bytes | None:
+        """The status line and headers to write, or None to go aiohttp's way."""
+        version = request.version
+        common = _HEADS.get((self.status, f"{version.major}.{version.minor}"))
+        if (
+            common is None
+            or request.method == hdrs.METH_HEAD
+            or not isinstance(request, web.Request)
+            or request.app.on_response_prepare
+            or hdrs.CONTENT_TYPE in self.headers
+        ):
+            return None
+        keep = super().keep_alive
+        keep = request.keep_alive if keep is None else keep
+        head = (
+            common
+            + b"Content-Length: "
+            + str(len(self.json_body)).encode()
+            + b"\r\nDate: "
+            + _date()
+            + b"\r\n"
+        )
+        for name, value in self.headers.items():
+            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
+                return None  # aiohttp refuses it, as it should
+            head += f"{name}: {value}\r\n".encode()
+        if keep and version == HttpVersion10:
+            head += b"Connection: keep-alive\r\n"
+        elif not keep and version == HttpVersion11:
+            head += b"Connection: close\r\n"
+        self._keep = keep
+        return head + b"\r\n"
