@@ -53,11 +53,11 @@ def _status_line(status: int, version: str) -> bytes:
 
 # Status lines and the headers every answer has, by (status, HTTP version).
 _HEADS = {
-    (status, version): _status_line(status, version)
+    (status, version): _status_line(status, f"{version.major}.{version.minor}")
     + b"Content-Type: " + CONTENT_TYPE.encode() + b"\r\n"
     + b"Server: " + SERVER_SOFTWARE.encode() + b"\r\n"
     for status in (200, 201, 202)
-    for version in ("1.0", "1.1")
+    for version in (HttpVersion10, HttpVersion11)
 }  # fmt: skip
 
 
@@ -125,32 +125,36 @@ class JsonAnswer(web.StreamResponse):
     def _head(self, request: web.BaseRequest) -> bytes | None:
         """The status line and headers to write, or None to go aiohttp's way."""
         version = request.version
-        common = _HEADS.get((self.status, f"{version.major}.{version.minor}"))
+        common = _HEADS.get((self.status, version))
         if (
             common is None
             or request.method == hdrs.METH_HEAD
             or not isinstance(request, web.Request)
             or request.app.on_response_prepare
-            or hdrs.CONTENT_TYPE in self.headers
         ):
             return None
+        extra = ""
+        headers = self.headers
+        if headers:
+            for name, value in headers.items():
+                extra += name + ": " + value + "\r\n"
+            # Each header brought exactly one CR and one LF: none hides in a name or value
+            # (aiohttp would refuse such a header, and so does its way).
+            if not extra.count("\r") == extra.count("\n") == len(headers):
+                return None
+            if hdrs.CONTENT_TYPE in headers:
+                return None
         keep = super().keep_alive
         keep = request.keep_alive if keep is None else keep
-        head = (
-            common
-            + b"Content-Length: "
-            + str(len(self.json_body)).encode()
-            + b"\r\nDate: "
-            + _date()
-            + b"\r\n"
-        )
-        for name, value in self.headers.items():
-            if "\r" in value or "\n" in value or "\r" in name or "\n" in name:
-                return None  # aiohttp refuses it, as it should
-            head += f"{name}: {value}\r\n".encode()
-        if keep and version == HttpVersion10:
-            head += b"Connection: keep-alive\r\n"
-        elif not keep and version == HttpVersion11:
-            head += b"Connection: close\r\n"
+        if keep:
+            connection = b"Connection: keep-alive\r\n" if version == HttpVersion10 else b""
+        else:
+            connection = b"Connection: close\r\n" if version == HttpVersion11 else b""
         self._keep = keep
-        return head + b"\r\n"
+        return b"%sContent-Length: %d\r\nDate: %s\r\n%s%s\r\n" % (
+            common,
+            len(self.json_body),
+            _date(),
+            extra.encode(),
+            connection,
+        )
