@@ -119,30 +119,35 @@ def _only_handler(logger: logging.Logger, level: int) -> LineHandler | JournalHa
     return None
 
 
-class TextFormatter(logging.Formatter):
+# An event as a formatter composes it: level, logger name, message, fields, time (Unix
+# seconds), the formatted exception if any.
+Parts = tuple[int, str, str, Mapping[str, object], float, str | None]
+
+
+class LineFormatter(logging.Formatter):
+    """A formatter that makes its line from an event's parts, so that a task's line can be
+    made without a LogRecord (`task_line`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        exception = self.formatException(record.exc_info) if record.exc_info else None
+        return self.compose(
+            (record.levelno, record.name, record.getMessage(), record.__dict__, record.created,
+             exception)
+        )  # fmt: skip
+
+    def compose(self, parts: Parts) -> str:
+        raise NotImplementedError
+
+
+class TextFormatter(LineFormatter):
     def __init__(self) -> None:
         super().__init__()
         self._second = -1
         self._stamp = ""
 
-    def format(self, record: logging.LogRecord) -> str:
-        exception = self.formatException(record.exc_info) if record.exc_info else None
-        return self.compose(
-            record.levelno, record.name, record.getMessage(), record.__dict__,
-            created=record.created, exception=exception,
-        )  # fmt: skip
-
-    def compose(
-        self,
-        level: int,
-        name: str,
-        message: str,
-        fields: Mapping[str, object],
-        *,
-        created: float,
-        exception: str | None = None,
-    ) -> str:
+    def compose(self, parts: Parts) -> str:
         """The line of an event: local time to the millisecond, level, message, fields."""
+        level, _, message, fields, created, exception = parts
         second = int(created)
         if second != self._second:  # one strftime a second, not one a line
             self._second = second
@@ -200,10 +205,10 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
         formatter is not one of ours, or the write failed (the record path then reports it
         as logging does)."""
         formatter = self.formatter
-        if not isinstance(formatter, (TextFormatter, JsonFormatter)):
+        if not isinstance(formatter, LineFormatter):
             return False
         try:
-            self._write(formatter.compose(level, name, message, fields, created=time.time()) + "\n")
+            self._write(formatter.compose((level, name, message, fields, time.time(), None)) + "\n")
         except RecursionError:
             raise
         except Exception:
@@ -221,25 +226,10 @@ def _needs_flush(stream: TextIO) -> bool:
     return not (getattr(stream, "write_through", False) or getattr(stream, "line_buffering", False))
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        exception = self.formatException(record.exc_info) if record.exc_info else None
-        return self.compose(
-            record.levelno, record.name, record.getMessage(), record.__dict__,
-            created=record.created, exception=exception,
-        )  # fmt: skip
-
-    def compose(
-        self,
-        level: int,
-        name: str,
-        message: str,
-        fields: Mapping[str, object],
-        *,
-        created: float,
-        exception: str | None = None,
-    ) -> str:
+class JsonFormatter(LineFormatter):
+    def compose(self, parts: Parts) -> str:
         """The event as one JSON object: ts, level, logger, message, fields, exception."""
+        level, name, message, fields, created, exception = parts
         entry: dict[str, Any] = {
             "ts": created,
             "level": _LEVELS.get(level) or logging.getLevelName(level).lower(),
