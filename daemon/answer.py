@@ -9,8 +9,9 @@ line, its few headers and the body in one `transport.write()`, the headers aioht
 have sent included (Date, Server, Connection as keep-alive requires).
 
 It goes aiohttp's own way, as a plain response, whenever that could matter: a HEAD
-request, an application with `on_response_prepare` receivers (they may change headers),
-or a response someone set cookies on or asked to compress.
+request, an application with `on_response_prepare` receivers (they may change headers;
+`adev runserver` adds one), a status other than 200, 201 or 202, or a header of its own
+that it would write itself (Content-Type, Date...). Cookies and compression it refuses.
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ _HEADS = {
     for status in (200, 201, 202)
     for version in (HttpVersion10, HttpVersion11)
 }  # fmt: skip
+
+
+# Headers `_head` writes itself: one set on the response sends it aiohttp's way instead.
+_WRITTEN_HERE = frozenset(
+    name.lower()
+    for name in (
+        hdrs.CONTENT_TYPE, hdrs.CONTENT_LENGTH, hdrs.DATE, hdrs.SERVER, hdrs.CONNECTION,
+        hdrs.TRANSFER_ENCODING,
+    )
+)  # fmt: skip
 
 
 class JsonAnswer(web.StreamResponse):
@@ -137,12 +148,12 @@ class JsonAnswer(web.StreamResponse):
         headers = self.headers
         if headers:
             for name, value in headers.items():
+                if name.lower() in _WRITTEN_HERE:
+                    return None
                 extra += name + ": " + value + "\r\n"
             # Each header brought exactly one CR and one LF: none hides in a name or value
             # (aiohttp would refuse such a header, and so does its way).
             if not extra.count("\r") == extra.count("\n") == len(headers):
-                return None
-            if hdrs.CONTENT_TYPE in headers:
                 return None
         keep = super().keep_alive
         keep = request.keep_alive if keep is None else keep

@@ -198,3 +198,25 @@ async def test_an_answer_goes_aiohttps_way_when_the_app_prepares_responses() -> 
         assert reply.headers["X-Own"] == "mine"
         assert reply.headers["Content-Type"] == "application/json"
         assert reply.headers.get("X-Prepared") == ("yes" if with_receiver else None)
+
+
+async def test_a_header_the_answer_writes_itself_is_sent_once_as_set() -> None:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        response = JsonAnswer(b'{"problem":1}', 200)
+        response.headers["Content-Type"] = "application/problem+json"
+        response.headers["Server"] = "offload-test"
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", answer)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with connect(f"127.0.0.1:{server.port}") as conn:
+            conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            reply = await conn.answer()
+    finally:
+        await server.close()
+    assert (reply.status, reply.body) == (200, b'{"problem":1}')
+    assert reply.headers.getall("Content-Type") == ["application/problem+json"]
+    assert reply.headers.getall("Server") == ["offload-test"]
