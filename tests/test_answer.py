@@ -79,6 +79,18 @@ async def connect(address: str) -> AsyncIterator[Connection]:
         writer.close()
 
 
+async def ask(app: web.Application, request: bytes) -> Answer:
+    """Serve `app` on loopback (aiohttp's test server), send `request`, read one answer."""
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        async with connect(f"127.0.0.1:{server.port}") as conn:
+            conn.send(request)
+            return await conn.answer()
+    finally:
+        await server.close()
+
+
 def post(version: str = "1.1", *extra: str) -> bytes:
     head = [
         f"POST /v1/tasks HTTP/{version}",
@@ -186,14 +198,7 @@ async def test_an_answer_goes_aiohttps_way_when_the_app_prepares_responses() -> 
         app.router.add_post("/", answer)
         if with_receiver:
             app.on_response_prepare.append(stamp)
-        server = TestServer(app, host="127.0.0.1")
-        await server.start_server()
-        try:
-            async with connect(f"127.0.0.1:{server.port}") as conn:
-                conn.send(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
-                reply = await conn.answer()
-        finally:
-            await server.close()
+        reply = await ask(app, b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
         assert (reply.status, reply.body) == (201, b'{"ok":true}')
         assert reply.headers["X-Own"] == "mine"
         assert reply.headers["Content-Type"] == "application/json"
@@ -209,14 +214,7 @@ async def test_a_header_the_answer_writes_itself_is_sent_once_as_set() -> None:
 
     app = web.Application()
     app.router.add_get("/", answer)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    try:
-        async with connect(f"127.0.0.1:{server.port}") as conn:
-            conn.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            reply = await conn.answer()
-    finally:
-        await server.close()
+    reply = await ask(app, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     assert (reply.status, reply.body) == (200, b'{"problem":1}')
     assert reply.headers.getall("Content-Type") == ["application/problem+json"]
     assert reply.headers.getall("Server") == ["offload-test"]
