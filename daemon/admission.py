@@ -125,10 +125,14 @@ async def admit(
         only = admitted[0]
         rt.metrics.accepted.add((only.type, only.queue))
         if start is None or only.state is not TaskState.RUNNING:
-            rt.workers.feeder.due_at(only.run_at)
+            rt.workers.feeder.due_at(only.run_at, only.queue)
         return admitted, False
     kinds = collections.Counter((task.type, task.queue) for task in admitted)
+    earliest: dict[str, float] = {}
     for (type, queue), count in kinds.items():
         rt.metrics.accepted.add((type, queue), count)
-    rt.workers.feeder.due_at(min(task.run_at for task in tasks))
+    for task in admitted:
+        earliest[task.queue] = min(task.run_at, earliest.get(task.queue, task.run_at))
+    for queue, when in earliest.items():
+        rt.workers.feeder.due_at(when, queue)
     return admitted, False

@@ -54,11 +54,15 @@ class Feeder:
         self._more = True
         self._nudge.set()
 
-    def due_at(self, when: float) -> None:
-        """Work was queued that is due at `when` (a delayed admission). A feeder that will
-        claim by then anyway learns of it from that claim; only an earlier one is woken,
-        and only if it would claim now: else the next slot a run frees wakes it (`freed`).
-        Under a stream of admissions that spares the feeder a wake-up each, for nothing."""
+    def due_at(self, when: float, queue: str) -> None:
+        """Work was queued in `queue` that is due at `when` (a delayed admission). A feeder
+        that will claim by then anyway learns of it from that claim; only an earlier one is
+        woken, and only if it would claim now: else the next slot a run frees wakes it
+        (`freed`). Under a stream of admissions that spares the feeder a wake-up each, for
+        nothing. Work in a paused queue wakes nobody: its resume does (a claim would only
+        walk past the paused backlog, which every such claim read again)."""
+        if queue in self.w.flow.paused:
+            return
         if not (self._feeding or self._sleeps_until is None or when < self._sleeps_until):
             return
         self._wakes += 1
