@@ -127,12 +127,13 @@ async def admit(
         if start is None or only.state is not TaskState.RUNNING:
             rt.workers.feeder.due_at(only.run_at, only.queue)
         return admitted, False
-    kinds = collections.Counter((task.type, task.queue) for task in admitted)
-    earliest: dict[str, float] = {}
-    for (type, queue), count in kinds.items():
-        rt.metrics.accepted.add((type, queue), count)
+    kinds: collections.Counter[tuple[str, str]] = collections.Counter()
+    earliest: dict[str, float] = {}  # by queue: the feeder is told once per queue
     for task in admitted:
+        kinds[(task.type, task.queue)] += 1
         earliest[task.queue] = min(task.run_at, earliest.get(task.queue, task.run_at))
+    for kind, count in kinds.items():
+        rt.metrics.accepted.add(kind, count)
     for queue, when in earliest.items():
         rt.workers.feeder.due_at(when, queue)
     return admitted, False

@@ -112,9 +112,9 @@ class Task(msgspec.Struct, frozen=True):
         )
 
     @classmethod
-    def from_columns(cls, row: Sequence[Any], history: tuple[Attempt, ...], at: int = 0) -> Task:
+    def from_columns(cls, row: Sequence[Any], at: int = 0) -> Task:
         """The task in `row[at:]`, laid out as the stores' COLUMNS: Task's fields in order
-        but `changed` right after `history` (`history` is given decoded)."""
+        but `changed` right after `history` (JSON text, or NULL for none)."""
         # Positional: keywords made a task take four times as long (a page holds 1,000).
         r = row[at:] if at else row
         return cls(
@@ -134,7 +134,7 @@ class Task(msgspec.Struct, frozen=True):
             r[13],  # finished_at
             r[14],  # result
             r[15],  # last_error
-            history,
+            decode_history(r[16]),
             r[18],  # callback
             r[19],  # callback_state
             r[20],  # callback_attempts
@@ -239,3 +239,11 @@ class ScheduleState(msgspec.Struct, frozen=True):
 
     last_fire: float | None = None
     paused: bool = False
+
+
+_history = msgspec.json.Decoder(list[Attempt])
+
+
+def decode_history(text: bytes | str | None) -> tuple[Attempt, ...]:
+    """A task's history as the stores keep it: a JSON array of attempts (None: none)."""
+    return () if text is None else tuple(_history.decode(text))

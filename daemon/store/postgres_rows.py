@@ -7,11 +7,8 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
-import msgspec
-
 from daemon.errors import IdempotencyKeyReused
 from daemon.models import (
-    Attempt,
     IdempotencyKey,
     NewTask,
     Task,
@@ -23,14 +20,7 @@ from daemon.store.postgres_sql import (
     COLUMNS,
 )
 
-_history_decoder = msgspec.json.Decoder(list[Attempt])
-
-
-def task_from_row(row: Any, at: int = 0) -> Task:
-    """A task from `row[at:]`, laid out as COLUMNS."""
-    history = row[at + 16]
-    decoded = () if history is None else tuple(_history_decoder.decode(history))
-    return Task.from_columns(row, decoded, at)
+task_from_row = Task.from_columns  # a task from `row[at:]`, laid out as COLUMNS
 
 
 def columns_of(tasks: Sequence[NewTask]) -> list[list[Any]]:

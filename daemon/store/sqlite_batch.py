@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import msgspec
 
-from daemon.models import Attempt, Claim, Succeeded, Task, TaskState
+from daemon.models import Claim, Succeeded, Task, TaskState, decode_history
 
 # The values each claimed row comes out with, in order (see `_Row`). JSON numbers from
 # SQLite carry 15 digits, so the times travel as text with all 17 a double needs.
@@ -32,7 +32,6 @@ _Row = tuple[
     int, str | None,
 ]  # fmt: skip
 _rows = msgspec.json.Decoder(list[_Row])
-_history = msgspec.json.Decoder(list[Attempt])
 _changes = msgspec.json.Decoder(list[int])
 _encode = msgspec.json.encode
 
@@ -107,7 +106,7 @@ def claims(rows: list[Row], *, first_change: int, owner: str, now: float,
             None,  # finished_at
             None,  # result
             r[12],  # last_error
-            tuple(_history.decode(bytes.fromhex(r[13]))) if r[13] else (),
+            decode_history(bytes.fromhex(r[13])) if r[13] else (),
             r[14],  # callback
             r[15],  # callback_state
             r[16],  # callback_attempts

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
 import msgspec
 
-from daemon.models import Attempt, Task
+from daemon.models import Attempt, Task, decode_history
 
 HISTORY_LIMIT = 10
 COLUMNS = (
@@ -17,13 +16,8 @@ COLUMNS = (
 )
 FENCE = "id = ? AND state = 'running' AND attempts = ? AND owner = ?"
 ENDED = "state IN ('succeeded', 'failed', 'cancelled')"
-_history_decoder = msgspec.json.Decoder(list[Attempt])
 encode = msgspec.json.encode
-
-
-def task_from_row(row: tuple[Any, ...]) -> Task:
-    history = () if row[16] is None else tuple(_history_decoder.decode(row[16]))
-    return Task.from_columns(row, history)
+task_from_row = Task.from_columns  # a row laid out as COLUMNS
 
 
 def type_filter(
@@ -39,7 +33,7 @@ def type_filter(
 
 def with_attempt(history: bytes | None, entry: Attempt) -> tuple[bytes, tuple[Attempt, ...]]:
     """The history with `entry` added (oldest dropped past the limit): encoded, and as values."""
-    past = [] if history is None else _history_decoder.decode(history)
+    past = list(decode_history(history))
     past.append(entry)
     kept = tuple(past[-HISTORY_LIMIT:])
     return encode(kept), kept
