@@ -10,7 +10,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import msgspec
@@ -791,6 +791,39 @@ async def test_sqlite_a_lone_atomic_operation_commits_by_itself_others_share_one
         # Autocommit left nothing open: the next transaction begins and commits.
         await admit(store, new_task(1))
         assert await store.counts() == Counts(queued=1)
+
+
+async def test_sqlite_background_operations_commit_after_the_others_of_their_batch(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+        seen: list[tuple[str, int, bool]] = []  # (name, commits before it, in a transaction)
+
+        def note(name: str) -> Callable[[sqlite3.Connection], None]:
+            def op(conn: sqlite3.Connection) -> None:
+                seen.append((name, store.writer.commits, conn.in_transaction))
+
+            return op
+
+        async with writer_held(store):  # all four wait together and go in one batch
+            submitted = [
+                store.writer.submit(note("claim"), atomic=True, background=True),
+                store.writer.submit(note("admission"), atomic=True),
+                store.writer.submit(note("record"), atomic=True, background=True),
+                store.writer.submit(note("pause")),
+            ]
+        await asyncio.gather(*submitted)
+
+        names = [name for name, _, _ in seen]
+        assert names == ["admission", "pause", "claim", "record"]
+        first, second = {c for _, c, _ in seen[:2]}, {c for _, c, _ in seen[2:]}
+        # Two transactions, the background one committed after the other one.
+        assert len(first) == len(second) == 1 and second == {first.pop() + 1}
+        assert all(in_transaction for _, _, in_transaction in seen)
+
+        # Alone, a background operation is just a batch of its own (autocommit if atomic).
+        assert await store.writer.submit(lambda c: c.in_transaction, atomic=True,
+                                         background=True) is False  # fmt: skip
 
 
 async def test_sqlite_wal_stays_bounded_under_constant_reads(

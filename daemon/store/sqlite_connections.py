@@ -83,8 +83,8 @@ class Connections:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the store could not be read: {exc}") from exc
 
-    async def _write(self, op: Any, *, atomic: bool = False) -> Any:
-        return await self._writer.submit(op, atomic=atomic)
+    async def _write(self, op: Any, *, atomic: bool = False, background: bool = False) -> Any:
+        return await self._writer.submit(op, atomic=atomic, background=background)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         migrate(conn)

@@ -67,7 +67,8 @@ class OutcomeOps(Connections):
                     results[i] = StoreUnavailable(f"the store could not record: {exc}")
             return results, first, lost
 
-        recorded, first, lost = await self._write(op, atomic=True)
+        # Background: the recorder's; no request waits on it (see sqlite_writer).
+        recorded, first, lost = await self._write(op, atomic=True, background=True)
         # The successes as written, made here rather than in the writer thread.
         for n, (i, claim, success) in enumerate(done):
             if n not in lost:
