@@ -32,10 +32,12 @@ _decode = msgspec.json.decode
 @dataclass
 class Run:
     """One task running in this process, in the consumer `task` (its own asyncio task
-    would cost each run a task and a wake-up more); `reason` says why it was stopped."""
+    would cost each run a task and a wake-up more) until `deadline` (the loop's clock);
+    `reason` says why it was stopped."""
 
     claim: Claim
     task: asyncio.Task[object]
+    deadline: float
     reason: str | None = None  # "cancel" | "shutdown" | "timeout"
 
     def stop(self, reason: str) -> None:
@@ -93,14 +95,12 @@ async def _run(
 ) -> Ended | None:
     task = claim.task
     started = time.monotonic()
-    run = Run(claim, consumer)
+    run = Run(claim, consumer, loop.time() + task.timeout)
     workers.runs[task.id] = run
-    # One timer handle, not an asyncio.timeout() context (a third of its cost).
-    timer = loop.call_later(task.timeout, run.stop, "timeout")
+    workers.deadlines.watch(run, loop)
     try:
         outcome = await _outcome(workers, run, started)
     finally:
-        timer.cancel()
         del workers.runs[task.id]
     run.settle_stop()
     if outcome is None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from daemon.config import WorkersConfig
 from daemon.consumer import Run, consume, settle
+from daemon.deadlines import Deadlines
 from daemon.errors import OffloadError
 from daemon.feeder import Feeder
 from daemon.flow import Flow
@@ -66,6 +67,7 @@ class Workers:
         # The feeder never holds more than `capacity` claims (queued or running): that
         # bounds the hand-off.
         self.handoff: Handoff[Claim] = Handoff()
+        self.deadlines = Deadlines(self.runs.values)
         self.feeder = Feeder(self)
         self.recorder = Recorder(self.store, lambda ended, result: settle(self, ended, result))
         self._idle.set()
@@ -222,6 +224,7 @@ class Workers:
         # that ignores cancellation): end them, and the recorder, which has written all.
         for task in list(self._consumers):
             task.cancel()
+        self.deadlines.close()
         if self._recording is not None:
             self._recording.cancel()
 
