@@ -152,6 +152,18 @@ async def test_claim_takes_highest_priority_then_oldest(store: Store) -> None:
     assert await claim(store) == []
 
 
+async def test_a_run_starts_no_earlier_than_its_task_was_created(store: Store) -> None:
+    # The feeder takes `now` before its claim reaches the store, and a task admitted in
+    # between (due at once; or due in the past, as a client may ask) is claimed with it.
+    late = msgspec.structs.replace(new_task(500), run_at=T0)
+    await admit(store, late)
+
+    (claimed,) = await claim(store, now=T0 + 0.25)
+
+    assert claimed.task.started_at == late.created_at
+    assert (await store.get(late.id)) == claimed.task
+
+
 async def test_claim_can_be_narrowed_by_type(store: Store) -> None:
     a, b, c = new_task(1, type="a"), new_task(2, type="b"), new_task(3, type="c")
     await admit(store, a, b, c)

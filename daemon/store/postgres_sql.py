@@ -88,7 +88,8 @@ CLAIM_SQL = f"""
         ORDER BY priority DESC, id LIMIT $5 FOR UPDATE SKIP LOCKED),
     claimed AS (
         UPDATE offload_tasks t SET state = 'running', {CHANGE}, attempts = t.attempts + 1,
-               owner = $1, lease_until = {DB_NOW} + $2, started_at = $3
+               owner = $1, lease_until = {DB_NOW} + $2,
+               started_at = greatest($3, t.created_at)
         FROM picked WHERE t.id = picked.id
         RETURNING {T_COLUMNS})
     SELECT claimed.*, due.next_due

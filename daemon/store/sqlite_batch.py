@@ -68,14 +68,15 @@ def take(conn: sqlite3.Connection, found: str, *, first_change: int, owner: str,
          lease_until: float) -> list[Row]:  # fmt: skip
     """In the writer thread: mark the rows `claim_sql` found as running for `owner`, each
     with its own change number from `first_change` on; returns them highest priority first
-    for `claims()` to make into claims on the event loop."""
+    for `claims()` to make into claims on the event loop. A run starts no earlier than its
+    task was created: the caller's `now` may predate an admission the claim finds."""
     rows = _rows.decode(found)
     if not rows:
         return []
     rows.sort(key=lambda r: (-r[5], r[0]))
     conn.execute(
         "UPDATE tasks SET state = 'running', attempts = attempts + 1, owner = ?, "
-        "lease_until = ?, started_at = ?, changed = ? + j.key "
+        "lease_until = ?, started_at = max(?, created_at), changed = ? + j.key "
         "FROM (SELECT key, value FROM json_each(?)) AS j WHERE tasks.seq = j.value",
         (owner, lease_until, now, first_change, _encode([r[0] for r in rows])),
     )
@@ -102,7 +103,7 @@ def claims(rows: list[Row], *, first_change: int, owner: str, now: float,
             r[9],  # max_attempts
             attempt,  # attempts
             r[11],  # attempt_floor
-            now,  # started_at
+            max(now, float(r[7])),  # started_at: see take()
             None,  # finished_at
             None,  # result
             r[12],  # last_error
