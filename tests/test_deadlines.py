@@ -29,14 +29,15 @@ async def test_each_run_is_stopped_at_its_deadline_and_not_before() -> None:
     running: dict[str, FakeRun] = {}
     deadlines = Deadlines(running.values)
     now = loop.time()
-    later, sooner, ends_first = FakeRun(now + 0.12), FakeRun(now + 0.04), FakeRun(now + 0.02)
+    later, sooner, ends_first = FakeRun(now + 0.4), FakeRun(now + 0.04), FakeRun(now + 0.02)
     for name, run in (("later", later), ("sooner", sooner), ("ends_first", ends_first)):
         running[name] = run
         deadlines.watch(run, loop)
     del running["ends_first"]  # it ended before its deadline: nothing may stop it
 
     await stopped(sooner)
-    assert not later.stopped
+    if loop.time() < later.due:  # else a stalled loop may have stopped both at once, rightly
+        assert not later.stopped
     await stopped(later)
 
     assert ends_first.stopped == []

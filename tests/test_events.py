@@ -39,14 +39,23 @@ async def read_events(resp: aiohttp.ClientResponse) -> AsyncIterator[Event]:
             fields[name] = value
 
 
-async def states(daemon: Daemon, query: str, until: str, headers: dict[str, str]) -> list[Event]:
-    """Task events of one stream until a task reaches state `until`."""
+async def states(
+    daemon: Daemon,
+    query: str,
+    until: str,
+    headers: dict[str, str],
+    connected: asyncio.Event | None = None,
+) -> list[Event]:
+    """Task events of one stream until a task reaches state `until`; `connected` is set
+    once the stream is subscribed (its first comment)."""
     seen = []
     async with daemon.http.get(f"/v1/events?{query}", headers=headers) as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         async with asyncio.timeout(15):
             async for event in read_events(resp):
+                if event.comment == "connected" and connected is not None:
+                    connected.set()
                 if event.name == "task":
                     seen.append(event)
                     if event.data["state"] == until:
@@ -57,16 +66,21 @@ async def states(daemon: Daemon, query: str, until: str, headers: dict[str, str]
 async def test_a_stream_carries_the_transitions_of_a_real_task(tmp_path: Path) -> None:
     async with open_daemon(tmp_path) as daemon:
         gate = daemon.gate()
-        task = await daemon.submit({"type": "block", "payload": {"gate": gate.key}, "delay": 0.3})
-        watching = asyncio.create_task(states(daemon, f"task_id={task['id']}", "succeeded", {}))
+        connected = asyncio.Event()
+        watching = asyncio.create_task(states(daemon, "type=block", "succeeded", {}, connected))
         async with asyncio.timeout(10):
+            await connected.wait()
+            task = await daemon.submit({"type": "block", "payload": {"gate": gate.key}})
             await gate.started.wait()
         gate.release.set()
         events = await watching
-    # Subscribed after admission, so the stream starts at `running` (or at `queued` if the
-    # delay had not passed yet); every event is this task, ids increase, and it ends well.
+    # Subscribed before admission: the stream starts at `queued` (or at `running` when the
+    # task started at admission); every event is this task, ids increase, and it ends well.
     assert {e.data["id"] for e in events} == {task["id"]}
-    assert [e.data["state"] for e in events][-2:] == ["running", "succeeded"]
+    assert [e.data["state"] for e in events] in (
+        ["queued", "running", "succeeded"],
+        ["running", "succeeded"],
+    )
     ids = [int(e.id or 0) for e in events]
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
+
+import pytest
 
 from daemon import ids
 from daemon.ids import is_id, new_id, new_ids
@@ -15,6 +18,17 @@ def decode(task_id: str) -> int:
     for char in task_id:
         value = value * 32 + CROCKFORD.index(char)
     return value
+
+
+@pytest.fixture(autouse=True)
+def _no_earlier_ids() -> Iterator[None]:
+    """These tests issue ids for fixed moments; ids issued before (at the real time, which
+    may be later than those moments) would carry forward into them, and theirs (2030) into
+    the tests after. Each starts from none and leaves the state as it found it."""
+    kept = ids._Last.value, ids._Last.head
+    ids._Last.value, ids._Last.head = 0, (-1, "")
+    yield
+    ids._Last.value, ids._Last.head = kept
 
 
 def test_an_id_encodes_its_millisecond_and_ids_of_one_moment_count_up() -> None:

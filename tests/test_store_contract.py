@@ -838,6 +838,32 @@ async def test_sqlite_background_operations_commit_after_the_others_of_their_bat
                                          background=True) is False  # fmt: skip
 
 
+async def test_sqlite_a_retry_committed_ahead_of_a_claim_runs_no_earlier_than_it(
+    tmp_path: Path,
+) -> None:
+    async with open_sqlite(sqlite_config(tmp_path)) as store:
+        failed = await claim_one(store, new_task(1, max_attempts=1))
+        await store.record(failed, Failed(error="boom", finished_at=T0 + 2, duration=1.0))
+        async with writer_held(store):  # the claim, then the retry, go in one batch
+            claiming = asyncio.create_task(claim(store, now=T0 + 3))
+            retrying = asyncio.create_task(
+                store.retry(failed.task.id, now=T0 + 4, max_pending=ROOM)
+            )
+
+            async def both_waiting() -> bool | None:
+                return store.writer._items.qsize() == 2 or None
+
+            async with asyncio.timeout(10):
+                await eventually(both_waiting, every=0.001)
+        retried = await retrying
+        (claimed,) = await claiming
+
+        assert claimed.task.id == retried.id
+        assert retried.run_at == T0 + 4
+        assert claimed.task.started_at == retried.run_at
+        assert await store.get(retried.id) == claimed.task
+
+
 async def test_sqlite_wal_stays_bounded_under_constant_reads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

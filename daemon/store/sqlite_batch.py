@@ -69,14 +69,15 @@ def take(conn: sqlite3.Connection, found: str, *, first_change: int, owner: str,
     """In the writer thread: mark the rows `claim_sql` found as running for `owner`, each
     with its own change number from `first_change` on; returns them highest priority first
     for `claims()` to make into claims on the event loop. A run starts no earlier than its
-    task was created: the caller's `now` may predate an admission the claim finds."""
+    task was created or came due: the caller's `now` may predate an admission or a retry
+    that the claim finds (the writer commits those ahead of claims)."""
     rows = _rows.decode(found)
     if not rows:
         return []
     rows.sort(key=lambda r: (-r[5], r[0]))
     conn.execute(
         "UPDATE tasks SET state = 'running', attempts = attempts + 1, owner = ?, "
-        "lease_until = ?, started_at = max(?, created_at), changed = ? + j.key "
+        "lease_until = ?, started_at = max(?, run_at, created_at), changed = ? + j.key "
         "FROM (SELECT key, value FROM json_each(?)) AS j WHERE tasks.seq = j.value",
         (owner, lease_until, now, first_change, _encode([r[0] for r in rows])),
     )
@@ -89,6 +90,7 @@ def claims(rows: list[Row], *, first_change: int, owner: str, now: float,
     claims = []
     for i, r in enumerate(rows):
         attempt = r[10] + 1
+        run_at, created_at = float(r[6]), float(r[7])
         # Positional, in Task's order: keywords made a claim's task take four times as long.
         task = Task(
             r[1],  # id
@@ -97,13 +99,13 @@ def claims(rows: list[Row], *, first_change: int, owner: str, now: float,
             TaskState.RUNNING,
             bytes.fromhex(r[4]),  # payload
             r[5],  # priority
-            float(r[6]),  # run_at
-            float(r[7]),  # created_at
+            run_at,
+            created_at,
             float(r[8]),  # timeout
             r[9],  # max_attempts
             attempt,  # attempts
             r[11],  # attempt_floor
-            max(now, float(r[7])),  # started_at: see take()
+            max(now, run_at, created_at),  # started_at: see take()
             None,  # finished_at
             None,  # result
             r[12],  # last_error
