@@ -176,7 +176,13 @@ class PostgresStore(SideOps):
         """One statement, fenced on the claim. An outcome other than `Released` is retried
         through an outage for up to the claim's lease (the run is worth keeping); a
         `Released` is not (a stopping daemon must not wait, and the lease puts it back)."""
-        self._node.held_drop(claim)
+        self._node.recording(claim)
+        try:
+            return await self._record(claim, outcome)
+        finally:
+            self._node.recorded(claim)
+
+    async def _record(self, claim: Claim, outcome: Outcome) -> Task | None:
         fence = (claim.task.id, claim.attempt, claim.owner)
         if isinstance(outcome, Released):
             return await self._record_once(RELEASED_SQL, fence, work=True)

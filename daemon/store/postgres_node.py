@@ -72,7 +72,11 @@ class Node:
         self._pool = pool
         self._hooks = hooks
         self.lease = 60.0  # seconds; the latest lease a claim asked for
-        self._held: dict[str, Claim] = {}  # claimed here and not yet recorded
+        self._held: dict[str, Claim] = {}  # claimed here and running
+        # Runs whose outcome is being written: their leases are still renewed (a slow write
+        # must not let another node rescue and run the task again), but a renewal that
+        # finds the claim gone reports nothing (the write itself is fenced).
+        self._recording: dict[str, Claim] = {}
         self._tick = asyncio.Event()
         self._outbox = asyncio.Event()
         self._work_hint = False
@@ -95,11 +99,17 @@ class Node:
         for claim in claims:
             self._held[claim.task.id] = claim
 
-    def held_drop(self, claim: Claim) -> None:
-        """The run is being recorded: stop renewing its lease (before the write, so a
-        heartbeat racing the write never reports the task lost)."""
+    def recording(self, claim: Claim) -> None:
+        """The run ended and its outcome is about to be written (before the write, so a
+        heartbeat racing it never reports the task lost)."""
         if self._held.get(claim.task.id) == claim:
             del self._held[claim.task.id]
+            self._recording[claim.task.id] = claim
+
+    def recorded(self, claim: Claim) -> None:
+        """The write of its outcome is over (done or given up): its lease is no longer ours."""
+        if self._recording.get(claim.task.id) == claim:
+            del self._recording[claim.task.id]
 
     def hint_work(self) -> None:
         self._work_hint = True
@@ -142,6 +152,7 @@ class Node:
                 self.hint_ended(task_id)
 
     def _lose(self, task_id: str, why: str) -> None:
+        self._recording.pop(task_id, None)  # its write will find the claim gone
         claim = self._held.pop(task_id, None)
         if claim is not None:
             logger.warning(
@@ -228,7 +239,7 @@ class Node:
 
     async def _renew(self) -> None:
         by_owner: dict[str, list[Claim]] = {}
-        for claim in self._held.values():
+        for claim in [*self._held.values(), *self._recording.values()]:
             by_owner.setdefault(claim.owner, []).append(claim)
         for owner, claims in by_owner.items():
             ids = [c.task.id for c in claims]
