@@ -16,6 +16,7 @@ from daemon.errors import (
     NotFound,
     OffloadError,
     PayloadTooLarge,
+    QueueFull,
     UnsupportedMediaType,
 )
 from daemon.ids import is_id, new_ids
@@ -29,7 +30,7 @@ from daemon.wire import BatchRequest, SubmitRequest, TaskPage, decode_body, view
 MAX_PAGE = 1000
 TASK_ID = "{id:(?!batch$)[^/]+}"
 _INTEGER = re.compile(r"[0-9]+")
-_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?([eE][-+]?[0-9]+)?")
+_NUMBER = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
 
 def make_app(rt: Runtime) -> web.Application:
@@ -57,8 +58,9 @@ async def _read_json(request: web.Request, limit: int) -> bytes:
         request.headers.get("Content-Type") != "application/json"
         and request.content_type != "application/json"
     ):
+        sent = request.headers.get("Content-Type") or "none"
         raise UnsupportedMediaType(
-            f"send Content-Type: application/json (got {request.content_type or 'none'})",
+            f"send Content-Type: application/json (got {sent})",
             field="Content-Type",
         )
     length = request.content_length
@@ -68,7 +70,11 @@ async def _read_json(request: web.Request, limit: int) -> bytes:
     if length is not None and body.is_eof() and not body.exception():
         # The whole body came with the headers and its length is within the limit: take
         # it as it is, without request.read()'s loop of awaits (a tenth of a submission).
-        return body.read_nowait()
+        # Content-Length counts what was sent; a compressed body is over it once inflated.
+        data = body.read_nowait()
+        if len(data) > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes")
+        return data
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -139,6 +145,13 @@ async def _task_or_404(rt: Runtime, task_id: str) -> Task:
     return task
 
 
+def _only(query: MultiMapping[str], known: set[str]) -> None:
+    unknown = set(query) - known
+    if unknown:
+        name = sorted(unknown)[0]
+        raise Invalid(f"unknown query parameter {name!r}", field=name)
+
+
 def _wait_param(query: MultiMapping[str], cap: float) -> float:
     raw = query.get("wait")
     if raw is None:
@@ -157,6 +170,7 @@ def _wait_param(query: MultiMapping[str], cap: float) -> float:
 async def get_task(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     task_id = request.match_info["id"]
+    _only(request.query, {"wait"})
     wait = _wait_param(request.query, rt.config.server.max_wait)
     task = await _task_or_404(rt, task_id)
     if wait > 0 and not task.state.terminal:
@@ -202,7 +216,13 @@ async def retry_task(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no task {task_id}", field="id")
     if rt.draining.is_set():
         raise admission.draining_refusal(rt)
-    task = await rt.store.retry(task_id, now=time.time(), max_pending=rt.config.workers.max_pending)
+    try:
+        task = await rt.store.retry(
+            task_id, now=time.time(), max_pending=rt.config.workers.max_pending
+        )
+    except QueueFull as exc:
+        exc.retry_after = rt.stats.retry_after(exc.needed)
+        raise
     rt.workers.feeder.wake()
     return json_response(view(task))
 
@@ -210,10 +230,7 @@ async def retry_task(request: web.Request) -> web.StreamResponse:
 async def list_tasks(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     q = request.query
-    unknown = set(q) - {"state", "type", "queue", "limit", "cursor"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise Invalid(f"unknown query parameter {name!r}", field=name)
+    _only(q, {"state", "type", "queue", "limit", "cursor"})
     state = q.get("state")
     if state is not None and state not in TaskState.__members__.values():
         allowed = ", ".join(s.value for s in TaskState)

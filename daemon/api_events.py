@@ -4,6 +4,8 @@ Each event is `id: <change sequence>`, `event: task`, `data: <the task>`. With
 `Last-Event-ID` (header, or `last_event_id` in the query) the stream first replays, from the
 store, every matching task changed since, once each in its current state, then goes live.
 A comment line every `server.sse_heartbeat` keeps proxies from closing an idle stream.
+An error once the stream has begun (the store failing during the replay) comes as an
+`event: error` with the error's JSON body, and ends the stream.
 """
 
 from __future__ import annotations
@@ -12,19 +14,20 @@ import asyncio
 
 from aiohttp import web
 
-from daemon.errors import Invalid
+from daemon.errors import Invalid, OffloadError
 from daemon.events import Filter, Subscription
 from daemon.ids import is_id
 from daemon.models import Task
-from daemon.routing import Routes
+from daemon.routing import STREAM, Routes
 from daemon.runtime import RUNTIME, Runtime
-from daemon.wire import encode, view
+from daemon.wire import ErrorBody, ErrorResponse, encode, view
 
 PAGE = 500
+MAX_EVENT_ID = 2**63 - 1  # change numbers are 64-bit integers in both stores
 
 
 def add_routes(routes: Routes) -> None:
-    routes.add("/v1/events", GET=events)
+    routes.add("/v1/events", head=False, GET=events)
 
 
 def _filter(request: web.Request) -> Filter:
@@ -43,7 +46,7 @@ def _last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id"))
     if raw is None or raw == "":
         return None
-    if not raw.isascii() or not raw.isdigit():
+    if not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_EVENT_ID:
         raise Invalid("Last-Event-ID must be an id this server sent", field="Last-Event-ID")
     return int(raw)
 
@@ -68,10 +71,15 @@ async def events(request: web.Request) -> web.StreamResponse:
     # replay already sent is skipped by its change sequence.
     with rt.events.subscribe(wanted) as sub:
         await response.prepare(request)
+        request[STREAM] = response
         await response.write(b": connected\n\n")
-        if last is not None:
-            last = await _replay(rt, response, wanted, last)
-        await _live(rt, response, sub, last or 0)
+        try:
+            if last is not None:
+                last = await _replay(rt, response, wanted, last)
+            await _live(rt, response, sub, last or 0)
+        except OffloadError as exc:
+            error = ErrorResponse(ErrorBody(code=exc.code, message=exc.message, field=exc.field))
+            await response.write(b"event: error\ndata: " + encode(error) + b"\n\n")
     return response
 
 

@@ -110,9 +110,10 @@ class Authenticator:
         return bool(self.tokens)
 
     def identify(self, header: str | None) -> Token:
-        if header is None or not header.startswith("Bearer "):
+        scheme, _, credentials = (header or "").partition(" ")
+        if scheme.lower() != "bearer":  # schemes are case-insensitive (RFC 9110 11.1)
             raise Unauthorized("send Authorization: Bearer <token>", field="Authorization")
-        digest = hashlib.sha256(header.removeprefix("Bearer ").strip().encode()).digest()
+        digest = hashlib.sha256(credentials.strip().encode()).digest()
         found = None
         for token in self.tokens:  # no early exit: the time does not depend on the match
             if hmac.compare_digest(token.digest, digest):

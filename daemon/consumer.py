@@ -148,11 +148,15 @@ async def _execute(workers: Workers, claim: Claim) -> object:
     if task_type is None:
         raise Permanent(f"task type {task.type!r} is no longer in the configuration")
     extra = _fields(claim, "task.log")
+    try:
+        payload = _decode(task.payload)
+    except msgspec.ValidationError as exc:  # admitted before admission checked this
+        raise Permanent(f"the payload cannot be decoded: {exc}") from None
     job = Job(
         task_id=task.id,
         type=task.type,
         attempt=claim.attempt,
-        payload=_decode(task.payload),
+        payload=payload,
         deadline=time.time() + task.timeout,
         logger=TaskLogger(_task_logger(task.type), extra),
     )

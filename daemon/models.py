@@ -126,7 +126,7 @@ class Task(msgspec.Struct, frozen=True):
             r[5],  # priority
             r[6],  # run_at
             r[7],  # created_at
-            r[8],  # timeout
+            float(r[8]),  # timeout: an expression's value may come back an integer
             r[9],  # max_attempts
             r[10],  # attempts
             r[11],  # attempt_floor

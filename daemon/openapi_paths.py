@@ -331,7 +331,7 @@ _REPLAYED: Json = {
     "required": False,
     "schema": {"type": "string", "enum": ["true"]},
 }
-_EVENT_ID: Json = {"type": "string", "pattern": "^[0-9]+$"}
+_EVENT_ID: Json = {"type": "string", "pattern": "^[0-9]{1,19}$"}  # a 64-bit change number
 _LOCATION: Json = {
     "description": "The task's URL, `/v1/tasks/{id}`.",
     "required": True,

@@ -4,7 +4,10 @@ authorized (auth.py), errors become HTTP answers, and the answer is counted unde
 `OffloadError` subclasses map to their status and the contract's JSON body; aiohttp's own
 HTTP errors (a body over the limit) are reshaped the same way; anything else is a bug,
 logged and answered 500 without details. A path nobody serves answers 404 and a method its
-path does not serve 405 with `Allow`, through the same wrapper.
+path does not serve 405 with `Allow`, through the same wrapper. A client that went away
+(`ConnectionError`) is not a bug: nothing is answered, and it is logged at debug. A handler
+that streams marks its started response (`STREAM`): an error after that ends the stream,
+since a second response cannot follow the first one's status line.
 
 This is not an aiohttp middleware: with one, every request passes through three coroutine
 layers (aiohttp adds its own) and a route lookup for the metrics label, a tenth of what the
@@ -27,6 +30,7 @@ from daemon.wire import ErrorBody, ErrorResponse, encode
 logger = logging.getLogger(__name__)
 
 UNMATCHED = "unmatched"  # the metrics label of requests for paths nobody serves
+STREAM = web.RequestKey("stream", web.StreamResponse)  # a response whose headers are sent
 
 _AIOHTTP_CODES = {
     400: "bad_request",
@@ -55,6 +59,16 @@ def _offload_error(exc: OffloadError) -> JsonAnswer:
     return response
 
 
+def _stream(request: web.Request) -> web.StreamResponse | None:
+    stream: web.StreamResponse | None = request.get(STREAM)
+    return stream
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 class Routes:
     """Registers the app's routes: `add()` each path with its handlers, then `close()`."""
 
@@ -63,16 +77,18 @@ class Routes:
         self._rt = rt
         self._codes: dict[int, str] = {}  # status -> its label, made once
 
-    def add(self, path: str, **handlers: Handler) -> None:
+    def add(self, path: str, *, head: bool = True, **handlers: Handler) -> None:
         """Serve `path` (aiohttp's syntax) with one handler per method, given by name
-        (`GET=...`); a GET also answers HEAD. Any other method answers 405."""
+        (`GET=...`); a GET also answers HEAD unless `head` is false (a stream has no end
+        for HEAD to stop at). Any other method answers 405."""
         resource = self.app.router.add_resource(path)
         label = resource.canonical
-        allow = sorted({*handlers, *(["HEAD"] if "GET" in handlers else [])})
+        head = head and "GET" in handlers
+        allow = sorted({*handlers, *(["HEAD"] if head else [])})
         for method, handler in handlers.items():
             wrapped = self._wrap(handler, label)
             resource.add_route(method, wrapped)
-            if method == hdrs.METH_GET:
+            if method == hdrs.METH_GET and head:
                 resource.add_route(hdrs.METH_HEAD, wrapped)
 
         async def not_allowed(request: web.Request) -> web.StreamResponse:
@@ -100,19 +116,32 @@ class Routes:
                 request[CALLER] = authorize(request)
                 response = await handler(request)
             except OffloadError as exc:
+                if (stream := _stream(request)) is not None:
+                    return stream  # the handler told its client already, if it could
                 response = _offload_error(exc)
             except web.HTTPException as exc:
                 if exc.status < 400:
                     raise
                 code = _AIOHTTP_CODES.get(exc.status, "http_error")
                 response = error_response(exc.status, code, exc.reason)
-            except Exception:
+            except Exception as exc:
+                if isinstance(exc, ConnectionError) and _gone(request):
+                    logger.debug(
+                        "client went away during %s %s",
+                        request.method,
+                        request.path,
+                        extra={"event": "http.client_gone"},
+                    )
+                    # aiohttp's writing of this answer meets the closed connection and stops.
+                    return _stream(request) or web.Response(status=499)
                 logger.exception(
                     "unhandled error on %s %s",
                     request.method,
                     request.path,
                     extra={"event": "http.bug"},
                 )
+                if (stream := _stream(request)) is not None:
+                    return stream
                 response = error_response(500, "internal", "internal error; see the daemon's log")
             status = response.status
             code = codes.get(status) or codes.setdefault(status, str(status))

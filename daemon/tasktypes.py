@@ -24,9 +24,13 @@ class TaskType:
     payload_type: Any  # `Any` when the handler declares none
 
     def check_payload(self, payload: bytes) -> None:
-        """Raise `msgspec.ValidationError` if the payload does not fit the handler's type."""
+        """Raise `msgspec.ValidationError` if the payload does not fit the handler's type,
+        or if it would not decode at all for the run (a number beyond a double's range or an
+        integer of more than 4,300 digits is valid JSON that Python cannot hold)."""
         if self.payload_type is not Any:
             msgspec.json.decode(payload, type=self.payload_type)
+        else:
+            msgspec.json.decode(payload)
 
 
 def build_types(

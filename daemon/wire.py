@@ -188,7 +188,8 @@ def invalid(exc: msgspec.ValidationError, *, prefix: str = "") -> Invalid:
     message = str(exc)
     path = ""
     if (m := _AT_PATH.search(message)) is not None:
-        path = m.group(1)
+        # msgspec writes an untyped mapping's key as "[...]": name the path up to it.
+        path = m.group(1).split("[...]")[0].rstrip(".")
         message = message[: m.start()]
     if (m := _FIELD_NAMED.search(message)) is not None:
         path = f"{path}.{m.group(1)}" if path else m.group(1)

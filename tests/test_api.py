@@ -144,6 +144,18 @@ async def test_long_poll_answers_the_current_state_at_timeout(api: Daemon) -> No
     assert (await api.ended(task["id"]))["state"] == "succeeded"
 
 
+async def test_wait_takes_any_decimal_and_no_other_parameter(api: Daemon) -> None:
+    task = await api.submit({"type": "noop", "delay": LATER})
+    path = f"/v1/tasks/{task['id']}"
+    reply = await api.request("GET", path, params={"wait": ".2"})
+    assert (reply.status, reply.body["state"]) == (200, "queued")
+    assert reply.elapsed >= 0.2  # it waited, the task did not end
+    assert_error(await api.request("GET", path, params={"wiat": "30"}), 422, "invalid", "wiat")
+    negative = await api.request("GET", path, params={"wait": "-1"})
+    assert_error(negative, 422, "invalid", "wait")
+    assert "between 0 and" in negative.body["error"]["message"]
+
+
 @pytest.mark.parametrize("wait", ["soon", "-1", "31", "nan", "inf", ""])
 async def test_wait_must_be_seconds_up_to_max_wait(api: Daemon, wait: str) -> None:
     task = await api.submit({"type": "noop", "delay": LATER})

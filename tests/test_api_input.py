@@ -4,6 +4,7 @@ stays up, and nothing reaches the store (promise 5 of DESIGN.md)."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -76,6 +77,15 @@ CASES = [
     pytest.param(invalid({"type": "noop", "priority": -1001}, "priority"), id="priority-low"),
     pytest.param(invalid({"type": "noop", "priority": 1001}, "priority"), id="priority-high"),
     pytest.param(invalid({"type": "noop", "queue": "no spaces"}, "queue"), id="queue-name"),
+    # Valid JSON that Python cannot hold: accepted, it would fail every attempt.
+    pytest.param(
+        Bad(b'{"type": "noop", "payload": {"a": 1e400}}', 422, "invalid", "payload"),
+        id="payload-number-beyond-a-double",
+    ),
+    pytest.param(
+        Bad(b'{"type": "noop", "payload": [' + b"9" * 5000 + b"]}", 422, "invalid", "payload.[0]"),
+        id="payload-integer-of-5000-digits",
+    ),
     pytest.param(
         Bad(js({"type": "noop"}), 415, "unsupported_media_type", "Content-Type", headers={}),
         id="no-content-type",
@@ -98,6 +108,16 @@ CASES = [
         Bad(js({"type": "noop", "payload": "x" * 70_000}), 413, "too_large", chunked=True),
         id="over-max-body-chunked",
     ),
+    # Content-Length counts the compressed bytes; the limit is on what they inflate to.
+    pytest.param(
+        Bad(
+            gzip.compress(js({"type": "noop", "payload": "x" * 200_000})),
+            413,
+            "too_large",
+            headers={**JSON_TYPE, "Content-Encoding": "gzip"},
+        ),
+        id="over-max-body-once-inflated",
+    ),
     pytest.param(
         Bad(b'{"type": "noop", "payload": ' + b"[" * DEEP + b"]" * DEEP + b"}", 400, "bad_request"),
         id="nested-10000-deep",
@@ -117,6 +137,15 @@ CASES = [
 async def _chunks(body: bytes) -> AsyncIterator[bytes]:
     for start in range(0, len(body), 8192):
         yield body[start : start + 8192]
+
+
+async def test_a_compressed_body_within_the_limit_is_accepted(api: Daemon) -> None:
+    body = gzip.compress(js({"type": "noop", "payload": {"text": "x" * 30_000}, "delay": 3600}))
+    headers = {**JSON_TYPE, "Content-Encoding": "gzip"}
+    reply = await api.request("POST", "/v1/tasks", data=body, headers=headers)
+    assert reply.status == 202, reply.body
+    stored = await api.request("GET", reply.headers["Location"])
+    assert stored.body["payload"] == {"text": "x" * 30_000}
 
 
 @pytest.mark.parametrize("bad", CASES)

@@ -66,6 +66,13 @@ async def test_no_token_or_a_wrong_one_is_401(api: Daemon, headers: dict[str, st
     assert_unauthorized(await api.request("POST", "/v1/tasks", json=NOOP, headers=headers))
 
 
+async def test_the_scheme_is_case_insensitive(api: Daemon) -> None:
+    for scheme in ("bearer", "BEARER"):
+        headers = {"Authorization": f"{scheme} {TOKENS['reader'][1]}"}
+        reply = await api.request("GET", "/v1/tasks", headers=headers)
+        assert reply.status == 200, reply.body
+
+
 async def test_each_scope_allows_its_own_requests_only(api: Daemon) -> None:
     submitted = await api.request("POST", "/v1/tasks", json=NOOP, headers=bearer("submitter"))
     assert submitted.status == 202, submitted.body

@@ -13,10 +13,10 @@ import pytest
 
 from daemon.client import OffloadClient, Submission, Task, TaskState
 from daemon.client_errors import ClientError, Unreachable
-from daemon.client_types import parse_stats
+from daemon.client_types import Stats, parse_stats
 from daemon.ids import new_id
 from daemon.wire import TaskView
-from tests.harness import free_port
+from tests.harness import eventually, free_port
 from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
     Daemon,
     api_fixture,
@@ -287,11 +287,18 @@ async def test_stats_count_unfinished_tasks_by_queue_and_outcomes(api: Daemon) -
         done = await client.submit("sleep", {"seconds": 0})
         async with asyncio.timeout(QUICK):
             await client.wait(done.id)
-        stats = await client.stats()
+            # The counters follow the stored outcome: the run is counted when the event loop
+            # settles its write, which a reader may see committed a moment before.
+            stats = await eventually(lambda: _counted(client, "succeeded"))
     assert stats.queues["default"].queued == 3
     assert stats.queues["other"].queued == 1
     assert stats.accepted == 5
     assert stats.since_start["succeeded"] == 1
+
+
+async def _counted(client: OffloadClient, outcome: str) -> Stats | None:
+    stats = await client.stats()
+    return stats if outcome in stats.since_start else None
 
 
 def test_stats_parse_the_metrics_text() -> None:

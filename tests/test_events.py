@@ -135,3 +135,11 @@ async def test_bad_stream_parameters_are_refused(tmp_path: Path) -> None:
         assert_error(reply, 422, "invalid", "task_id")
         reply = await daemon.request("GET", "/v1/events?colour=red")
         assert_error(reply, 422, "invalid", "colour")
+        # Past what a 64-bit change number can be (and Python's 4,300-digit limit).
+        for huge in ("9" * 20, "9" * 5000):
+            reply = await daemon.request("GET", "/v1/events", headers={"Last-Event-ID": huge})
+            assert_error(reply, 422, "invalid", "Last-Event-ID")
+        # A stream has no end for HEAD to stop at.
+        reply = await daemon.request("HEAD", "/v1/events")
+        assert reply.status == 405
+        assert reply.headers["Allow"] == "GET"

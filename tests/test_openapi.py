@@ -9,6 +9,7 @@ both overridable to explore further) and takes well under a minute on two cores.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import sys
@@ -270,7 +271,8 @@ async def test_undocumented_methods_answer_405_with_allow(api: Daemon) -> None:
     document = await openapi(api)
     for path, item in document["paths"].items():
         documented = {m.upper() for m in METHODS if m in item}
-        if "GET" in documented:
+        streams = "text/event-stream" in json.dumps(item.get("get", {}))
+        if "GET" in documented and not streams:  # a stream has no end for HEAD to stop at
             documented.add("HEAD")
         url = path.replace("{id}", new_id()).replace("{name}", "default")
         reply = await api.request("PATCH", url)

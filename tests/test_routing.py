@@ -4,6 +4,7 @@ under its route's label."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -12,12 +13,11 @@ from typing import cast
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestServer
 
 from daemon.auth import Authenticator
 from daemon.errors import Conflict, QueueFull
 from daemon.metrics import Metrics
-from daemon.routing import UNMATCHED, Routes
+from daemon.routing import STREAM, UNMATCHED, Routes
 from daemon.runtime import Runtime
 
 
@@ -39,6 +39,24 @@ async def hello(request: web.Request) -> web.Response:
     return web.Response(text="hello")
 
 
+async def stream_then_fail(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await response.prepare(request)
+    request[STREAM] = response
+    await response.write(b"first part\n")
+    raise RuntimeError("broke mid-stream")
+
+
+async def stream_until_gone(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+    await response.prepare(request)
+    request[STREAM] = response
+    await response.write(b"started\n")
+    while True:  # until a write meets the closed connection
+        await response.write(b"more\n")
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[str, Metrics]]:
     metrics = Metrics()
@@ -49,13 +67,19 @@ async def served() -> AsyncIterator[tuple[str, Metrics]]:
     routes.add("/broken", GET=broken)
     routes.add("/busy", POST=busy)
     routes.add("/items/{name}", PUT=taken, GET=hello)
+    routes.add("/stream", head=False, GET=stream_then_fail)
+    routes.add("/endless", GET=stream_until_gone)
     routes.close()
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
+    # As the daemon serves (http_server.py): a handler is not cancelled when its client goes.
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
     try:
-        yield str(server.make_url("")), metrics
+        host, port = runner.addresses[0][:2]
+        yield f"http://{host}:{port}", metrics
     finally:
-        await server.close()
+        await runner.cleanup()
 
 
 async def test_a_bug_is_logged_and_answered_500_without_its_details(
@@ -108,3 +132,49 @@ async def test_other_methods_and_paths_answer_405_and_404_in_the_same_shape(
     assert metrics.http.counts[("/items/{name}", "200")] == 1
     assert metrics.http.counts[("/items/{name}", "405")] == 1
     assert metrics.http.counts[(UNMATCHED, "404")] == 2
+
+
+async def test_a_stream_that_fails_ends_without_a_second_response(
+    served: tuple[str, Metrics], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, _ = served
+    with caplog.at_level(logging.ERROR, logger="daemon.routing"):
+        async with aiohttp.ClientSession() as http, http.get(url + "/stream") as reply:
+            status = reply.status
+            body = await reply.read()  # a complete chunked body: the stream was ended
+    assert status == 200
+    assert body == b"first part\n"  # no error document inside the stream
+    assert [r.event for r in caplog.records if hasattr(r, "event")] == ["http.bug"]
+
+
+async def test_a_client_that_goes_away_is_not_a_bug(
+    served: tuple[str, Metrics], caplog: pytest.LogCaptureFixture
+) -> None:
+    url, metrics = served
+    gone = asyncio.Event()
+
+    class Gone(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if getattr(record, "event", None) == "http.client_gone":
+                gone.set()
+
+    watch = Gone()
+    logging.getLogger("daemon.routing").addHandler(watch)
+    try:
+        with caplog.at_level(logging.DEBUG, logger="daemon.routing"):
+            async with aiohttp.ClientSession() as http, http.get(url + "/endless") as reply:
+                assert await reply.content.readline() == b"started\n"
+            # Leaving the block closed the connection mid-stream.
+            async with asyncio.timeout(10):
+                await gone.wait()
+    finally:
+        logging.getLogger("daemon.routing").removeHandler(watch)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [key for key in metrics.http.counts if key[0] == "/endless"]
+
+
+async def test_a_stream_route_without_head_answers_head_405(served: tuple[str, Metrics]) -> None:
+    url, _ = served
+    async with aiohttp.ClientSession() as http, http.head(url + "/stream") as reply:
+        assert reply.status == 405
+        assert reply.headers["Allow"] == "GET"

@@ -486,6 +486,24 @@ async def test_list_filters_and_pages_newest_first(store: Store) -> None:
     assert pages == newest_first
 
 
+async def test_a_page_after_a_cursor_whose_task_was_purged_goes_on_below_it(
+    store: Store,
+) -> None:
+    tasks = [new_task(n) for n in range(6)]
+    await admit(store, *tasks)
+    newest_first = sorted(ids(tasks), reverse=True)
+    first = await store.list(TaskQuery(limit=2))
+    cursor = first[-1]
+    # Retention deletes the task the cursor names between two pages.
+    claimed = {c.task.id: c for c in await claim(store, limit=6)}
+    await store.record(claimed[cursor.id], Succeeded(result=None, finished_at=T0 + 1))
+    assert await store.purge(finished_before=T0 + 2, limit=10) == 1
+
+    rest = await store.list(TaskQuery(limit=10, before=cursor.id))
+
+    assert ids(rest) == newest_first[2:]
+
+
 async def test_counts_by_state(store: Store) -> None:
     tasks = [new_task(n) for n in range(6)]
     await admit(store, *tasks)

@@ -26,8 +26,13 @@ class ReadOps(Connections):
                 where.append(f"{column} = ?")
                 args.append(str(value))
         if query.before is not None:
-            where.append("seq < coalesce((SELECT seq FROM tasks WHERE id = ?), -1)")
-            args.append(query.before)
+            # Pages follow seq, as ids do. If the cursor's task is gone (retention deleted
+            # it between two pages), the page starts below the next id after it instead.
+            where.append(
+                "seq < coalesce((SELECT seq FROM tasks WHERE id = ?), "
+                "(SELECT seq FROM tasks WHERE id > ? ORDER BY id LIMIT 1), 9223372036854775807)"
+            )
+            args += [query.before, query.before]
         sql = f"SELECT {COLUMNS} FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
