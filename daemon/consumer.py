@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from daemon.backoff import backoff_delay
-from daemon.errors import OffloadError
 from daemon.executors.base import Job, Permanent, RetryAfter, TaskLogger
 from daemon.logs import task_line
 from daemon.models import Claim, Failed, Outcome, Released, Retry, Succeeded, Task, TaskState
@@ -108,19 +107,10 @@ async def _run(
     return Ended(claim, outcome, time.monotonic() - started)
 
 
-def settle(workers: Workers, ended: Ended, recorded: Task | OffloadError | None) -> None:
+def settle(workers: Workers, ended: Ended, recorded: Task | None) -> None:
     """After the outcome of a run was written (or could not be)."""
     claim, outcome = ended.claim, ended.outcome
     task = claim.task
-    if isinstance(recorded, OffloadError):
-        # The row stays `running`; recovery (or lease expiry) puts it back later.
-        logger.error(
-            "could not record the outcome of task %s: %s",
-            task.id,
-            recorded,
-            extra=_fields(claim, "task.record_failed"),
-        )
-        return
     workers.stats.completed(task.queue)
     if recorded is None:
         logger.warning(

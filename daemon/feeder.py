@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAUSED_EVERY = 2.0  # seconds between reads of the paused queues
+CLAIM_RETRY = 0.5  # seconds after a failed claim, doubling to 32 s while they keep failing
 
 
 class Feeder:
@@ -82,12 +83,26 @@ class Feeder:
 
     async def run(self) -> None:
         """Claim due work into the hand-off queue until `stopping` is set."""
+        failures = 0
         try:
             while not self.w.stopping.is_set():
                 self._nudge.clear()
                 self._feeding = True
                 try:
                     delay = await self._feed_once()
+                    failures = 0
+                except OffloadError as exc:
+                    # The store is locked by another program, or the disk is full: try
+                    # again later; what runs keeps running.
+                    failures = min(failures + 1, 6)
+                    delay = CLAIM_RETRY * 2 ** (failures - 1)
+                    self.w.metrics.store_errors.add(("claim",))
+                    logger.error(
+                        "could not claim work (trying again in %.1fs): %s",
+                        delay,
+                        exc,
+                        extra={"event": "feeder.claim_failed"},
+                    )
                 finally:
                     self._feeding = False
                 if delay is not None and delay <= 0:

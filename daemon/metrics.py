@@ -137,6 +137,12 @@ class Metrics:
             r, "offload_admission_rejected", "Submissions refused, by reason.", ["reason"]
         )
         self.http = Tally(r, "offload_http_requests", "HTTP requests answered.", ["route", "code"])
+        self.store_errors = Tally(
+            r,
+            "offload_store_errors",
+            "Background store operations that failed and will be tried again.",
+            ["operation"],
+        )
         self.commit_seconds = prometheus_client.Histogram(
             "offload_store_commit_duration_seconds",
             "Time to apply and commit one batch.",

@@ -8,6 +8,12 @@ the outcome is durable, never before.
 
 A crash between the hand-over and the commit loses nothing: the row is still `running`, so
 recovery (or, on PostgreSQL, the lease) puts the task back, as for a crash during the run.
+
+A write that fails (the store is locked by another program, the disk is full, PostgreSQL is
+down) is tried again, with a growing pause, until it succeeds or the daemon stops: on SQLite
+nothing else would ever end a run whose outcome was not written before the next start.
+Writes are fenced on the claim, so one that did commit before its error came back changes
+nothing the second time (its run is reported as lost).
 """
 
 from __future__ import annotations
@@ -32,13 +38,17 @@ class Ended:
     duration: float
 
 
-Settle = Callable[[Ended, "Task | OffloadError | None"], None]
+Settle = Callable[[Ended, "Task | None"], None]
+# Told of a failed write: the error, how many outcomes wait, and the pause before the next try.
+Failed = Callable[[OffloadError, int, float], None]
+RETRY = 0.5  # seconds after a failed write, doubling up to 32 s while writes keep failing
 
 
 class Recorder:
-    def __init__(self, store: Store, settle: Settle) -> None:
+    def __init__(self, store: Store, settle: Settle, failed: Failed) -> None:
         self._store = store
         self._settle = settle
+        self._failed = failed
         self._waiting: list[Ended] = []
         self._more = asyncio.Event()
         self.idle = asyncio.Event()  # set while nothing waits to be written or settled
@@ -51,20 +61,37 @@ class Recorder:
 
     async def run(self) -> None:
         """Write batches until cancelled; the drain waits for `idle` first."""
+        failures = 0
         while True:
             await self._more.wait()
             self._more.clear()
             while self._waiting:
                 batch = self._waiting[:MAX_BATCH]
-                del self._waiting[:MAX_BATCH]
-                await self._write(batch)
+                error = await self._write(batch)
+                if error is None:
+                    failures = 0
+                    continue
+                failures = min(failures + 1, 7)
+                pause = RETRY * 2 ** (failures - 1)
+                self._failed(error, len(self._waiting), pause)
+                await asyncio.sleep(pause)
             self.idle.set()
 
-    async def _write(self, batch: list[Ended]) -> None:
-        results: list[Task | OffloadError | None]
+    async def _write(self, batch: list[Ended]) -> OffloadError | None:
+        """Write `batch` (the head of `_waiting`) and settle what was written; what could
+        not be stays at the head, and the error is returned."""
         try:
             results = await self._store.record_many([(e.claim, e.outcome) for e in batch])
         except OffloadError as exc:
-            results = [exc] * len(batch)
+            return exc
+        del self._waiting[: len(batch)]
+        again: list[Ended] = []
+        error = None
         for ended, result in zip(batch, results, strict=True):
-            self._settle(ended, result)
+            if isinstance(result, OffloadError):
+                again.append(ended)
+                error = result
+            else:
+                self._settle(ended, result)
+        self._waiting[:0] = again
+        return error

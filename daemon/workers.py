@@ -69,7 +69,9 @@ class Workers:
         self.handoff: Handoff[Claim] = Handoff()
         self.deadlines = Deadlines(self.runs.values)
         self.feeder = Feeder(self)
-        self.recorder = Recorder(self.store, lambda ended, result: settle(self, ended, result))
+        self.recorder = Recorder(
+            self.store, lambda ended, result: settle(self, ended, result), self._record_failed
+        )
         self._idle.set()
 
     @property
@@ -107,6 +109,16 @@ class Workers:
             return False
         run.stop(reason)
         return True
+
+    def _record_failed(self, error: OffloadError, waiting: int, pause: float) -> None:
+        self.metrics.store_errors.add(("record",))
+        logger.error(
+            "could not write the outcomes of %d runs (trying again in %.1fs): %s",
+            waiting,
+            pause,
+            error,
+            extra={"event": "task.record_failed"},
+        )
 
     def claimed(self, claims: list[Claim]) -> None:
         for claim in claims:

@@ -15,6 +15,13 @@ for it) commits after the others of its batch, in a transaction of its own, so t
 others are answered first. Each statement costs the writer a wait for the GIL while the
 event loop is busy, and a claim and a record bring five to seven of them: in one
 transaction with an admission they held every submission of that commit back.
+
+SQLite's own errors reach callers as `StoreUnavailable` (a locked file, a full disk), never
+as `sqlite3.Error`: every caller knows what to do with the store being unavailable. If
+SQLite rolled the whole transaction back on an operation's error (it does for SQLITE_FULL
+and I/O errors), what the batch did before is gone too, and every operation of it fails.
+Nothing ends the thread but `stop()`: a batch that fails in an unforeseen way fails its
+callers, and the next batch is served.
 """
 
 from __future__ import annotations
@@ -138,9 +145,19 @@ class Writer:
                 batch.append(item)
             answered = [item for item in batch if not item.background]
             if answered and len(answered) < len(batch):
-                self._commit(conn, loop, answered)
+                self._guarded(conn, loop, answered)
                 batch = [item for item in batch if item.background]
+            self._guarded(conn, loop, batch)
+
+    def _guarded(
+        self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Item]
+    ) -> None:
+        try:
             self._commit(conn, loop, batch)
+        except Exception as exc:  # the thread serves on; these callers learn of it
+            logger.exception("sqlite writer: a batch failed", extra={"event": "store.bug"})
+            error = StoreUnavailable(f"the store could not write: {exc}")
+            loop.call_soon_threadsafe(_settle, batch, [(False, error)] * len(batch))
 
     def _commit(
         self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Item]
@@ -165,7 +182,7 @@ class Writer:
             try:
                 return [(True, batch[0].op(conn))]
             except Exception as exc:  # the operation's own error, for its caller
-                return [(False, exc)]
+                return [(False, _for_caller(exc))]
         results: list[tuple[bool, Any]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -174,24 +191,31 @@ class Writer:
                     try:
                         results.append((True, item.op(conn)))
                     except Exception as exc:  # the operation's own error, for its caller
-                        results.append((False, exc))
+                        _still_open(conn, exc)
+                        results.append((False, _for_caller(exc)))
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append((True, item.op(conn)))
                 except Exception as exc:  # the operation's own error, handed to its caller
+                    _still_open(conn, exc)
                     conn.execute("ROLLBACK TO op")
-                    results.append((False, exc))
+                    results.append((False, _for_caller(exc)))
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             logger.error(
                 "sqlite transaction failed: %s", exc, extra={"event": "store.commit_failed"}
             )
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            if self.on_rollback is not None:
-                self.on_rollback(conn)
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if self.on_rollback is not None:
+                    self.on_rollback(conn)
+            except sqlite3.Error as again:  # the next batch begins afresh, or fails alike
+                logger.error(
+                    "sqlite rollback failed: %s", again, extra={"event": "store.commit_failed"}
+                )
             error = StoreUnavailable(f"the store could not commit: {exc}")
             return [(False, error)] * len(batch)
         return results
@@ -212,8 +236,30 @@ class Writer:
             # TRUNCATE waits (busy_timeout) for readers to finish, then empties the WAL. It
             # gives up at once while the checkpoint thread is at work: then try again after
             # the next commit, not WAL_CHECK_EVERY commits later.
-            busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            except sqlite3.Error as exc:  # the next commit tries again
+                logger.warning(
+                    "wal truncation failed: %s", exc, extra={"event": "store.checkpoint"}
+                )
+                return
             self._wal_over = bool(busy)
+
+
+def _for_caller(exc: Exception) -> Exception:
+    """What an operation's caller gets for `exc`: SQLite's errors as `StoreUnavailable`."""
+    if isinstance(exc, sqlite3.Error):
+        error = StoreUnavailable(f"the store could not write: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _still_open(conn: sqlite3.Connection, exc: Exception) -> None:
+    """Raise if SQLite rolled the whole transaction back on `exc` (a full disk, an I/O
+    error): the batch's earlier work is gone, so it must fail as a whole."""
+    if not conn.in_transaction:
+        raise sqlite3.OperationalError(f"the transaction was rolled back: {exc}")
 
 
 def _settle_one(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
