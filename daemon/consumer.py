@@ -100,7 +100,10 @@ async def _run(
     try:
         outcome = await _outcome(workers, run, started)
     finally:
-        del workers.runs[task.id]
+        # A run cancelled through the API may still unwind when a retry of its task starts
+        # again here: the newer run holds the id now.
+        if workers.runs.get(task.id) is run:
+            del workers.runs[task.id]
     run.settle_stop()
     if outcome is None:
         return None  # cancelled through the API, which already recorded it
@@ -169,10 +172,11 @@ async def _outcome(workers: Workers, run: Run, started: float) -> Outcome | None
     except TimeoutError:  # the handler's own
         return _failure(workers, claim, f"timed out after {claim.task.timeout:g}s", started)
     except RetryAfter as exc:
-        return _failure(workers, claim, _describe(exc), started, not_before=exc.delay)
+        return _failure(workers, claim, _describe(exc), started, not_before=_seconds(exc.delay))
     except Permanent as exc:
         return Failed(error=_describe(exc), finished_at=time.time(), duration=_since(started))
-    except Exception as exc:
+    except (Exception, SystemExit, KeyboardInterrupt) as exc:
+        # A handler's sys.exit() (a reused command-line main) ends its run, not the daemon.
         return _failure(workers, claim, _describe(exc), started)
     return _success(workers, claim, value, started)
 
@@ -182,7 +186,7 @@ def _success(workers: Workers, claim: Claim, value: object, started: float) -> O
         return Succeeded(result=None, finished_at=time.time())
     try:
         result = _encode(value)
-    except (TypeError, msgspec.EncodeError) as exc:
+    except Exception as exc:  # not JSON, or nested past the encoder's depth (RecursionError)
         return Failed(
             error=f"the handler's result is not JSON-serialisable: {exc}",
             finished_at=time.time(),
@@ -214,9 +218,21 @@ def _failure(
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc)
     name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:  # a handler's exception whose __str__ fails
+        return name
     return f"{name}: {text}"[:2000] if text else name
+
+
+def _seconds(value: object) -> float:
+    """A handler's `RetryAfter.delay` as seconds (0 when it is not a finite number)."""
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return 0.0
+    return seconds if 0 <= seconds < float("inf") else 0.0
 
 
 def _since(started: float) -> float:

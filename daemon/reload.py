@@ -52,6 +52,13 @@ async def reload_on_request(
             )
             notifier.send("READY=1", "STATUS=reload refused: the configuration is invalid")
             continue
+        except Exception:  # a bug in applying it: the daemon and its running tasks go on
+            logger.exception(
+                "reload failed, the running configuration stays",
+                extra={"event": "config.reload_failed"},
+            )
+            notifier.send("READY=1", "STATUS=reload failed; see the log")
+            continue
         logger.info("configuration reloaded: %s", summary, extra={"event": "config.reloaded"})
         notifier.send("READY=1", f"STATUS=reloaded: {summary}")
 

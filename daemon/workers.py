@@ -214,15 +214,17 @@ class Workers:
         while not self.handoff.empty():
             waiting.append(self.handoff.get_nowait())
         await self.put_back(waiting)
-        if self.runs:
+        # `inflight`, not `runs`: an admission that starts its task at once holds a slot
+        # before its run exists, and hands the run back (unspent) to the recorder.
+        if self.inflight:
             logger.info(
                 "draining: %d running tasks get up to %gs",
-                len(self.runs),
+                self.inflight,
                 grace,
                 extra={"event": "drain.start"},
             )
             await _within(grace, self._idle, hurry)
-        if self.runs:
+        if self.inflight:
             logger.warning(
                 "grace period over: stopping %d running tasks and putting them back",
                 len(self.runs),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgspec
 
-from daemon.executors.base import JSON, Permanent
+from daemon.executors.base import JSON, Job, Permanent
 
 
 class Gate:
@@ -23,6 +23,7 @@ class Gate:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
         self.cancelled = asyncio.Event()
+        self.unwound = asyncio.Event()  # a cancelled run's clean-up is over (slow_unwind)
         self.runs = 0
 
 
@@ -86,3 +87,23 @@ async def inner_timeout(payload: JSON) -> JSON:
     except TimeoutError:
         return {"inner": "timed out"}
     return {"inner": "slept"}
+
+
+class Unwind(msgspec.Struct, forbid_unknown_fields=True):
+    first: str  # the gate of the first run: cancelled, it unwinds until released
+    second: str  # the gate of the second run (a retry): it runs until released
+
+
+async def slow_unwind(payload: Unwind, job: Job) -> JSON:
+    """The first run takes its time to clean up after a cancel; the second just blocks."""
+    gate = GATES[payload.first if job.attempt == 1 else payload.second]
+    gate.runs += 1
+    gate.started.set()
+    try:
+        await gate.release.wait()
+    except asyncio.CancelledError:
+        gate.cancelled.set()
+        await GATES[payload.first].release.wait()  # the clean-up, past the cancel
+        gate.unwound.set()
+        raise
+    return {"attempt": job.attempt}

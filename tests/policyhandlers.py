@@ -56,3 +56,25 @@ def stubborn(payload: JSON, job: Job) -> JSON:
             seen.set()
             return {"stopped": True}
     return {"stopped": False}
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no text for this one")
+
+
+async def hostile(payload: str) -> JSON:
+    """End in a way a careless handler might: each must fail its run, never the daemon."""
+    if payload == "exit":
+        raise SystemExit(3)  # a reused command-line main
+    if payload == "unprintable":
+        raise _Unprintable
+    if payload == "retry-after-none":
+        from daemon.executors.base import RetryAfter
+
+        raise RetryAfter("come back later", None)  # type: ignore[arg-type]
+    if payload == "cyclic":
+        result: list[object] = []
+        result.append(result)
+        return result
+    return None

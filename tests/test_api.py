@@ -212,6 +212,34 @@ async def test_cancel_of_a_running_task_stops_its_handler(api: Daemon) -> None:
     assert gate.runs == 1
 
 
+async def test_a_retry_that_starts_while_its_cancelled_run_unwinds_is_tracked(
+    tmp_path: Path,
+) -> None:
+    unwind = {"kind": "python", "handler": "tests.apphandlers:slow_unwind"}
+    async with open_daemon(tmp_path, {"types": {"unwind": unwind}}) as api:
+        first, second = api.gate(), api.gate()
+        payload = {"first": first.key, "second": second.key}
+        task = await api.submit({"type": "unwind", "payload": payload})
+        async with asyncio.timeout(QUICK):
+            await first.started.wait()
+        assert (await api.request("DELETE", f"/v1/tasks/{task['id']}")).status == 200
+        async with asyncio.timeout(QUICK):
+            await first.cancelled.wait()  # cancelled, and still cleaning up
+        retried = await api.request("POST", f"/v1/tasks/{task['id']}/retry")
+        assert retried.status == 200, retried.body
+        async with asyncio.timeout(QUICK):
+            await second.started.wait()  # the retry runs beside the first run's clean-up
+
+        first.release.set()  # the first run ends: the second must stay known
+        async with asyncio.timeout(QUICK):
+            await first.unwound.wait()
+        second.release.set()
+
+        ended = await api.ended(task["id"])
+        assert (ended["state"], ended["attempts"]) == ("succeeded", 2), ended
+        assert not api.serving.done()
+
+
 async def test_cancel_of_a_finished_task_is_409(api: Daemon) -> None:
     task = await api.submit({"type": "noop"})
     assert (await api.ended(task["id"]))["state"] == "succeeded"

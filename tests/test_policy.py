@@ -118,3 +118,28 @@ async def test_cancelling_a_sync_handler_tells_it_through_its_context(tmp_path: 
         assert await asyncio.to_thread(seen.wait, 5)
         # The thread's late return changes nothing: the task stays cancelled.
         assert (await daemon.task(task["id"]))["state"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("how", "attempts"),
+    # A result that cannot be encoded fails at once: running again would not change it.
+    [("exit", 2), ("unprintable", 2), ("retry-after-none", 2), ("cyclic", 1)],
+)
+async def test_a_hostile_handler_fails_its_run_and_the_daemon_goes_on(
+    tmp_path: Path, how: str, attempts: int
+) -> None:
+    hostile = {
+        "kind": "python",
+        "handler": "tests.policyhandlers:hostile",
+        "max_attempts": 2,  # a retry is scheduled once: the backoff sees RetryAfter's delay
+        "backoff": {"initial": "10ms", "max": "10ms"},
+    }
+    async with open_daemon(tmp_path, {"types": {"hostile": hostile}}) as api:
+        task = await api.submit({"type": "hostile", "payload": how})
+        ended = await api.ended(task["id"])
+        assert (ended["state"], ended["attempts"]) == ("failed", attempts), ended
+        assert ended["last_error"], ended
+        # The consumers are all still there: a task after it runs.
+        after = await api.submit({"type": "noop"})
+        assert (await api.ended(after["id"]))["state"] == "succeeded"
+        assert not api.serving.done()

@@ -32,6 +32,9 @@ def resolve_handler(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerError(f"cannot import module {module_name!r}: {exc}") from exc
+    except Exception as exc:  # its code raised (a SyntaxError too): the config is refused
+        name = type(exc).__name__
+        raise HandlerError(f"importing module {module_name!r} raised {name}: {exc}") from exc
     target: Any = module
     for part in attr.split("."):
         try:
