@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -42,6 +43,14 @@ class Handoff(Generic[T]):
     def get_nowait(self) -> T:
         """The oldest item; `IndexError` when there is none."""
         return self._items.popleft()
+
+    def take(self, matches: Callable[[T], bool]) -> T | None:
+        """Remove and return the first item that `matches`, if one waits."""
+        for item in self._items:
+            if matches(item):
+                self._items.remove(item)
+                return item
+        return None
 
     async def get(self) -> T:
         while not self._items:

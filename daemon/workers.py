@@ -106,7 +106,13 @@ class Workers:
     def stop_run(self, task_id: str, reason: str) -> bool:
         run = self.runs.get(task_id)
         if run is None:
-            return False
+            # Claimed but not started yet (prefetched, or a consumer is about to take it):
+            # it must not start. The store already wrote why (a cancel, a lost lease).
+            claim = self.handoff.take(lambda c: c.task.id == task_id)
+            if claim is None:
+                return False
+            self.finished(claim)
+            return True
         run.stop(reason)
         return True
 

@@ -240,6 +240,35 @@ async def test_a_retry_that_starts_while_its_cancelled_run_unwinds_is_tracked(
         assert not api.serving.done()
 
 
+async def test_cancel_of_a_claimed_task_not_yet_started_means_it_never_starts(
+    tmp_path: Path,
+) -> None:
+    # One slot and one prefetched claim: while `blocker` runs, `victim` waits claimed.
+    async with open_daemon(tmp_path, {"workers": {"concurrency": 1, "prefetch": 1}}) as api:
+        blocker, victim_gate = api.gate(), api.gate()
+        first = await api.submit({"type": "block", "payload": {"gate": blocker.key}})
+        async with asyncio.timeout(QUICK):
+            await blocker.started.wait()
+        victim = await api.submit({"type": "block", "payload": {"gate": victim_gate.key}})
+
+        async def claimed() -> bool | None:
+            return True if (await api.task(victim["id"]))["state"] == "running" else None
+
+        async with asyncio.timeout(QUICK):
+            await eventually(claimed)
+        reply = await api.request("DELETE", f"/v1/tasks/{victim['id']}")
+        assert (reply.status, reply.body["state"]) == (200, "cancelled"), reply.body
+
+        blocker.release.set()
+        assert (await api.ended(first["id"]))["state"] == "succeeded"
+        # The one consumer takes claims in order: once a later task ran, the victim's
+        # claim is behind it.
+        later = await api.submit({"type": "noop"})
+        assert (await api.ended(later["id"]))["state"] == "succeeded"
+        assert victim_gate.runs == 0
+        assert (await api.task(victim["id"]))["state"] == "cancelled"
+
+
 async def test_cancel_of_a_finished_task_is_409(api: Daemon) -> None:
     task = await api.submit({"type": "noop"})
     assert (await api.ended(task["id"]))["state"] == "succeeded"
