@@ -45,6 +45,11 @@ class Feeder:
         self._sleeps_until: float | None = None
 
     @property
+    def wakes_at(self) -> float | None:
+        """When the sleeping feeder looks again by itself (None: only when woken)."""
+        return self._sleeps_until
+
+    @property
     def quiet(self) -> bool:
         """Neither claiming nor about to: a task started at admission overtakes nothing."""
         return not self._feeding and not self._nudge.is_set()

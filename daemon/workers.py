@@ -91,6 +91,8 @@ class Workers:
         after their current task."""
         assert self._spawn is not None, "start() first"
         self.config = config
+        if self.stopping.is_set():
+            return  # a reload during the stop: no consumer may start that nobody would end
         surplus = len(self._consumers) - self.retiring - config.concurrency
         if surplus > 0:
             self.retiring += surplus
@@ -230,6 +232,10 @@ class Workers:
                 extra={"event": "drain.start"},
             )
             await _within(grace, self._idle, hurry)
+        # One deadline past the grace for the stopped runs and the last writes together, so
+        # that the stop's bound (lifecycle.py, TimeoutStopSec) holds.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_DEADLINE
         if self.inflight:
             logger.warning(
                 "grace period over: stopping %d running tasks and putting them back",
@@ -239,7 +245,7 @@ class Workers:
             for run in list(self.runs.values()):
                 run.stop("shutdown")
             await _within(STOP_DEADLINE, self._idle)
-        await _within(STOP_DEADLINE, self.recorder.idle)
+        await _within(max(0.0, deadline - loop.time()), self.recorder.idle)
         # Every consumer now waits on the empty queue (or, past STOP_DEADLINE, on a run
         # that ignores cancellation): end them, and the recorder, which has written all.
         for task in list(self._consumers):

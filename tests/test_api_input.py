@@ -19,7 +19,7 @@ from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
     stored_counts,
 )
 
-QUICK = 2.0  # seconds a refusal may take
+QUICK = 10.0  # seconds a refusal may take: far below a body-read timeout's
 JSON_TYPE = {"Content-Type": "application/json"}
 
 

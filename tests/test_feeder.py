@@ -11,6 +11,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from daemon.config import parse
 from daemon.flow import load_flow
 from daemon.ids import new_id
@@ -123,3 +125,18 @@ async def test_an_admission_into_a_paused_queue_leaves_the_feeder_asleep(
         run.workers.flow.paused.discard("default")
         run.workers.feeder.wake()  # what resuming the queue does
         await run.succeeded(paused.id)
+
+
+async def test_a_task_for_later_sets_the_feeders_alarm_to_its_run_at(tmp_path: Path) -> None:
+    async with running(tmp_path, concurrency=2) as run:
+        await run.asleep()
+        later = msgspec.structs.replace(task("noop", {}), run_at=time.time() + 60)
+        await run.admit(later)
+
+        async def alarm() -> float | None:
+            return run.workers.feeder.wakes_at
+
+        async with asyncio.timeout(QUICK):
+            at = await eventually(alarm)
+        # It sleeps until then, not for a polling interval (test_flow times the start).
+        assert abs(at - later.run_at) < 0.05, (at, later.run_at)

@@ -49,7 +49,7 @@ from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
 TOKEN = "fuzz-admin-token-0123456789"
 FUZZ_EXAMPLES = int(os.environ.get("OFFLOAD_FUZZ_EXAMPLES", "30"))
 FUZZ_SEED = int(os.environ.get("OFFLOAD_FUZZ_SEED", "20250101"))
-FUZZ_WITHIN = 170.0  # seconds; the run takes ~60 s on two loaded cores
+FUZZ_WITHIN = 840.0  # seconds; the run takes ~20-60 s on two loaded cores
 METHODS = ("get", "put", "post", "delete", "patch")
 EX_START = 1  # `offload serve` could not start (the port was taken)
 
@@ -331,6 +331,10 @@ def schemathesis_argv(url: str) -> list[str]:
         # An event stream does not end (tests/test_events.py covers it).
         "--exclude-path",
         "/v1/events",
+        # Hypothesis' health checks time the generation: on a slow machine they fail the
+        # run for the machine's speed, not for anything the daemon did.
+        "--suppress-health-check",
+        "all",
         "--max-examples",
         str(FUZZ_EXAMPLES),
         "--seed",
@@ -345,6 +349,7 @@ def schemathesis_argv(url: str) -> list[str]:
     ]
 
 
+@pytest.mark.timeout(900)  # room for FUZZ_WITHIN on a machine three times slower
 async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_spec(
     offload: Offload, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from daemon.store.postgres import PostgresStore
 from tests import pg
 from tests.harness import eventually
 
-LEASE = 1.0  # seconds; the heartbeat renews every LEASE / 3
+LEASE = 3.0  # seconds; the heartbeat renews every LEASE / 3 (room for a stalled second)
 
 
 async def test_a_run_being_recorded_keeps_its_lease_until_the_write_is_done(

@@ -171,7 +171,7 @@ async def test_more_concurrency_starts_waiting_tasks_and_leaves_running_ones_alo
 
         rewrite(config, ["hold"], workers={"concurrency": 3})
         assert (await reload(daemon, notify)).startswith("reloaded")
-        async with asyncio.timeout(5):  # the new consumers exist once READY=1 came
+        async with asyncio.timeout(WAIT):  # the new consumers exist once READY=1 came
             assert await eventually(lambda: started(3)) == {t.id for t in tasks}
 
         (tmp_path / "release").touch()

@@ -35,6 +35,9 @@ from tests.systemd_harness import (
     stored_tasks,
 )
 
+# Booting the container and installing into it run in the first test's setup.
+pytestmark = pytest.mark.timeout(900)
+
 DB = "/var/lib/offload/offload.db"  # in the unit's StateDirectory
 UNIT_TEXT = (REPO_ROOT / "systemd" / "offload.service").read_text()
 NO_EXEC_RELOAD = "ExecReload=" not in UNIT_TEXT
