@@ -65,12 +65,14 @@ class Deliverer:
             return
         body = encode(view(task))
         headers = {"Content-Type": "application/json", "X-Offload-Task-Id": task.id}
-        if target.secret_file is not None:
-            headers[SIGNATURE_HEADER] = sign(
-                read_secret(target.secret_file), body, int(time.time())
-            )
         error: str | None = None
         try:
+            if target.secret_file is not None:
+                # Read at each delivery, so that a rotated secret applies at once; a file
+                # gone or emptied fails this attempt (retried), not the daemon.
+                headers[SIGNATURE_HEADER] = sign(
+                    read_secret(target.secret_file), body, int(time.time())
+                )
             async with self.http.session().post(
                 target.url,
                 data=body,
@@ -80,7 +82,7 @@ class Deliverer:
             ) as resp:
                 if not 200 <= resp.status < 300:
                     error = f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             error = f"{type(exc).__name__}: {exc}"[:500]
         retry_at = None
         if error is not None and task.callback_attempts + 1 < target.max_attempts:

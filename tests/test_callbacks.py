@@ -132,3 +132,27 @@ async def test_an_unknown_callback_is_refused(tmp_path: Path) -> None:
         reply = await daemon.request("POST", "/v1/tasks", json={"type": "noop", "callback": "nope"})
         assert_error(reply, 422, "invalid", "callback")
         assert await daemon.count() == 0
+
+
+async def test_a_secret_file_gone_fails_attempts_not_the_daemon(tmp_path: Path) -> None:
+    secret = tmp_path / "secret"
+    secret.write_bytes(SECRET)
+    receiver = Receiver()
+    async with serving(receiver) as url:
+        config = callbacks(url, secret)
+        config["callbacks"]["done"] |= {"max_attempts": 50, "backoff": {"initial": "200ms"}}
+        async with open_daemon(tmp_path, config) as daemon:
+            secret.unlink()  # a rotation gone wrong, after the daemon checked it at start
+            task = await daemon.submit({"type": "noop", "callback": "done"})
+            deadline = time.monotonic() + 15
+            while "FileNotFoundError" not in str(
+                (await daemon.task(task["id"]))["callback"]["last_error"]
+            ):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.02)  # polling the task's delivery state, bounded
+            secret.write_bytes(SECRET)  # put back: the next attempt signs and delivers
+            done = await callback_state(daemon, task["id"], "delivered")
+            assert not daemon.serving.done()
+    ((headers, body),) = receiver.received
+    assert verify(headers, body)
+    assert done["callback"]["attempts"] >= 2
