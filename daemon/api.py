@@ -28,6 +28,8 @@ from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import BatchRequest, SubmitRequest, TaskPage, decode_body, view
 
 MAX_PAGE = 1000
+# Payload and result bytes a list page holds before it ends early (at least one task).
+PAGE_BYTES = 8 * 1024 * 1024
 TASK_ID = "{id:(?!batch$)[^/]+}"
 _INTEGER = re.compile(r"[0-9]+")
 _NUMBER = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
@@ -253,9 +255,14 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
         queue=q.get("queue"),
         before=cursor,
         limit=limit + 1,
+        max_bytes=PAGE_BYTES,
     )
     tasks = await rt.store.list(query)
-    more = len(tasks) > limit
+    # More after this page: a task past `limit`, or the page ended at its byte budget (the
+    # next page may then be empty).
+    more = len(tasks) > limit or sum(len(t.payload) + len(t.result or b"") for t in tasks) > (
+        PAGE_BYTES
+    )
     tasks = tasks[:limit]
     next_cursor = tasks[-1].id if more and tasks else None
     return json_response(TaskPage(tasks=[view(t) for t in tasks], next_cursor=next_cursor))

@@ -204,13 +204,16 @@ class IdempotencyKey(msgspec.Struct, frozen=True):
 
 
 class TaskQuery(msgspec.Struct, frozen=True):
-    """A page of tasks, newest first; `before` is the id the previous page ended at."""
+    """A page of tasks, newest first; `before` is the id the previous page ended at. With
+    `max_bytes`, the page ends early at the task whose payload and result bring the page's
+    total past it (that task included): a page of big payloads stays bounded in memory."""
 
     state: TaskState | None = None
     type: str | None = None
     queue: str | None = None
     before: str | None = None
     limit: int = 100
+    max_bytes: int | None = None
 
 
 class Counts(msgspec.Struct, frozen=True):

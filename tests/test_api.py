@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web_request
 
+from daemon import api as daemon_api
 from daemon.ids import new_id
 from daemon.models import Counts
 from tests.harness import eventually
@@ -339,6 +340,25 @@ async def test_list_pages_are_disjoint_complete_and_newest_first(api: Daemon) ->
     assert ids == sorted(ids, reverse=True)
     created = [when(t["created_at"]) for page in pages for t in page]
     assert created == sorted(created, reverse=True)
+
+
+async def test_a_list_page_of_big_payloads_ends_early_and_paging_goes_on(
+    api: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemon_api, "PAGE_BYTES", 250)  # 100-byte payloads: 3 a page
+    text = "x" * 98
+    submitted = [(await api.submit({"type": "noop", "payload": text, "delay": LATER}))["id"]]
+    for _ in range(4):
+        submitted.append(
+            (await api.submit({"type": "noop", "payload": text, "delay": LATER}))["id"]
+        )
+
+    first = await api.request("GET", "/v1/tasks", params={"limit": "100"})
+    assert [t["id"] for t in first.body["tasks"]] == submitted[::-1][:3]
+    assert first.body["next_cursor"] == submitted[::-1][2]
+    rest = await api.request("GET", "/v1/tasks", params={"cursor": first.body["next_cursor"]})
+    assert [t["id"] for t in rest.body["tasks"]] == submitted[::-1][3:]
+    assert rest.body["next_cursor"] is None
 
 
 async def test_list_filters_by_state_type_and_queue(api: Daemon) -> None:

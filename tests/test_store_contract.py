@@ -486,6 +486,19 @@ async def test_list_filters_and_pages_newest_first(store: Store) -> None:
     assert pages == newest_first
 
 
+async def test_a_page_ends_at_the_task_that_passes_its_byte_budget(store: Store) -> None:
+    tasks = [msgspec.structs.replace(new_task(n), payload=b'"%s"' % (b"x" * 98)) for n in range(5)]
+    await admit(store, *tasks)
+    newest_first = sorted(ids(tasks), reverse=True)
+
+    # 100 bytes each: the third passes 250 and ends the page; alone, one is always there.
+    assert ids(await store.list(TaskQuery(max_bytes=250))) == newest_first[:3]
+    assert ids(await store.list(TaskQuery(max_bytes=10))) == newest_first[:1]
+    assert ids(await store.list(TaskQuery(max_bytes=10_000))) == newest_first
+    after = await store.list(TaskQuery(max_bytes=250, before=newest_first[2]))
+    assert ids(after) == newest_first[3:]
+
+
 async def test_a_page_after_a_cursor_whose_task_was_purged_goes_on_below_it(
     store: Store,
 ) -> None:

@@ -348,10 +348,24 @@ class PostgresStore(SideOps):
             args.append(query.before)
             where.append(f"id < ${len(args)}")
         sql = f"SELECT {COLUMNS} FROM offload_tasks"
+        if query.max_bytes is not None:
+            # The running total of payload and result bytes, newest first: a row is in the
+            # page while the rows before it stay within the budget.
+            size = "octet_length(payload) + coalesce(octet_length(result), 0)"
+            sql = (
+                f"SELECT {COLUMNS}, sum({size}) OVER (ORDER BY id DESC ROWS UNBOUNDED "
+                f"PRECEDING) - {size} AS before_it FROM offload_tasks"
+            )
         if where:
             sql += " WHERE " + " AND ".join(where)
         args.append(query.limit)
         sql += f" ORDER BY id DESC LIMIT ${len(args)}"
+        if query.max_bytes is not None:
+            args.append(query.max_bytes)
+            sql = (
+                f"SELECT {COLUMNS} FROM ({sql}) AS page WHERE before_it <= ${len(args)} "
+                "ORDER BY id DESC"
+            )
         return [task_from_row(r) for r in await self._fetch(sql, *args)]
 
     async def changes(

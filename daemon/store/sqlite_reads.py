@@ -39,8 +39,18 @@ class ReadOps(Connections):
         sql += " ORDER BY seq DESC LIMIT ?"
         args.append(str(query.limit))
 
+        budget = query.max_bytes
+
         def fn(conn: sqlite3.Connection) -> list[Task]:
-            return [task_from_row(r) for r in conn.execute(sql, args).fetchall()]
+            if budget is None:
+                return [task_from_row(r) for r in conn.execute(sql, args).fetchall()]
+            page, total = [], 0
+            for row in conn.execute(sql, args):  # a row at a time, to stop at the budget
+                page.append(task_from_row(row))
+                total += len(row[4]) + len(row[14] or b"")  # payload, result
+                if total > budget:
+                    break
+            return page
 
         return await self._read(fn)  # type: ignore[no-any-return]
 
