@@ -346,12 +346,8 @@ async def test_a_list_page_of_big_payloads_ends_early_and_paging_goes_on(
     api: Daemon, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(daemon_api, "PAGE_BYTES", 250)  # 100-byte payloads: 3 a page
-    text = "x" * 98
-    submitted = [(await api.submit({"type": "noop", "payload": text, "delay": LATER}))["id"]]
-    for _ in range(4):
-        submitted.append(
-            (await api.submit({"type": "noop", "payload": text, "delay": LATER}))["id"]
-        )
+    big = {"type": "noop", "payload": "x" * 98, "delay": LATER}
+    submitted = [(await api.submit(big))["id"] for _ in range(5)]
 
     first = await api.request("GET", "/v1/tasks", params={"limit": "100"})
     assert [t["id"] for t in first.body["tasks"]] == submitted[::-1][:3]
