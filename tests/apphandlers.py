@@ -46,16 +46,24 @@ class GatePayload(msgspec.Struct, forbid_unknown_fields=True):
     gate: str
 
 
-async def block(payload: GatePayload) -> JSON:
-    """Run until the test releases the gate; mark the gate if the run is cancelled."""
-    gate = GATES[payload.gate]
+async def _hold(gate: Gate, clean_up: asyncio.Event | None = None) -> None:
+    """Until the test releases `gate`; a cancel marks it, and waits for `clean_up` first."""
     gate.runs += 1
     gate.started.set()
     try:
         await gate.release.wait()
     except asyncio.CancelledError:
         gate.cancelled.set()
+        if clean_up is not None:
+            await clean_up.wait()
+            gate.unwound.set()
         raise
+
+
+async def block(payload: GatePayload) -> JSON:
+    """Run until the test releases the gate; mark the gate if the run is cancelled."""
+    gate = GATES[payload.gate]
+    await _hold(gate)
     return {"gate": payload.gate, "runs": gate.runs}
 
 
@@ -97,13 +105,5 @@ class Unwind(msgspec.Struct, forbid_unknown_fields=True):
 async def slow_unwind(payload: Unwind, job: Job) -> JSON:
     """The first run takes its time to clean up after a cancel; the second just blocks."""
     gate = GATES[payload.first if job.attempt == 1 else payload.second]
-    gate.runs += 1
-    gate.started.set()
-    try:
-        await gate.release.wait()
-    except asyncio.CancelledError:
-        gate.cancelled.set()
-        await GATES[payload.first].release.wait()  # the clean-up, past the cancel
-        gate.unwound.set()
-        raise
+    await _hold(gate, clean_up=GATES[payload.first].release)
     return {"attempt": job.attempt}
