@@ -78,3 +78,13 @@ async def hostile(payload: str) -> JSON:
         result.append(result)
         return result
     return None
+
+
+DEAF_RELEASE = threading.Event()
+
+
+def deaf(payload: JSON, job: Job) -> JSON:
+    """A sync handler that ignores its cancellation, until the test lets it return."""
+    SYNC_STARTED.setdefault(job.task_id, threading.Event()).set()
+    DEAF_RELEASE.wait(60)
+    return None

@@ -3,7 +3,9 @@
 `async def` handlers run on the event loop; plain functions run in a bounded thread pool so
 they never block it. A sync handler cannot be interrupted: on cancel or timeout its
 `Job.cancelled` event is set and the task is recorded at once, but its thread stays busy
-until the function returns.
+until the function returns. One that has not returned `STUCK_AFTER` seconds later is
+logged (`task.thread_stuck`), with how many of the pool's threads such runs hold: once they
+hold all of them, every sync task waits for a thread until its own timeout.
 """
 
 from __future__ import annotations
@@ -11,13 +13,18 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import logging
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import msgspec
 
 from daemon.executors.base import JSON, Executor, Job
+
+logger = logging.getLogger(__name__)
+STUCK_AFTER = 30.0  # seconds a cancelled sync handler may take to return before it is logged
+_stuck: set[Future[Any]] = set()  # threads held by cancelled sync runs that have not returned
 
 
 class HandlerError(Exception):
@@ -82,11 +89,28 @@ def python_executor(
         loop = asyncio.get_running_loop()
         call_args = args(job)
         cancelled = job.cancelled  # made here, on the loop, before the thread can look
-        future = loop.run_in_executor(threads, lambda: handler(*call_args))
+        thread = threads.submit(handler, *call_args)
         try:
-            return await future
+            return await asyncio.wrap_future(thread)
         except asyncio.CancelledError:
             cancelled.set()
+            loop.call_later(STUCK_AFTER, _check_returned, thread, job, threads)
             raise
 
     return run_sync
+
+
+def _check_returned(thread: Future[Any], job: Job, threads: ThreadPoolExecutor) -> None:
+    if thread.done():
+        return
+    _stuck.add(thread)
+    thread.add_done_callback(_stuck.discard)
+    logger.warning(
+        "task %s: its sync handler has not returned %gs after it was cancelled; "
+        "its thread stays busy (%d of %d threads held so)",
+        job.task_id,
+        STUCK_AFTER,
+        len(_stuck),
+        threads._max_workers,  # the pool's size: its only public trace is the constructor
+        extra={"event": "task.thread_stuck", "task_id": job.task_id, "task_type": job.type},
+    )
