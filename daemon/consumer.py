@@ -172,7 +172,8 @@ async def _outcome(workers: Workers, run: Run, started: float) -> Outcome | None
     except TimeoutError:  # the handler's own
         return _failure(workers, claim, f"timed out after {claim.task.timeout:g}s", started)
     except RetryAfter as exc:
-        return _failure(workers, claim, _describe(exc), started, not_before=_seconds(exc.delay))
+        delay = _seconds(getattr(exc, "delay", None))
+        return _failure(workers, claim, _describe(exc), started, not_before=delay)
     except Permanent as exc:
         return Failed(error=_describe(exc), finished_at=time.time(), duration=_since(started))
     except (Exception, SystemExit, KeyboardInterrupt) as exc:
@@ -230,7 +231,7 @@ def _seconds(value: object) -> float:
     """A handler's `RetryAfter.delay` as seconds (0 when it is not a finite number)."""
     try:
         seconds = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except Exception:  # not a number, or one past a double (OverflowError)
         return 0.0
     return seconds if 0 <= seconds < float("inf") else 0.0
 

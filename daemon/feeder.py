@@ -110,6 +110,15 @@ class Feeder:
                     )
                 finally:
                     self._feeding = False
+                if failures:
+                    # The whole pause, whatever wakes the feeder meanwhile (freed slots,
+                    # admissions): only the stop cuts it short.
+                    try:
+                        async with asyncio.timeout(delay):
+                            await self.w.stopping.wait()
+                    except TimeoutError:
+                        pass
+                    continue
                 if delay is not None and delay <= 0:
                     continue
                 if not self._nudge.is_set():

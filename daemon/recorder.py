@@ -19,6 +19,7 @@ nothing the second time (its run is reported as lost).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from daemon.errors import OffloadError
 from daemon.models import Claim, Outcome, Task
 from daemon.store.base import Store
 
+logger = logging.getLogger(__name__)
 MAX_BATCH = 1024
 
 
@@ -51,8 +53,18 @@ class Recorder:
         self._failed = failed
         self._waiting: list[Ended] = []
         self._more = asyncio.Event()
+        self._hurry = asyncio.Event()  # the stop: try again now, not after the pause
         self.idle = asyncio.Event()  # set while nothing waits to be written or settled
         self.idle.set()
+
+    @property
+    def waiting(self) -> int:
+        """Outcomes not written yet."""
+        return len(self._waiting)
+
+    def hurry(self) -> None:
+        """End the pause after a failed write, if one is under way: the daemon stops."""
+        self._hurry.set()
 
     def add(self, ended: Ended) -> None:
         self._waiting.append(ended)
@@ -74,7 +86,12 @@ class Recorder:
                 failures = min(failures + 1, 7)
                 pause = RETRY * 2 ** (failures - 1)
                 self._failed(error, len(self._waiting), pause)
-                await asyncio.sleep(pause)
+                try:
+                    async with asyncio.timeout(pause):
+                        await self._hurry.wait()
+                except TimeoutError:
+                    pass
+                self._hurry.clear()
             self.idle.set()
 
     async def _write(self, batch: list[Ended]) -> OffloadError | None:
@@ -84,6 +101,15 @@ class Recorder:
             results = await self._store.record_many([(e.claim, e.outcome) for e in batch])
         except OffloadError as exc:
             return exc
+        except Exception:  # a bug: trying again would fail alike, and hold every later write
+            logger.exception(
+                "could not write the outcomes of %d runs; their tasks stay running until the "
+                "next start puts them back",
+                len(batch),
+                extra={"event": "task.record_bug"},
+            )
+            del self._waiting[: len(batch)]
+            return None
         del self._waiting[: len(batch)]
         again: list[Ended] = []
         error = None

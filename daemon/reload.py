@@ -54,7 +54,7 @@ async def reload_on_request(
             continue
         except Exception:  # a bug in applying it: the daemon and its running tasks go on
             logger.exception(
-                "reload failed, the running configuration stays",
+                "reload failed part way; what it applied before the error stays",
                 extra={"event": "config.reload_failed"},
             )
             notifier.send("READY=1", "STATUS=reload failed; see the log")

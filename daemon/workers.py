@@ -245,7 +245,15 @@ class Workers:
             for run in list(self.runs.values()):
                 run.stop("shutdown")
             await _within(STOP_DEADLINE, self._idle)
+        self.recorder.hurry()
         await _within(max(0.0, deadline - loop.time()), self.recorder.idle)
+        if self.recorder.waiting:
+            logger.error(
+                "stopping with %d outcomes not written (the store fails): their tasks stay "
+                "running until the next start puts them back",
+                self.recorder.waiting,
+                extra={"event": "drain.outcomes_lost"},
+            )
         # Every consumer now waits on the empty queue (or, past STOP_DEADLINE, on a run
         # that ignores cancellation): end them, and the recorder, which has written all.
         for task in list(self._consumers):

@@ -73,6 +73,10 @@ async def hostile(payload: str) -> JSON:
         from daemon.executors.base import RetryAfter
 
         raise RetryAfter("come back later", None)  # type: ignore[arg-type]
+    if payload == "retry-after-huge":
+        from daemon.executors.base import RetryAfter
+
+        raise RetryAfter("come back much later", 10**400)
     if payload == "cyclic":
         result: list[object] = []
         result.append(result)

@@ -158,7 +158,13 @@ async def test_a_sync_handler_that_ignores_its_cancellation_is_logged_holding_a_
 @pytest.mark.parametrize(
     ("how", "attempts"),
     # A result that cannot be encoded fails at once: running again would not change it.
-    [("exit", 2), ("unprintable", 2), ("retry-after-none", 2), ("cyclic", 1)],
+    [
+        ("exit", 2),
+        ("unprintable", 2),
+        ("retry-after-none", 2),
+        ("retry-after-huge", 2),
+        ("cyclic", 1),
+    ],
 )
 async def test_a_hostile_handler_fails_its_run_and_the_daemon_goes_on(
     tmp_path: Path, how: str, attempts: int

@@ -499,6 +499,19 @@ async def test_a_page_ends_at_the_task_that_passes_its_byte_budget(store: Store)
     assert ids(after) == newest_first[3:]
 
 
+async def test_results_count_toward_a_pages_byte_budget(store: Store) -> None:
+    tasks = [msgspec.structs.replace(new_task(n), payload=b'"%s"' % (b"x" * 98)) for n in range(3)]
+    await admit(store, *tasks)
+    claims = {c.task.id: c for c in await claim(store, limit=3)}
+    result = b'"%s"' % (b"r" * 198)  # the middle task: 100 + 200 bytes
+    await store.record(claims[tasks[1].id], Succeeded(result=result, finished_at=T0 + 1))
+    newest_first = sorted(ids(tasks), reverse=True)  # sizes 100, 300, 100
+
+    assert ids(await store.list(TaskQuery(max_bytes=450))) == newest_first  # 100, 400, 500
+    assert ids(await store.list(TaskQuery(max_bytes=350))) == newest_first[:2]
+    assert ids(await store.list(TaskQuery(max_bytes=50))) == newest_first[:1]
+
+
 async def test_a_page_after_a_cursor_whose_task_was_purged_goes_on_below_it(
     store: Store,
 ) -> None:

@@ -39,7 +39,7 @@ def resolve_handler(spec: str) -> Callable[..., Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise HandlerError(f"cannot import module {module_name!r}: {exc}") from exc
-    except Exception as exc:  # its code raised (a SyntaxError too): the config is refused
+    except (Exception, SystemExit) as exc:  # its code raised (SyntaxError, sys.exit())
         name = type(exc).__name__
         raise HandlerError(f"importing module {module_name!r} raised {name}: {exc}") from exc
     target: Any = module

@@ -351,7 +351,7 @@ class PostgresStore(SideOps):
         if query.max_bytes is not None:
             # The running total of payload and result bytes, newest first: a row is in the
             # page while the rows before it stay within the budget.
-            size = "octet_length(payload) + coalesce(octet_length(result), 0)"
+            size = "(octet_length(payload) + coalesce(octet_length(result), 0))"
             sql = (
                 f"SELECT {COLUMNS}, sum({size}) OVER (ORDER BY id DESC ROWS UNBOUNDED "
                 f"PRECEDING) - {size} AS before_it FROM offload_tasks"

@@ -169,7 +169,7 @@ class SQLiteStore(OutcomeOps, SideOps, ReadOps):
         # Atomic: the claim is one statement; the promotion before it changes nothing any
         # reader sees, so it may stay even if the claim fails. Background: the feeder's,
         # not a request's (see sqlite_writer).
-        rows, first, next_due = await self._write(op, atomic=True, background=True)
+        rows, first, next_due = await self._write(op, atomic=True, lazy=True)
         taken = claims(rows, first_change=first, owner=owner, now=now, lease_until=now + lease)
         self._changed([c.task for c in taken])
         return ClaimBatch(claims=taken, next_due=next_due)

@@ -26,7 +26,7 @@ class Connections:
     def __init__(self, path: Path, synchronous: str) -> None:
         self._path = path
         self._synchronous = synchronous.upper()
-        self._writer = Writer(self._connect, f"{path}-wal")
+        self._writer = Writer(self._connect, f"{path}-wal", full=self._synchronous == "FULL")
         self._writer.on_rollback = self._recount
         self._readers = ThreadPoolExecutor(1, "sqlite-reader", initializer=self._open_reader)
         self._local: dict[str, sqlite3.Connection] = {}
@@ -83,8 +83,10 @@ class Connections:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the store could not be read: {exc}") from exc
 
-    async def _write(self, op: Any, *, atomic: bool = False, background: bool = False) -> Any:
-        return await self._writer.submit(op, atomic=atomic, background=background)
+    async def _write(
+        self, op: Any, *, atomic: bool = False, background: bool = False, lazy: bool = False
+    ) -> Any:
+        return await self._writer.submit(op, atomic=atomic, background=background, lazy=lazy)
 
     def _setup(self, conn: sqlite3.Connection) -> None:
         migrate(conn)

@@ -50,7 +50,7 @@ class OutcomeOps(Connections):
                 self._change += len(done)
                 try:
                     lost = succeed(conn, [(c, o) for _, c, o in done], first)
-                except sqlite3.Error as exc:
+                except sqlite3.OperationalError as exc:  # a lock, a full disk: tried again
                     lost = set(range(len(done)))
                     for i, _, _ in done:
                         results[i] = StoreUnavailable(f"the store could not record: {exc}")
@@ -62,7 +62,7 @@ class OutcomeOps(Connections):
                     continue
                 try:
                     results[i] = self._apply_outcome(conn, claim, outcome)
-                except sqlite3.Error as exc:
+                except sqlite3.OperationalError as exc:
                     # If this also ended the transaction, the commit fails and says so for all.
                     results[i] = StoreUnavailable(f"the store could not record: {exc}")
             return results, first, lost

@@ -16,6 +16,14 @@ others are answered first. Each statement costs the writer a wait for the GIL wh
 event loop is busy, and a claim and a record bring five to seven of them: in one
 transaction with an admission they held every submission of that commit back.
 
+A `lazy` operation (a claim) commits before the other background ones, in a transaction of
+its own that does not wait for the disk even with synchronous = FULL: the claimed tasks
+start while the outcomes of the runs before them are written and synced (in a drain the
+event loop would otherwise idle through that sync for every claim). The next synced commit
+syncs the claim with it (the WAL is one file, synced in order); until then only a power cut
+can undo it, and then the task is queued again with the attempts it had, as if that claim
+had not been made. A crash of the process loses nothing SQLite wrote.
+
 SQLite's own errors reach callers as `StoreUnavailable` (a locked file, a full disk), never
 as `sqlite3.Error`: every caller knows what to do with the store being unavailable. If
 SQLite rolled the whole transaction back on an operation's error (it does for SQLITE_FULL
@@ -55,22 +63,28 @@ CHECKPOINT_EVERY = 32  # commits (~1,000 pages, SQLite's own default)
 
 
 class _Item:
-    __slots__ = ("atomic", "background", "future", "op")
+    __slots__ = ("atomic", "background", "future", "lazy", "op")
 
-    def __init__(self, op: Op, future: asyncio.Future[Any], atomic: bool, background: bool) -> None:
+    def __init__(
+        self, op: Op, future: asyncio.Future[Any], atomic: bool, background: bool, lazy: bool
+    ) -> None:
         self.op = op
         self.future = future
         self.atomic = atomic
         self.background = background
+        self.lazy = lazy
 
 
 class Writer:
     """Owns the write connection. `start()` connects (in the thread) and runs `setup`;
     `submit()` queues an operation; `stop()` finishes what was queued and closes."""
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], wal_path: str) -> None:
+    def __init__(
+        self, connect: Callable[[], sqlite3.Connection], wal_path: str, *, full: bool = False
+    ) -> None:
         self._connect = connect
         self._wal_path = wal_path
+        self._full = full  # the connection syncs each commit (synchronous = FULL)
         self._items: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -96,13 +110,15 @@ class Writer:
         *,
         atomic: bool = False,
         background: bool = False,
+        lazy: bool = False,
     ) -> asyncio.Future[T]:
         """Queue `op`; `atomic` only for an operation whose writing statements may each
-        commit alone, `background` for one no caller waits on to answer a request (see
-        the module's docstring)."""
+        commit alone, `background` for one no caller waits on to answer a request, `lazy`
+        (background too) for one whose commit need not reach the disk before its caller
+        goes on (see the module's docstring)."""
         assert self._loop is not None, "Writer.start() first"
         future: asyncio.Future[T] = self._loop.create_future()
-        self._items.put(_Item(op, future, atomic, background))
+        self._items.put(_Item(op, future, atomic, background or lazy, lazy))
         return future
 
     async def stop(self) -> None:
@@ -147,6 +163,10 @@ class Writer:
             if answered and len(answered) < len(batch):
                 self._guarded(conn, loop, answered)
                 batch = [item for item in batch if item.background]
+            lazy = [item for item in batch if item.lazy]
+            if lazy and len(lazy) < len(batch) and not answered:
+                self._guarded(conn, loop, lazy)
+                batch = [item for item in batch if not item.lazy]
             self._guarded(conn, loop, batch)
 
     def _guarded(
@@ -156,23 +176,38 @@ class Writer:
             self._commit(conn, loop, batch)
         except Exception as exc:  # the thread serves on; these callers learn of it
             logger.exception("sqlite writer: a batch failed", extra={"event": "store.bug"})
+            if conn.in_transaction:  # never leave the next batch inside this one
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    logger.exception("sqlite rollback failed", extra={"event": "store.bug"})
             error = StoreUnavailable(f"the store could not write: {exc}")
+            # A future settled already (results went out before the failure) stays as it is.
             loop.call_soon_threadsafe(_settle, batch, [(False, error)] * len(batch))
 
     def _commit(
         self, conn: sqlite3.Connection, loop: asyncio.AbstractEventLoop, batch: list[_Item]
     ) -> None:
         began = time.perf_counter()
-        results = self._apply(conn, batch)
+        if self._full and all(item.lazy for item in batch):
+            conn.execute("PRAGMA synchronous = NORMAL")
+            try:
+                results = self._apply(conn, batch)
+            finally:
+                conn.execute("PRAGMA synchronous = FULL")
+        else:
+            results = self._apply(conn, batch)
         loop.call_soon_threadsafe(_settle, batch, results)
-        if self.on_commit is not None:
-            self.on_commit(time.perf_counter() - began, len(batch))
         self.commits += 1
         self.last_commit = time.monotonic()
-        if self.commits % CHECKPOINT_EVERY == 0:
-            self._checkpoint(conn)
-        if self._wal_over or self.commits % WAL_CHECK_EVERY == 0:
-            self._bound_wal(conn)
+        try:
+            if self.on_commit is not None:
+                self.on_commit(time.perf_counter() - began, len(batch))
+        finally:  # the WAL's upkeep, whatever the hook did
+            if self.commits % CHECKPOINT_EVERY == 0:
+                self._checkpoint(conn)
+            if self._wal_over or self.commits % WAL_CHECK_EVERY == 0:
+                self._bound_wal(conn)
 
     def _apply(self, conn: sqlite3.Connection, batch: list[_Item]) -> list[tuple[bool, Any]]:
         if len(batch) == 1 and batch[0].atomic:
@@ -191,8 +226,10 @@ class Writer:
                     try:
                         results.append((True, item.op(conn)))
                     except Exception as exc:  # the operation's own error, for its caller
-                        _still_open(conn, exc)
                         results.append((False, _for_caller(exc)))
+                    # Even after a success: an operation may have met (and kept to itself)
+                    # an error on which SQLite rolled the whole transaction back.
+                    _still_open(conn, results[-1][1] if not results[-1][0] else "an error")
                     continue
                 conn.execute("SAVEPOINT op")
                 try:
@@ -247,19 +284,20 @@ class Writer:
 
 
 def _for_caller(exc: Exception) -> Exception:
-    """What an operation's caller gets for `exc`: SQLite's errors as `StoreUnavailable`."""
-    if isinstance(exc, sqlite3.Error):
+    """What an operation's caller gets for `exc`: SQLite's operational errors (a lock held
+    too long, a full disk, an I/O error) as `StoreUnavailable`; others are bugs, as raised."""
+    if isinstance(exc, sqlite3.OperationalError):
         error = StoreUnavailable(f"the store could not write: {exc}")
         error.__cause__ = exc
         return error
     return exc
 
 
-def _still_open(conn: sqlite3.Connection, exc: Exception) -> None:
-    """Raise if SQLite rolled the whole transaction back on `exc` (a full disk, an I/O
-    error): the batch's earlier work is gone, so it must fail as a whole."""
+def _still_open(conn: sqlite3.Connection, cause: object) -> None:
+    """Raise if SQLite rolled the whole transaction back (on a full disk, an I/O error):
+    the batch's earlier work is gone, so it must fail as a whole."""
     if not conn.in_transaction:
-        raise sqlite3.OperationalError(f"the transaction was rolled back: {exc}")
+        raise sqlite3.OperationalError(f"the transaction was rolled back: {cause}")
 
 
 def _settle_one(future: asyncio.Future[Any], ok: bool, value: Any) -> None:
