@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import logging
 import threading
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from daemon.config import BackoffConfig, Duration
 from daemon.executors import python as python_executor
 from tests import policyhandlers
 from tests.inproc import open_daemon
+from tests.logevents import log_event
 
 POLICY_TYPES: dict[str, Any] = {
     "types": {
@@ -127,32 +127,23 @@ async def test_a_sync_handler_that_ignores_its_cancellation_is_logged_holding_a_
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(python_executor, "STUCK_AFTER", 0.2)
-    stuck = asyncio.Event()
-
-    class Stuck(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if getattr(record, "event", None) == "task.thread_stuck":
-                stuck.set()
-
-    watch = Stuck()
-    logging.getLogger(python_executor.__name__).addHandler(watch)
     policyhandlers.DEAF_RELEASE.clear()
     try:
-        async with open_daemon(tmp_path, POLICY_TYPES) as daemon:
-            task = await daemon.submit({"type": "deaf", "payload": {}})
-            started = policyhandlers.SYNC_STARTED.setdefault(task["id"], threading.Event())
-            assert await asyncio.to_thread(started.wait, 10)
-            assert (await daemon.request("DELETE", f"/v1/tasks/{task['id']}")).status == 200
-            async with asyncio.timeout(10):
-                await stuck.wait()
-            assert len(python_executor._stuck) == 1
-            policyhandlers.DEAF_RELEASE.set()  # it returns at last: its thread is free again
-            async with asyncio.timeout(10):
-                while python_executor._stuck:  # noqa: ASYNC110 (the pool's thread clears it)
-                    await asyncio.sleep(0.01)
+        with log_event(python_executor.__name__, "task.thread_stuck") as stuck:
+            async with open_daemon(tmp_path, POLICY_TYPES) as daemon:
+                task = await daemon.submit({"type": "deaf", "payload": {}})
+                started = policyhandlers.SYNC_STARTED.setdefault(task["id"], threading.Event())
+                assert await asyncio.to_thread(started.wait, 10)
+                assert (await daemon.request("DELETE", f"/v1/tasks/{task['id']}")).status == 200
+                async with asyncio.timeout(10):
+                    await stuck.wait()
+                assert len(python_executor._stuck) == 1
+                policyhandlers.DEAF_RELEASE.set()  # it returns at last: its thread is free
+                async with asyncio.timeout(10):
+                    while python_executor._stuck:  # noqa: ASYNC110 (cleared in the pool's thread)
+                        await asyncio.sleep(0.01)
     finally:
         policyhandlers.DEAF_RELEASE.set()
-        logging.getLogger(python_executor.__name__).removeHandler(watch)
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ from daemon.errors import Conflict, QueueFull
 from daemon.metrics import Metrics
 from daemon.routing import STREAM, UNMATCHED, Routes
 from daemon.runtime import Runtime
+from tests.logevents import log_event
 
 
 async def broken(request: web.Request) -> web.Response:
@@ -151,24 +152,15 @@ async def test_a_client_that_goes_away_is_not_a_bug(
     served: tuple[str, Metrics], caplog: pytest.LogCaptureFixture
 ) -> None:
     url, metrics = served
-    gone = asyncio.Event()
-
-    class Gone(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if getattr(record, "event", None) == "http.client_gone":
-                gone.set()
-
-    watch = Gone()
-    logging.getLogger("daemon.routing").addHandler(watch)
-    try:
-        with caplog.at_level(logging.DEBUG, logger="daemon.routing"):
-            async with aiohttp.ClientSession() as http, http.get(url + "/endless") as reply:
-                assert await reply.content.readline() == b"started\n"
-            # Leaving the block closed the connection mid-stream.
-            async with asyncio.timeout(10):
-                await gone.wait()
-    finally:
-        logging.getLogger("daemon.routing").removeHandler(watch)
+    with (
+        log_event("daemon.routing", "http.client_gone") as gone,
+        caplog.at_level(logging.DEBUG, logger="daemon.routing"),
+    ):
+        async with aiohttp.ClientSession() as http, http.get(url + "/endless") as reply:
+            assert await reply.content.readline() == b"started\n"
+        # Leaving the block closed the connection mid-stream.
+        async with asyncio.timeout(10):
+            await gone.wait()
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     assert not [key for key in metrics.http.counts if key[0] == "/endless"]
 
