@@ -24,8 +24,9 @@ syncs the claim with it (the WAL is one file, synced in order); until then only 
 can undo it, and then the task is queued again with the attempts it had, as if that claim
 had not been made. A crash of the process loses nothing SQLite wrote.
 
-SQLite's own errors reach callers as `StoreUnavailable` (a locked file, a full disk), never
-as `sqlite3.Error`: every caller knows what to do with the store being unavailable. If
+SQLite's operational errors (a file locked too long, a full disk, an I/O error) reach callers
+as `StoreUnavailable`, which every caller knows how to wait out; its other errors are bugs,
+and reach them as raised. If
 SQLite rolled the whole transaction back on an operation's error (it does for SQLITE_FULL
 and I/O errors), what the batch did before is gone too, and every operation of it fails.
 Nothing ends the thread but `stop()`: a batch that fails in an unforeseen way fails its
