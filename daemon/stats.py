@@ -27,6 +27,10 @@ class Rate:
         while self._buckets[0][0] <= second - WINDOW:
             self._buckets.popleft()
 
+    def idle(self, now: float) -> bool:
+        """Nothing happened within the window."""
+        return not self._buckets or self._buckets[-1][0] <= int(now) - WINDOW
+
     def per_second(self, now: float) -> float:
         second = int(now)
         recent = sum(n for s, n in self._buckets if s > second - WINDOW)
@@ -52,8 +56,16 @@ class Stats:
         now = time.monotonic() if now is None else now
         rate = self._queues.get(queue)
         if rate is None:  # not setdefault(): that would make a Rate each time
+            # A queue not seen lately: forget those idle for a window, so that clients
+            # naming a queue per tenant or per job do not grow this for good.
+            for name in [n for n, r in self._queues.items() if r.idle(now)]:
+                del self._queues[name]
             rate = self._queues[queue] = Rate(self.started)
         rate.add(now)
+
+    def queues_tracked(self) -> int:
+        """How many queues a rate is kept for."""
+        return len(self._queues)
 
     def completion_rate(self, now: float | None = None, *, queue: str = "") -> float:
         """Runs ended per second over the last `WINDOW` seconds (0.0 if none), overall or

@@ -146,7 +146,10 @@ class Workers:
     def _let_go(self, type: str, queue: str) -> None:
         self.inflight -= 1
         self.busy[type] -= 1
-        self.flow.busy[queue] -= 1
+        busy = self.flow.busy
+        busy[queue] -= 1
+        if not busy[queue]:
+            del busy[queue]  # queues come and go by name (a Counter reads 0 for it)
         if self.inflight == 0:
             self._idle.set()
         self.feeder.freed()

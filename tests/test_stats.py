@@ -28,3 +28,12 @@ def test_rates_forget_what_left_the_window() -> None:
     assert stats.completion_rate(later) == 0.0
     assert stats.completion_rate(later, queue="a") == 0.0
     assert stats.retry_after(5, now=later) == 60  # no recent rate: the cap
+
+
+def test_queues_named_once_are_forgotten_once_idle() -> None:
+    stats = Stats(started=0.0)
+    for n in range(1000):  # a queue per job: each seen once, a second apart
+        stats.completed(f"job-{n}", now=float(n))
+    held = stats.queues_tracked()
+    assert held <= WINDOW + 1, held  # only those within the window
+    assert abs(stats.completion_rate(999.5) - 1.0) < 1e-9  # still one a second overall

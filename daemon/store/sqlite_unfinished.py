@@ -26,12 +26,19 @@ class Unfinished:
         self.total += n
 
     def remove(self, queue: str, state: str, n: int = 1) -> None:
-        self._by[queue, state] -= n
+        self._drop(queue, state, n)
         self.total -= n
 
     def move(self, queue: str, before: str, after: str) -> None:
-        self._by[queue, before] -= 1
+        self._drop(queue, before, 1)
         self._by[queue, after] += 1
+
+    def _drop(self, queue: str, state: str, n: int) -> None:
+        left = self._by[queue, state] - n
+        if left:
+            self._by[queue, state] = left
+        else:  # queues come and go by name: keep none at zero
+            del self._by[queue, state]
 
     def recount(self, conn: sqlite3.Connection) -> None:
         """From the table (at open, and after a rollback): a scan of the unfinished rows.
