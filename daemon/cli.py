@@ -15,6 +15,8 @@ import gc
 import logging
 import os
 import sys
+import threading
+import time
 from collections.abc import Sequence
 
 import uvloop
@@ -22,11 +24,13 @@ import uvloop
 from daemon import __version__, client_cli, logs
 from daemon.config import load
 from daemon.errors import ConfigError, OffloadError
+from daemon.lifecycle import HANDLER_THREAD
 from daemon.lifecycle import serve as run
 
 logger = logging.getLogger("daemon")
 
 EX_OK, EX_START, EX_SOFTWARE, EX_CONFIG = 0, 1, 70, 78
+THREADS_GRACE = 1.0  # seconds the pool's idle threads get to end before the exit
 DEFAULT_CONFIG = "/etc/offload/offload.toml"
 
 
@@ -79,8 +83,34 @@ def serve(path: str) -> int:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(run(config, config_path=path))
     except BaseException as exc:  # the one place errors become exit codes
-        return _exit_code(exc)
-    return EX_OK
+        code = _exit_code(exc)
+    else:
+        code = EX_OK
+    _leave_stuck_threads(code)
+    return code
+
+
+def _leave_stuck_threads(code: int) -> None:
+    """Exit now if sync handlers that ignored their cancel still run: the interpreter would
+    wait for their threads at exit (past systemd's stop timeout, into a SIGKILL). Their
+    tasks were put back or recorded already."""
+    # Idle pool threads end at once (the pool was shut down): give them a moment.
+    deadline = time.monotonic() + THREADS_GRACE
+    busy = []
+    for thread in threading.enumerate():
+        if thread.name.startswith(HANDLER_THREAD):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                busy.append(thread)
+    if not busy:
+        return
+    logger.warning(
+        "exiting without waiting for %d sync handlers that ignored their cancel",
+        len(busy),
+        extra={"event": "daemon.threads_left"},
+    )
+    logging.shutdown()  # what the interpreter's exit would flush
+    os._exit(code)
 
 
 # Each request and task allocates a few dozen containers that reference counting frees; the

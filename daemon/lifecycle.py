@@ -36,6 +36,8 @@ from daemon.watch import Watchers
 logger = logging.getLogger(__name__)
 
 STATUS_EVERY = 5.0  # seconds between STATUS= updates when the watchdog does not set a pace
+HANDLER_THREAD = "handler"  # the name (prefix) of the sync handlers' threads
+MAX_THREADS = 4096  # the most workers.concurrency may be
 
 
 async def serve(
@@ -52,8 +54,11 @@ async def serve(
     stop = stop or Stop()
     reload = reload or asyncio.Event()
     stats = Stats()
-    # Sync handlers get one thread per consumer, so a thread is always there for a run.
-    threads = ThreadPoolExecutor(config.workers.concurrency, thread_name_prefix="handler")
+    # Threads are made as runs need them, and at most `concurrency` sync runs are under way
+    # at once: the bound is for threads that sync handlers hold after their cancel (they
+    # cannot be interrupted), so that those never leave a run waiting for a thread, even
+    # after a reload raised the concurrency.
+    threads = ThreadPoolExecutor(MAX_THREADS, thread_name_prefix=HANDLER_THREAD)
     try:
         with handle_signals(stop, reload) if owns_signals else nullcontext():
             await _run(

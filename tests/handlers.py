@@ -66,3 +66,13 @@ async def hold(payload: Hold, job: Job) -> JSON:
 async def noop(payload: JSON) -> JSON:
     """Do nothing."""
     return None
+
+
+def deaf(payload: Hold, job: Job) -> JSON:
+    """A sync handler that ignores its cancel: note the run, then block its thread until the
+    release file exists or `seconds` pass, whatever `job.cancelled` says."""
+    note(payload.log, job)
+    deadline = time.monotonic() + payload.seconds
+    while time.monotonic() < deadline and not os.path.exists(payload.release):
+        time.sleep(RELEASE_POLL)
+    return None

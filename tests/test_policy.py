@@ -129,8 +129,9 @@ async def test_a_sync_handler_that_ignores_its_cancellation_is_logged_holding_a_
     monkeypatch.setattr(python_executor, "STUCK_AFTER", 0.2)
     policyhandlers.DEAF_RELEASE.clear()
     try:
+        one_slot = {**POLICY_TYPES, "workers": {"concurrency": 1}}
         with log_event(python_executor.__name__, "task.thread_stuck") as stuck:
-            async with open_daemon(tmp_path, POLICY_TYPES) as daemon:
+            async with open_daemon(tmp_path, one_slot) as daemon:
                 task = await daemon.submit({"type": "deaf", "payload": {}})
                 started = policyhandlers.SYNC_STARTED.setdefault(task["id"], threading.Event())
                 assert await asyncio.to_thread(started.wait, 10)
@@ -138,6 +139,10 @@ async def test_a_sync_handler_that_ignores_its_cancellation_is_logged_holding_a_
                 async with asyncio.timeout(10):
                     await stuck.wait()
                 assert len(python_executor._stuck) == 1
+                # The one slot is free again, and the next sync run gets a thread of its own.
+                sync = {"type": "flaky", "payload": {"flag": str(tmp_path / "never")}}
+                quick = await daemon.submit(sync)
+                assert (await daemon.ended(quick["id"]))["state"] == "succeeded"
                 policyhandlers.DEAF_RELEASE.set()  # it returns at last: its thread is free
                 async with asyncio.timeout(10):
                     while python_executor._stuck:  # noqa: ASYNC110 (cleared in the pool's thread)

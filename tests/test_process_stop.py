@@ -189,3 +189,27 @@ async def test_runs_that_end_within_the_grace_succeed(offload: Offload, tmp_path
         **dict.fromkeys(waiting, ("queued", 0)),
     }
     assert executions(tmp_path / "runs.log") == Counter(dict.fromkeys(started, 1))
+
+
+async def test_a_sync_handler_that_ignores_its_cancel_does_not_hold_the_exit(
+    offload: Offload, tmp_path: Path
+) -> None:
+    grace = 1.0
+    config = offload.config(
+        types={"deaf": "tests.handlers:deaf"},
+        workers={"concurrency": 1, "grace_period": f"{grace:g}s"},
+    )
+    daemon = await offload.start(config)
+    payload = {**hold_payload(tmp_path), "seconds": 120}  # far past the stop's bound
+    task = await daemon.submit("deaf", payload)
+    await wait_started(tmp_path / "runs.log", 1)
+
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    async with asyncio.timeout(grace + EXIT_SLACK):
+        assert await daemon.wait_exit() == 0
+    assert time.monotonic() - started >= grace
+    # Its run was stopped and put back, unspent, as any other past the grace.
+    (row,) = read_rows(config.db).values()
+    assert (row.id, row.state, row.attempts) == (task.id, "queued", 0)
+    (tmp_path / "release").touch()  # let the orphaned thread's sleep end (it is gone anyway)

@@ -94,23 +94,22 @@ def python_executor(
             return await asyncio.wrap_future(thread)
         except asyncio.CancelledError:
             cancelled.set()
-            loop.call_later(STUCK_AFTER, _check_returned, thread, job, threads)
+            loop.call_later(STUCK_AFTER, _check_returned, thread, job)
             raise
 
     return run_sync
 
 
-def _check_returned(thread: Future[Any], job: Job, threads: ThreadPoolExecutor) -> None:
+def _check_returned(thread: Future[Any], job: Job) -> None:
     if thread.done():
         return
     _stuck.add(thread)
     thread.add_done_callback(_stuck.discard)
     logger.warning(
-        "task %s: its sync handler has not returned %gs after it was cancelled; "
-        "its thread stays busy (%d of %d threads held so)",
+        "task %s: its sync handler has not returned %gs after it was cancelled; its thread "
+        "stays busy, %d threads are held so (the next runs get threads of their own)",
         job.task_id,
         STUCK_AFTER,
         len(_stuck),
-        threads._max_workers,  # the pool's size: its only public trace is the constructor
         extra={"event": "task.thread_stuck", "task_id": job.task_id, "task_type": job.type},
     )
