@@ -25,7 +25,7 @@ from daemon.models import NewTask, Task, TaskQuery, TaskState
 from daemon.openapi import serve_openapi
 from daemon.routing import Routes, json_response
 from daemon.runtime import RUNTIME, Runtime
-from daemon.wire import BatchRequest, SubmitRequest, TaskPage, decode_body, view
+from daemon.wire import BatchRequest, SubmitRequest, TaskPage, decode_body, only_params, view
 
 MAX_PAGE = 1000
 # Payload and result bytes a list page holds before it ends early (at least one task).
@@ -147,13 +147,6 @@ async def _task_or_404(rt: Runtime, task_id: str) -> Task:
     return task
 
 
-def _only(query: MultiMapping[str], known: set[str]) -> None:
-    unknown = set(query) - known
-    if unknown:
-        name = sorted(unknown)[0]
-        raise Invalid(f"unknown query parameter {name!r}", field=name)
-
-
 def _wait_param(query: MultiMapping[str], cap: float) -> float:
     raw = query.get("wait")
     if raw is None:
@@ -172,7 +165,7 @@ def _wait_param(query: MultiMapping[str], cap: float) -> float:
 async def get_task(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     task_id = request.match_info["id"]
-    _only(request.query, {"wait"})
+    only_params(request.query, {"wait"})
     wait = _wait_param(request.query, rt.config.server.max_wait)
     task = await _task_or_404(rt, task_id)
     if wait > 0 and not task.state.terminal:
@@ -232,7 +225,7 @@ async def retry_task(request: web.Request) -> web.StreamResponse:
 async def list_tasks(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     q = request.query
-    _only(q, {"state", "type", "queue", "limit", "cursor"})
+    only_params(q, {"state", "type", "queue", "limit", "cursor"})
     state = q.get("state")
     if state is not None and state not in TaskState.__members__.values():
         allowed = ", ".join(s.value for s in TaskState)

@@ -20,7 +20,7 @@ from daemon.ids import is_id
 from daemon.models import Task
 from daemon.routing import STREAM, Routes
 from daemon.runtime import RUNTIME, Runtime
-from daemon.wire import ErrorBody, ErrorResponse, encode, view
+from daemon.wire import ErrorBody, ErrorResponse, encode, only_params, view
 
 PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # change numbers are 64-bit integers in both stores
@@ -32,10 +32,7 @@ def add_routes(routes: Routes) -> None:
 
 def _filter(request: web.Request) -> Filter:
     q = request.query
-    unknown = set(q) - {"task_id", "type", "queue", "last_event_id"}
-    if unknown:
-        name = sorted(unknown)[0]
-        raise Invalid(f"unknown query parameter {name!r}", field=name)
+    only_params(q, {"task_id", "type", "queue", "last_event_id"})
     task_id = q.get("task_id")
     if task_id is not None and not is_id(task_id):
         raise Invalid("task_id is not a task id", field="task_id")

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import random
 
-from daemon.config import BackoffConfig
+from daemon.config import BackoffConfig, Duration
+
+# Claims and outcome writes that met a store error are tried again after this: 0.5 s,
+# doubling to 32 s while they keep failing (README, "When the store cannot be written").
+STORE_RETRY = BackoffConfig(initial=Duration(0.5), max=Duration(32), multiplier=2.0, jitter=0.0)
 
 
 def backoff_delay(policy: BackoffConfig, attempt: int, *, rand: float | None = None) -> float:

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from daemon.backoff import STORE_RETRY, backoff_delay
 from daemon.errors import OffloadError
 
 if TYPE_CHECKING:
@@ -21,7 +22,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PAUSED_EVERY = 2.0  # seconds between reads of the paused queues
-CLAIM_RETRY = 0.5  # seconds after a failed claim, doubling to 32 s while they keep failing
 
 
 class Feeder:
@@ -99,8 +99,8 @@ class Feeder:
                 except OffloadError as exc:
                     # The store is locked by another program, or the disk is full: try
                     # again later; what runs keeps running.
-                    failures = min(failures + 1, 6)
-                    delay = CLAIM_RETRY * 2 ** (failures - 1)
+                    failures += 1
+                    delay = backoff_delay(STORE_RETRY, failures)
                     self.w.metrics.store_errors.add(("claim",))
                     logger.error(
                         "could not claim work (trying again in %.1fs): %s",

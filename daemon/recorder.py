@@ -23,6 +23,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from daemon.backoff import STORE_RETRY, backoff_delay
 from daemon.errors import OffloadError
 from daemon.models import Claim, Outcome, Task
 from daemon.store.base import Store
@@ -43,7 +44,6 @@ class Ended:
 Settle = Callable[[Ended, "Task | None"], None]
 # Told of a failed write: the error, how many outcomes wait, and the pause before the next try.
 Failed = Callable[[OffloadError, int, float], None]
-RETRY = 0.5  # seconds after a failed write, doubling up to 32 s while writes keep failing
 
 
 class Recorder:
@@ -83,8 +83,8 @@ class Recorder:
                 if error is None:
                     failures = 0
                     continue
-                failures = min(failures + 1, 7)
-                pause = RETRY * 2 ** (failures - 1)
+                failures += 1
+                pause = backoff_delay(STORE_RETRY, failures)
                 self._failed(error, len(self._waiting), pause)
                 try:
                     async with asyncio.timeout(pause):

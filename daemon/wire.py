@@ -7,6 +7,7 @@ import datetime as dt
 import functools
 import re
 import time
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 import msgspec
@@ -195,3 +196,11 @@ def invalid(exc: msgspec.ValidationError, *, prefix: str = "") -> Invalid:
         path = f"{path}.{m.group(1)}" if path else m.group(1)
     field = ".".join(p for p in (prefix, path) if p) or None
     return Invalid(message, field=field)
+
+
+def only_params(query: Mapping[str, str], known: set[str]) -> None:
+    """Refuse a query parameter the route does not know (422 naming it)."""
+    unknown = set(query) - known
+    if unknown:
+        name = sorted(unknown)[0]
+        raise Invalid(f"unknown query parameter {name!r}", field=name)
