@@ -9,6 +9,7 @@ per `SNAPSHOT_TTL`, so scrapes cannot load the store.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from bisect import bisect_left
@@ -32,6 +33,13 @@ SNAPSHOT_TTL = 2.0
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 3600)
 COMMIT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Queue names come from clients, so a family labelled by queue could grow without end (and
+# every scrape with it). The first MAX_QUEUE_NAMES names a family meets get series of their
+# own; the tasks of any later one are counted under OTHER_QUEUE, which no queue can be named.
+MAX_QUEUE_NAMES = 1000
+OTHER_QUEUE = "(other)"
+
+logger = logging.getLogger(__name__)
 
 
 class _UnfinishedTasks(Collector):
@@ -44,9 +52,16 @@ class _UnfinishedTasks(Collector):
         family = GaugeMetricFamily(
             "offload_tasks", "Unfinished tasks by state and queue.", labels=["state", "queue"]
         )
-        for queue, counts in sorted(self.snapshot.items()):
+        named = sorted(self.snapshot.items())
+        other = Counts()
+        for _, counts in named[MAX_QUEUE_NAMES:]:
+            other = Counts(other.queued + counts.queued, other.running + counts.running)
+        for queue, counts in named[:MAX_QUEUE_NAMES]:
             family.add_metric(["queued", queue], counts.queued)
             family.add_metric(["running", queue], counts.running)
+        if len(named) > MAX_QUEUE_NAMES:
+            family.add_metric(["queued", OTHER_QUEUE], other.queued)
+            family.add_metric(["running", OTHER_QUEUE], other.running)
         yield family
 
 
@@ -60,11 +75,40 @@ class Tally(Collector):
     ) -> None:
         self.name, self.doc, self.labels = name, doc, labels
         self.counts: dict[tuple[str, ...], float] = {}
+        self._queue = labels.index("queue") if "queue" in labels else None
+        self._queues: set[str] = set()
+        self._folding = False
         registry.register(self)
 
     def add(self, labels: tuple[str, ...], amount: float = 1) -> None:
         """Count `amount` for `labels`, one value for each of the family's label names."""
-        self.counts[labels] = self.counts.get(labels, 0) + amount
+        counts = self.counts
+        if labels in counts:
+            counts[labels] += amount
+            return
+        if self._queue is not None:
+            labels = self._bounded(labels, self._queue)
+        counts[labels] = counts.get(labels, 0) + amount
+
+    def _bounded(self, labels: tuple[str, ...], at: int) -> tuple[str, ...]:
+        """`labels`, its queue name folded into OTHER_QUEUE once the family has met
+        MAX_QUEUE_NAMES others."""
+        queue, known = labels[at], self._queues
+        if queue in known:
+            return labels
+        if len(known) < MAX_QUEUE_NAMES:
+            known.add(queue)
+            return labels
+        if not self._folding:
+            self._folding = True
+            logger.warning(
+                "%s: more than %d queue names; later ones are counted as queue=%r",
+                self.name,
+                MAX_QUEUE_NAMES,
+                OTHER_QUEUE,
+                extra={"event": "metrics.queues_folded"},
+            )
+        return (*labels[:at], OTHER_QUEUE, *labels[at + 1 :])
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(self.name, self.doc, labels=self.labels)

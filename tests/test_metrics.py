@@ -6,15 +6,17 @@ histograms have observations."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Mapping
 from pathlib import Path
 
 import prometheus_client
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import DURATION_BUCKETS, Spread
+from daemon.metrics import DURATION_BUCKETS, MAX_QUEUE_NAMES, OTHER_QUEUE, Spread
 from tests.inproc import Daemon, open_daemon
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -169,3 +171,44 @@ def test_spread_writes_what_a_prometheus_histogram_writes() -> None:
     assert prometheus_client.generate_latest(ours_registry) == prometheus_client.generate_latest(
         theirs_registry
     )
+
+
+async def test_queue_names_past_the_cap_are_counted_under_one_label(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clients name queues, so the series a family keeps per queue are capped: the first
+    MAX_QUEUE_NAMES names count on their own, later ones together under OTHER_QUEUE, and
+    nothing is lost from the totals."""
+    extra = 7
+    names = [f"q{i}" for i in range(MAX_QUEUE_NAMES + extra)]
+    caplog.set_level(logging.WARNING, logger="daemon.metrics")
+    async with open_daemon(tmp_path, {"workers": {"max_pending": 2 * len(names)}}) as api:
+        for start in range(0, len(names), 500):
+            tasks = [
+                {"type": "noop", "payload": None, "queue": q, "delay": 3600}
+                for q in names[start : start + 500]
+            ]
+            reply = await api.request("POST", "/v1/tasks/batch", json={"tasks": tasks})
+            assert reply.status == 202, reply.body
+        accepted = {
+            key("offload_tasks_accepted_total", type="noop", queue=q): 1
+            for q in names[:MAX_QUEUE_NAMES]
+        }
+        accepted[key("offload_tasks_accepted_total", type="noop", queue=OTHER_QUEUE)] = extra
+        samples = await settled(
+            api,
+            {
+                **accepted,
+                # The gauge comes from the store: every queue's count, the last names folded.
+                key("offload_tasks", state="queued", queue=OTHER_QUEUE): extra,
+                key("offload_tasks", state="queued", queue=names[0]): 1,
+            },
+        )
+    series = [k for k in samples if k[0] == "offload_tasks_accepted_total"]
+    assert len(series) == MAX_QUEUE_NAMES + 1
+    assert sum(samples[k] for k in series) == len(names)
+    gauge = [k for k in samples if k[0] == "offload_tasks" and ("state", "queued") in k[1]]
+    assert len(gauge) == MAX_QUEUE_NAMES + 1
+    assert sum(samples[k] for k in gauge) == len(names)
+    folded = [r for r in caplog.records if getattr(r, "event", None) == "metrics.queues_folded"]
+    assert [r.args[0] for r in folded] == ["offload_tasks_accepted"]  # type: ignore[index]
