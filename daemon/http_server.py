@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from daemon.config import ServerConfig
+from daemon.http_protocol import Runner
+from daemon.metrics import Tally
 from daemon.systemd import activated_socket
 
 SHUTDOWN_TIMEOUT = 5.0  # seconds open requests get once the listener closes
@@ -41,12 +43,15 @@ def is_loopback(where: tuple[str, int] | str) -> bool:
 
 
 @asynccontextmanager
-async def open_http(app: web.Application, config: ServerConfig) -> AsyncIterator[str]:
+async def open_http(
+    app: web.Application, config: ServerConfig, counts: Tally
+) -> AsyncIterator[str]:
     """Serve `app` on the socket systemd passed us (socket activation), else on
     `config.listen`; yields the bound address. On exit the listener closes first, then open
-    requests get `SHUTDOWN_TIMEOUT` seconds, then the app's cleanup runs."""
-    runner = web.AppRunner(
-        app, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
+    requests get `SHUTDOWN_TIMEOUT` seconds, then the app's cleanup runs. Requests aiohttp
+    cannot parse are counted in `counts` (`http_protocol.py`)."""
+    runner = Runner(
+        app, counts, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
     try:

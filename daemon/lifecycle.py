@@ -134,7 +134,7 @@ async def _run(
                     rt, config_path, requested=reload, threads=threads, http=http, notifier=notifier
                 )
                 background.append(tg.create_task(reloader, name="reloader"))
-            async with open_http(make_app(rt), config.server) as where:
+            async with open_http(make_app(rt), config.server, rt.metrics.http) as where:
                 rt.ready = True
                 await _log_started(rt, where)
                 notifier.send("READY=1", f"STATUS=ready on {where}")

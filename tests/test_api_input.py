@@ -3,9 +3,11 @@ stays up, and nothing reaches the store (promise 5 of DESIGN.md)."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import gzip
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -169,3 +171,47 @@ async def test_bad_input_is_refused_and_changes_nothing(api: Daemon, bad: Bad) -
     await api.shutdown()
     counts = await stored_counts(api.config)
     assert counts == Counts(queued=1)
+
+
+UNPARSEABLE = [
+    pytest.param(b"GARBAGE\r\n\r\n", id="no-method"),
+    pytest.param(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", id="content-length"
+    ),
+    pytest.param(
+        b"POST /v1/tasks HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 9000 + b"\r\n\r\n",
+        id="header-too-long",
+    ),
+]
+
+
+@pytest.mark.parametrize("request_bytes", UNPARSEABLE)
+async def test_a_request_aiohttp_cannot_parse_gets_the_json_error_shape(
+    api: Daemon, request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Answered before any route sees it: still the contract's JSON error, counted, and no
+    ERROR line with a traceback for what is the client's fault."""
+    host, _, port = api.config.server.listen.rpartition(":")
+    before = await api.count()
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(request_bytes)
+        async with asyncio.timeout(QUICK):
+            raw = await reader.read()  # the daemon closes the connection after the answer
+    finally:
+        writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status_line, *headers = head.decode("latin-1").split("\r\n")
+    assert status_line.split(" ")[1] == "400", raw
+    assert "content-type: application/json" in {h.lower() for h in headers}
+    error = json.loads(body)["error"]
+    assert error["code"] == "bad_request"
+    assert error["message"].startswith("malformed HTTP request: ")
+    assert "aaaa" not in error["message"]  # the client's bytes are not echoed
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+    metrics = await api.request("GET", "/metrics")
+    assert 'offload_http_requests_total{code="400",route="malformed"} 1.0' in metrics.body
+    good = await api.request("POST", "/v1/tasks", json={"type": "noop", "delay": 3600})
+    assert good.status == 202, good.body
+    assert await api.count() == before + 1
