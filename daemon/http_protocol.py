@@ -34,6 +34,8 @@ def _summary(message: str | None, exc: BaseException | None) -> str:
 
 
 class _Protocol(RequestHandler):
+    __slots__ = ("counts",)
+
     def __init__(self, manager: web.Server, *, counts: Tally, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self.counts = counts
