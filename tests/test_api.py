@@ -451,6 +451,27 @@ async def test_a_full_queue_answers_503_until_tasks_complete(tmp_path: Path) -> 
         assert accepted.status == 202, accepted.body
 
 
+async def test_a_retry_into_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
+    limits = {"workers": {"concurrency": 1, "max_pending": 2}}
+    async with open_daemon(tmp_path, limits) as api:
+        cancelled = await api.submit({"type": "noop", "delay": LATER})
+        assert (await api.request("DELETE", f"/v1/tasks/{cancelled['id']}")).status == 200
+        later = [await api.submit({"type": "noop", "delay": LATER}) for _ in range(2)]
+
+        refused = await api.request("POST", f"/v1/tasks/{cancelled['id']}/retry")
+
+        assert_error(refused, 503, "queue_full")
+        # Nothing has completed yet, so the estimate is its ceiling, not the store's
+        # placeholder of one second.
+        assert refused.headers["Retry-After"].isdigit()
+        assert int(refused.headers["Retry-After"]) > 1
+        assert (await api.task(cancelled["id"]))["state"] == "cancelled"
+        assert (await api.request("DELETE", f"/v1/tasks/{later[0]['id']}")).status == 200
+        again = await api.request("POST", f"/v1/tasks/{cancelled['id']}/retry")
+        assert again.status == 200, again.body
+        assert again.body["state"] == "queued"
+
+
 async def test_a_failing_task_is_retried_with_backoff_then_fails(api: Daemon) -> None:
     task = await api.submit({"type": "always_fail"})
 

@@ -173,6 +173,24 @@ async def test_bad_input_is_refused_and_changes_nothing(api: Daemon, bad: Bad) -
     assert counts == Counts(queued=1)
 
 
+@pytest.mark.parametrize(
+    ("headers", "named"),
+    [
+        ({"Content-Type": "text/plain; charset=latin-1"}, "text/plain; charset=latin-1"),
+        ({}, "none"),
+    ],
+)
+async def test_a_415_names_the_content_type_that_was_sent(
+    api: Daemon, headers: dict[str, str], named: str
+) -> None:
+    skip = () if headers else ("Content-Type",)
+    reply = await api.request(
+        "POST", "/v1/tasks", data=js({"type": "noop"}), headers=headers, skip_auto_headers=skip
+    )
+    assert_error(reply, 415, "unsupported_media_type", "Content-Type")
+    assert reply.body["error"]["message"] == f"send Content-Type: application/json (got {named})"
+
+
 UNPARSEABLE = [
     pytest.param(b"GARBAGE\r\n\r\n", id="no-method"),
     pytest.param(

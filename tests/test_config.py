@@ -160,6 +160,33 @@ def test_a_bad_handler_is_reported_alongside_other_problems() -> None:
 
 
 @pytest.mark.parametrize(
+    ("top_level", "named"),
+    [
+        ("import sys\nsys.exit(3)\n", "SystemExit"),
+        ("raise KeyError('boom')\n", "KeyError"),
+        ("def run(:\n", "SyntaxError"),
+    ],
+    ids=["sys-exit", "raises", "syntax-error"],
+)
+def test_a_handler_module_that_fails_at_import_is_a_config_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, top_level: str, named: str
+) -> None:
+    """Whatever a handler module's top level does (even sys.exit), the config naming it is
+    refused with the key named; the process that loads it goes on."""
+    module = f"offload_test_import_{named.lower()}"
+    (tmp_path / f"{module}.py").write_text(top_level)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    raw = {"types": {"x": {"kind": "python", "handler": f"{module}:run"}}}
+
+    with pytest.raises(ConfigError) as refused:
+        parse(raw)
+
+    (problem,) = refused.value.problems
+    assert problem_keys([problem]) == ["types.x.handler"]
+    assert named in problem
+
+
+@pytest.mark.parametrize(
     ("text", "seconds"),
     [("500ms", 0.5), ("30s", 30), ("5m", 300), ("2h", 7200), ("7d", 604800), ("1.5s", 1.5), (2, 2)],
 )
