@@ -4,7 +4,7 @@ Task types (added, changed, removed), the log level, `[workers]` (concurrency gr
 shrinks as consumers finish their current task), `[auth]` tokens and the admission limits
 apply at once. `[server]` and `[store]` need a restart: a change there is logged and kept
 for the next start. A file that does not validate changes nothing. Running tasks keep the
-executor they started with.
+executor they started with. A SIGHUP once the daemon is stopping is logged and skipped.
 """
 
 from __future__ import annotations
@@ -40,6 +40,13 @@ async def reload_on_request(
     while True:
         await requested.wait()
         requested.clear()
+        if rt.draining.is_set():
+            # systemd is told STOPPING=1 by then; a READY=1 after it would say otherwise. And
+            # nothing a new file says could matter to a daemon on its way out.
+            logger.info(
+                "reload skipped: the daemon is stopping", extra={"event": "config.reload_skipped"}
+            )
+            continue
         notifier.send("RELOADING=1", "STATUS=reloading the configuration")
         try:
             new = await asyncio.to_thread(load, path)

@@ -24,6 +24,7 @@ from tests.harness import (
     TomlValue,
     eventually,
     executions,
+    read_rows,
     render_toml,
 )
 from tests.systemd_harness import NotifySocket, open_notify_socket, open_process
@@ -186,3 +187,54 @@ async def test_tokens_apply_at_once(offload: Offload, tmp_path: Path, notify: No
         headers = {"Authorization": f"Bearer {secret}"}
         async with http.get(f"{daemon.url}/v1/tasks", headers=headers) as resp:
             assert resp.status == 200
+
+
+async def test_a_reload_during_the_stop_is_skipped_and_starts_nothing(
+    offload: Offload, tmp_path: Path, notify: NotifySocket
+) -> None:
+    """Once stopping, a SIGHUP that would raise the concurrency starts no consumer (the
+    queued tasks stay queued, unspent), tells systemd nothing after STOPPING=1, and the
+    daemon exits 0 when its one run ends."""
+    config = offload.config(
+        types={"hold": HANDLERS["hold"]}, workers={"concurrency": 1, "grace_period": 60}
+    )
+    env = {"NOTIFY_SOCKET": notify.address}
+    runs = tmp_path / "runs.log"
+    log = tmp_path / "daemon.log"
+    hold = {"log": str(runs), "release": str(tmp_path / "release")}
+    async with open_process(config, log, env=env) as daemon:
+        async with asyncio.timeout(WAIT):
+            await notify.wait_for("READY", "1")
+        tasks = await daemon.submit_many("hold", [hold] * 3)
+
+        async def started() -> list[str] | None:
+            ids = list(executions(runs))
+            return ids or None
+
+        async with asyncio.timeout(WAIT):
+            (first,) = await eventually(started)
+        daemon.signal(signal.SIGTERM)
+        async with asyncio.timeout(WAIT):
+            await notify.wait_for("STOPPING", "1")
+
+        rewrite(config, ["hold"], workers={"concurrency": 3, "grace_period": 60})
+        daemon.signal(signal.SIGHUP)
+
+        async def skipped() -> bool | None:
+            return "event=config.reload_skipped" in log.read_text() or None
+
+        async with asyncio.timeout(WAIT):
+            await eventually(skipped)
+        (tmp_path / "release").touch()
+        async with asyncio.timeout(WAIT):
+            assert await daemon.wait_exit() == 0
+
+    after_stop = notify.messages[[m.get("STOPPING") for m in notify.messages].index("1") :]
+    after_stop += notify.receive_nowait()
+    assert not [m for m in after_stop if "READY" in m or "RELOADING" in m], after_stop
+    assert list(executions(runs)) == [first]  # no other run started
+    rows = read_rows(config.db)
+    assert rows[first].state == "succeeded"
+    assert {(rows[t.id].state, rows[t.id].attempts) for t in tasks if t.id != first} == {
+        ("queued", 0)
+    }
