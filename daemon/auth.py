@@ -29,7 +29,11 @@ CALLER = web.RequestKey("caller", str)  # the token's name, or ANONYMOUS
 
 
 class TokenFileError(Exception):
-    pass
+    """A token source cannot be used; `key` is the setting that names it."""
+
+    def __init__(self, message: str, key: str = "auth.tokens_file") -> None:
+        super().__init__(message)
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,25 +70,31 @@ def parse_tokens(text: str) -> list[Token]:
 def load_tokens(config: AuthConfig) -> list[Token]:
     """Read the configured token sources. Raises `TokenFileError` naming what is wrong."""
     tokens: list[Token] = []
-    sources: list[Path] = []
+    sources: list[tuple[str, Path]] = []
     if config.tokens_file:
-        sources.append(Path(config.tokens_file))
+        sources.append(("auth.tokens_file", Path(config.tokens_file)))
     if config.credential:
         directory = os.environ.get("CREDENTIALS_DIRECTORY")
         if not directory:
             raise TokenFileError(
-                "auth.credential is set but $CREDENTIALS_DIRECTORY is not (use LoadCredential=)"
+                "set but $CREDENTIALS_DIRECTORY is not (use LoadCredential=)", "auth.credential"
             )
-        sources.append(Path(directory) / config.credential)
-    for source in sources:
+        sources.append(("auth.credential", Path(directory) / config.credential))
+    for key, source in sources:
         try:
             text = source.read_text(encoding="utf-8")
         except OSError as exc:
-            raise TokenFileError(f"cannot read {source}: {exc.strerror}") from exc
+            raise TokenFileError(f"cannot read {source}: {exc.strerror}", key) from exc
+        except UnicodeDecodeError:
+            raise TokenFileError(f"{source}: not UTF-8 text", key) from None
         try:
-            tokens += parse_tokens(text)
+            found = parse_tokens(text)
         except TokenFileError as exc:
-            raise TokenFileError(f"{source}: {exc}") from None
+            raise TokenFileError(f"{source}: {exc}", key) from None
+        if not found:
+            # An empty file would turn authentication off without a word.
+            raise TokenFileError(f"{source}: holds no token", key)
+        tokens += found
     return tokens
 
 

@@ -6,12 +6,15 @@ what was expected, as one `ConfigError`. Nothing else in the daemon reads TOML.
 
 from __future__ import annotations
 
+import time
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
+from daemon import redact
 from daemon.errors import ConfigError
 from daemon.executors.command import (
     RESERVED_PREFIX,
@@ -23,6 +26,7 @@ from daemon.executors.http import check_url, read_secret
 from daemon.executors.python import HandlerError, resolve_handler
 from daemon.validation import (
     Duration,
+    Period,
     Size,
     dec_hook,
     parse_duration,
@@ -31,7 +35,8 @@ from daemon.validation import (
 )
 from daemon.validation import problems as walk
 
-__all__ = ["Duration", "Size", "parse_duration", "parse_size"]  # part of this module's API
+# Part of this module's API.
+__all__ = ["Duration", "Period", "Size", "parse_duration", "parse_size"]
 
 T = TypeVar("T")
 
@@ -52,7 +57,7 @@ class ServerConfig(_Section, frozen=True):
     # How long an Idempotency-Key is remembered (IETF httpapi idempotency-key draft).
     idempotency_window: Duration = Duration(86400)
     # A comment line this often keeps idle GET /v1/events streams open through proxies.
-    sse_heartbeat: Duration = Duration(15)
+    sse_heartbeat: Period = Period(15)
     # Most tasks in one POST /v1/tasks/batch.
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
 
@@ -69,7 +74,7 @@ class WorkersConfig(_Section, frozen=True):
     concurrency: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 16
     max_pending: Annotated[int, msgspec.Meta(ge=1)] = 100_000
     grace_period: Duration = Duration(30)
-    lease: Duration = Duration(60)
+    lease: Period = Period(60)
     prefetch: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
 
 
@@ -82,7 +87,7 @@ class BackoffConfig(_Section, frozen=True):
 
 class _TypeBase(_Section, frozen=True, tag_field="kind", kw_only=True):
     queue: QueueName = "default"
-    timeout: Duration = Duration(300)
+    timeout: Period = Period(300)
     max_attempts: Positive = 3
     max_result: Size = Size(64 * 1024)
     # At most this many of the type run at once (under workers.concurrency); 0: no own cap.
@@ -121,7 +126,7 @@ class HttpType(_TypeBase, frozen=True, tag="http", kw_only=True):
 
     url: str
     secret_file: str | None = None
-    connect_timeout: Duration = Duration(5)
+    connect_timeout: Period = Period(5)
     max_connections: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
     max_response: Size = Size(64 * 1024)
 
@@ -165,7 +170,7 @@ class CallbackConfig(_Section, frozen=True):
     url: str
     # HMAC-SHA256 key, read at load: X-Offload-Signature: t=<unix s>,v1=<hex>.
     secret_file: str | None = None
-    timeout: Duration = Duration(10)
+    timeout: Period = Period(10)
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
     backoff: BackoffConfig = msgspec.field(default_factory=BackoffConfig)
 
@@ -226,7 +231,11 @@ def load(path: str | Path) -> Config:
 def parse(raw: dict[str, Any], *, source: str = "<config>") -> Config:
     """Validate in two passes, structure then meaning; each part whose structure is sound
     gets its meaning checked too, so one problem never hides another."""
-    problems = walk(raw, Config, "")
+    queues = raw.get("queues")
+    tables = raw
+    if isinstance(queues, dict):  # its plain values are `_queue_problems`' to report
+        tables = {**raw, "queues": {k: v for k, v in queues.items() if isinstance(v, dict)}}
+    problems = walk(tables, Config, "")
     problems += _semantic_problems(raw)
     if problems:
         raise ConfigError(source, problems)
@@ -234,9 +243,29 @@ def parse(raw: dict[str, Any], *, source: str = "<config>") -> Config:
 
 
 def _part(raw: dict[str, Any], key: str, tp: type[T]) -> T | None:
-    """`raw[key]` as a `tp`, or None if it does not convert (already reported)."""
+    """`raw[key]` as a `tp` (see `_lenient`)."""
+    part: T | None = _lenient(raw.get(key, {}), tp, key)
+    return part
+
+
+def _lenient(item: object, tp: Any, path: str) -> Any:
+    """`item` as a `tp`, without the keys the structural walk finds wrong (reported already)
+    if need be, so that what is right in it still gets its meaning checked; None if even
+    that does not convert."""
     try:
-        return msgspec.convert(raw.get(key, {}), tp, dec_hook=dec_hook)
+        return msgspec.convert(item, tp, dec_hook=dec_hook)
+    except msgspec.ValidationError:
+        if not isinstance(item, dict):
+            return None
+    prefix = f"{path}." if path else ""
+    bad = {
+        problem.removeprefix(prefix).split(" ", 1)[0].split(".", 1)[0].split("[", 1)[0].rstrip(":")
+        for problem in walk(item, tp, path)
+    }
+    try:
+        return msgspec.convert(
+            {k: v for k, v in item.items() if k not in bad}, tp, dec_hook=dec_hook
+        )
     except msgspec.ValidationError:
         return None
 
@@ -244,27 +273,48 @@ def _part(raw: dict[str, Any], key: str, tp: type[T]) -> T | None:
 def _semantic_problems(raw: dict[str, Any]) -> list[str]:
     """Rules that span keys, and names (handlers, programs, files) that must resolve now
     rather than at run time."""
-    problems = []
+    problems = _store_problems(_part(raw, "store", StoreConfig))
     workers = _part(raw, "workers", WorkersConfig)
     if workers is not None and workers.max_pending < workers.concurrency:
         problems.append(
             f"workers.max_pending = {workers.max_pending}: expected at least "
             f"workers.concurrency ({workers.concurrency})"
         )
-    server, auth = _part(raw, "server", ServerConfig), _part(raw, "auth", AuthConfig)
-    if server is not None and auth is not None:
-        problems += _check_auth(server, auth)
+    problems += _listen_problems(raw.get("server"), _part(raw, "auth", AuthConfig))
     problems += _queue_problems(raw.get("queues"))
     problems += _callback_problems(raw.get("callbacks"))
     problems += _schedule_problems(raw)
     types = raw.get("types")
     for name, item in (types if isinstance(types, dict) else {}).items():
-        try:
-            tc = msgspec.convert(item, TypeConfig, dec_hook=dec_hook)
-        except msgspec.ValidationError:
-            continue
-        problems += _type_problems(str(name), tc)
+        tc = _lenient(item, TypeConfig, f"types.{name}")
+        if tc is not None:
+            problems += _type_problems(str(name), tc)
     return problems
+
+
+def _store_problems(store: StoreConfig | None) -> list[str]:
+    """What `open_store` would refuse in `store.url`, found now (shown without a password)."""
+    if store is None:
+        return []
+    scheme, colon, _ = store.url.partition(":")
+    shown = f"store.url = {redact.url(store.url)!r}" if colon else "store.url"
+    if scheme == "sqlite":
+        from daemon.store.sqlite_file import database_path
+
+        try:
+            database_path(store.url)
+        except ValueError as exc:
+            return [f"{shown}: {exc}"]
+        return []
+    if scheme in ("postgresql", "postgres"):
+        if not store.url.startswith(f"{scheme}://"):
+            return [f"{shown}: expected {scheme}://USER@HOST[:PORT]/DATABASE"]
+        try:
+            urllib.parse.urlsplit(store.url).port  # noqa: B018 (it raises if not a number)
+        except ValueError:
+            return [f"{shown}: the port is not a number from 0 to 65535"]
+        return []
+    return [f"{shown}: expected sqlite:PATH, sqlite:///ABSOLUTE/PATH or postgresql://..."]
 
 
 def _callback_problems(callbacks: object) -> list[str]:
@@ -272,12 +322,11 @@ def _callback_problems(callbacks: object) -> list[str]:
         return []
     problems = []
     for name, item in callbacks.items():
-        try:
-            cb = msgspec.convert(item, CallbackConfig, dec_hook=dec_hook)
-        except msgspec.ValidationError:
+        cb = _lenient(item, CallbackConfig, f"callbacks.{name}")
+        if cb is None:
             continue
         if (why := check_url(cb.url)) is not None:
-            problems.append(f"callbacks.{name}.url = {cb.url!r}: {why}")
+            problems.append(f"callbacks.{name}.url = {redact.url(cb.url)!r}: {why}")
         if cb.secret_file is not None:
             try:
                 read_secret(cb.secret_file)
@@ -291,9 +340,10 @@ def _queue_problems(queues: object) -> list[str]:
         return []
     problems = []
     for name, value in queues.items():
-        if name == "strict" and not isinstance(value, bool):
-            problems.append(f"queues.strict = {show(value)}: expected true or false")
-        elif name != "strict" and isinstance(value, bool):
+        if name == "strict":
+            if not isinstance(value, bool):
+                problems.append(f"queues.strict = {show(value)}: expected true or false")
+        elif not isinstance(value, dict):
             problems.append(f"queues.{name} = {show(value)}: expected a [queues.{name}] table")
     return problems
 
@@ -308,16 +358,20 @@ def _schedule_problems(raw: dict[str, Any]) -> list[str]:
         return []
     problems, names = [], set()
     for i, item in enumerate(schedules):
-        try:
-            schedule = msgspec.convert(item, ScheduleConfig, dec_hook=dec_hook)
-        except msgspec.ValidationError:
-            continue
         path = f"schedules[{i}]"
+        schedule = _lenient(item, ScheduleConfig, path)
+        if schedule is None:
+            continue
         if schedule.name in names:
             problems.append(f"{path}.name = {schedule.name!r}: used by another schedule")
         names.add(schedule.name)
-        if not croniter.is_valid(schedule.cron):
-            problems.append(f"{path}.cron = {schedule.cron!r}: not a cron expression")
+        if len(schedule.cron.split()) != 5 or not croniter.is_valid(schedule.cron):
+            problems.append(
+                f"{path}.cron = {schedule.cron!r}: expected a cron expression of 5 fields "
+                f"(minute hour day-of-month month day-of-week)"
+            )
+        elif not _fires(schedule.cron):
+            problems.append(f"{path}.cron = {schedule.cron!r}: never fires (no such date)")
         try:
             ZoneInfo(schedule.timezone)
         except (ZoneInfoNotFoundError, ValueError):
@@ -327,13 +381,32 @@ def _schedule_problems(raw: dict[str, Any]) -> list[str]:
     return problems
 
 
+def _fires(cron: str) -> bool:
+    """Whether a valid expression names a date that exists ("0 0 31 4 *" does not): croniter
+    gives up on such a search with an error, which the scheduler must never meet."""
+    from croniter import croniter
+
+    now = time.time()
+    try:
+        croniter(cron, now).get_next(float)
+        croniter(cron, now).get_prev(float)
+    except Exception:  # CroniterBadDateError, and whatever else a search may raise
+        return False
+    return True
+
+
+def _handler_problems(key: str, handler: str) -> list[str]:
+    try:
+        resolve_handler(handler)
+    except HandlerError as exc:
+        return [f"{key} = {handler!r}: {exc}"]
+    return []
+
+
 def _type_problems(name: str, tc: TypeConfig) -> list[str]:
     problems = []
     if isinstance(tc, PythonType):
-        try:
-            resolve_handler(tc.handler)
-        except HandlerError as exc:
-            problems.append(f"types.{name}.handler = {tc.handler!r}: {exc}")
+        problems += _handler_problems(f"types.{name}.handler", tc.handler)
     elif isinstance(tc, CommandType):
         problems += _command_problems(f"types.{name}", tc)
     elif isinstance(tc, HttpType):
@@ -346,25 +419,34 @@ def _type_problems(name: str, tc: TypeConfig) -> list[str]:
     return problems
 
 
-def _check_auth(server: ServerConfig, auth: AuthConfig) -> list[str]:
+def _listen_problems(server: object, auth: AuthConfig | None) -> list[str]:
+    """`server.listen`, the token sources, and the rule between them: a non-loopback
+    address needs tokens. Each is checked even when the other (or the rest of its table)
+    is wrong."""
     from daemon.auth import TokenFileError, load_tokens
     from daemon.http_server import is_loopback, parse_listen
 
-    try:
-        where = parse_listen(server.listen)
-    except ValueError as exc:
-        return [f"server.listen = {server.listen!r}: {exc}"]
-    try:
-        tokens = load_tokens(auth)
-    except TokenFileError as exc:
-        key = "auth.tokens_file" if auth.tokens_file else "auth.credential"
-        return [f"{key}: {exc}"]
-    if not tokens and not auth.allow_anonymous and not is_loopback(where):
-        return [
-            f"server.listen = {server.listen!r}: a non-loopback address needs tokens "
+    problems = []
+    listen = server.get("listen", ServerConfig.listen) if isinstance(server, dict) else None
+    where = None
+    if isinstance(listen, str):
+        try:
+            where = parse_listen(listen)
+        except ValueError as exc:
+            problems.append(f"server.listen = {listen!r}: {exc}")
+    tokens = None
+    if auth is not None:
+        try:
+            tokens = load_tokens(auth)
+        except TokenFileError as exc:
+            problems.append(f"{exc.key}: {exc}")
+    anonymous = auth is not None and tokens == [] and not auth.allow_anonymous
+    if anonymous and where is not None and not is_loopback(where):
+        problems.append(
+            f"server.listen = {listen!r}: a non-loopback address needs tokens "
             f"(auth.tokens_file or auth.credential), or auth.allow_anonymous = true"
-        ]
-    return []
+        )
+    return problems
 
 
 def _command_problems(path: str, tc: CommandType) -> list[str]:
@@ -384,7 +466,7 @@ def _command_problems(path: str, tc: CommandType) -> list[str]:
 def _http_problems(path: str, tc: HttpType) -> list[str]:
     problems = []
     if (why := check_url(tc.url)) is not None:
-        problems.append(f"{path}.url = {tc.url!r}: {why}")
+        problems.append(f"{path}.url = {redact.url(tc.url)!r}: {why}")
     if tc.secret_file is not None:
         try:
             read_secret(tc.secret_file)
@@ -394,6 +476,4 @@ def _http_problems(path: str, tc: HttpType) -> list[str]:
             )
         except ValueError as exc:
             problems.append(f"{path}.secret_file = {tc.secret_file!r}: {exc}")
-    if tc.connect_timeout <= 0:
-        problems.append(f"{path}.connect_timeout = {tc.connect_timeout:g}s: expected more than 0")
     return problems

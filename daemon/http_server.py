@@ -24,7 +24,7 @@ def parse_listen(listen: str) -> tuple[str, int] | str:
             raise ValueError('expected "unix:/absolute/path"')
         return path
     host, sep, port = listen.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError('expected "HOST:PORT" (e.g. "127.0.0.1:8080") or "unix:/path"')
     return host.strip("[]"), int(port)
 

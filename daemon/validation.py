@@ -4,6 +4,7 @@ where msgspec alone stops at the first."""
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -16,12 +17,18 @@ class Duration(float):
     """Seconds, written in the config as "500ms", "30s", "5m", "2h", "7d" or a plain number."""
 
 
+class Period(Duration):
+    """A duration that must be more than zero (a timeout, an interval)."""
+
+
 class Size(int):
     """Bytes, written as "64KiB", "1MiB" or a plain integer."""
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Far beyond any sensible setting, and small enough for every timer and date to hold it.
+MAX_DURATION = 100 * 365 * 86400.0
 _SIZE = re.compile(r"^\s*(\d+)\s*(B|KiB|MiB|GiB)?\s*$")
 _SIZE_UNITS = {None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3}
 
@@ -30,12 +37,23 @@ def parse_duration(value: object) -> Duration:
     if isinstance(value, bool):
         raise ValueError('expected a duration like "30s"')
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("expected a duration >= 0")
-        return Duration(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return Duration(float(m.group(1)) * _DURATION_UNITS[m.group(2)])
-    raise ValueError('expected a duration like "500ms", "30s", "5m", "2h" or "7d"')
+        seconds = float(value) if isinstance(value, float) or abs(value) < 2**63 else math.inf
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        raise ValueError('expected a duration like "500ms", "30s", "5m", "2h" or "7d"')
+    if math.isnan(seconds) or seconds < 0:
+        raise ValueError("expected a duration >= 0")
+    if seconds > MAX_DURATION:
+        raise ValueError("expected a duration of at most 36500d (100 years)")
+    return Duration(seconds)
+
+
+def parse_period(value: object) -> Period:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("expected a duration > 0")
+    return Period(seconds)
 
 
 def parse_size(value: object) -> Size:
@@ -49,6 +67,8 @@ def parse_size(value: object) -> Size:
 def dec_hook(tp: type, value: object) -> object:
     if tp is Duration:
         return parse_duration(value)
+    if tp is Period:
+        return parse_period(value)
     if tp is Size:
         return parse_size(value)
     raise NotImplementedError
@@ -59,6 +79,12 @@ def problems(value: object, tp: Any, path: str) -> list[str]:
     origin = typing.get_origin(tp)
     if isinstance(tp, type) and issubclass(tp, msgspec.Struct):
         return _struct_problems(value, tp, path)
+    if origin is list and isinstance(value, list):
+        (item_type,) = typing.get_args(tp)
+        found = []
+        for i, item in enumerate(value):
+            found += problems(item, item_type, f"{path}[{i}]")
+        return found
     if origin is dict:
         key_type, item_type = typing.get_args(tp)
         if not isinstance(value, dict):
@@ -72,6 +98,12 @@ def problems(value: object, tp: Any, path: str) -> list[str]:
         isinstance(a, type) and issubclass(a, msgspec.Struct) for a in typing.get_args(tp)
     ):
         return _tagged_problems(value, typing.get_args(tp), path)
+    if origin in (types.UnionType, typing.Union) and isinstance(value, dict):
+        tables = [
+            a for a in typing.get_args(tp) if isinstance(a, type) and issubclass(a, msgspec.Struct)
+        ]
+        if len(tables) == 1:  # a table or a plain value: a table is checked key by key
+            return _struct_problems(value, tables[0], path)
     return _scalar_problems(value, tp, path)
 
 

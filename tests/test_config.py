@@ -230,3 +230,156 @@ def test_durations_and_sizes_in_a_config() -> None:
     assert config.server.max_wait == pytest.approx(0.5)
     assert config.workers.grace_period == pytest.approx(300)
     assert config.workers.lease == pytest.approx(90)
+
+
+def refused(raw: dict[str, Any]) -> list[str]:
+    """The problems `parse` reports for `raw` (it must refuse it)."""
+    with pytest.raises(ConfigError) as caught:
+        parse(raw)
+    return caught.value.problems
+
+
+NOOP = {"noop": {"kind": "python", "handler": "daemon.builtins:noop"}}
+
+
+@pytest.mark.parametrize(
+    ("cron", "expected"),
+    [
+        ("0 0 31 4 *", "never fires"),  # April has 30 days
+        ("0 0 30 2 *", "never fires"),
+        ("* * * * * */2", "5 fields"),  # croniter's seconds field: not what the README says
+        ("not cron", "5 fields"),
+    ],
+)
+def test_a_cron_that_cannot_fire_as_written_is_refused(cron: str, expected: str) -> None:
+    schedule = {"name": "s", "cron": cron, "type": "noop"}
+    problems = refused({"types": NOOP, "schedules": [schedule]})
+    assert len(problems) == 1
+    assert problems[0].startswith(f"schedules[0].cron = {cron!r}: ")
+    assert expected in problems[0]
+
+
+def test_every_schedule_item_is_checked_key_by_key() -> None:
+    schedules = [
+        {"name": "a", "cron": "0 3 * * *", "type": "noop", "timezon": "UTC"},
+        {"name": "b", "cron": "not cron", "type": "nope"},
+    ]
+    problems = refused({"types": NOOP, "schedules": schedules})
+    assert problem_keys(problems) == [
+        "schedules[0].timezon",
+        "schedules[1].cron",
+        "schedules[1].type",
+    ]
+
+
+@pytest.mark.parametrize(
+    "value", [float("nan"), float("inf"), 1e309, "9" * 400 + "d", 10**400, "36501d"]
+)
+def test_durations_must_be_finite_and_bounded(value: object) -> None:
+    (problem,) = refused({"workers": {"grace_period": value}})
+    assert problem.startswith("workers.grace_period = ")
+    assert "duration" in problem
+
+
+@pytest.mark.parametrize(
+    ("raw", "key"),
+    [
+        ({"server": {"sse_heartbeat": 0}}, "server.sse_heartbeat"),
+        ({"workers": {"lease": "0s"}}, "workers.lease"),
+        ({"types": {"t": {**NOOP["noop"], "timeout": 0}}}, "types.t.timeout"),
+        (
+            {"callbacks": {"c": {"url": "http://127.0.0.1:9/x", "timeout": 0}}},
+            "callbacks.c.timeout",
+        ),
+    ],
+)
+def test_intervals_and_timeouts_must_be_more_than_zero(raw: dict[str, Any], key: str) -> None:
+    (problem,) = refused(raw)
+    assert problem.startswith(f"{key} = ")
+    assert "expected a duration > 0" in problem
+
+
+def test_a_queue_table_reports_each_bad_key_and_strict_once() -> None:
+    queues = {"strict": "yes", "hi": {"wieght": 5, "rate": -1}, "lo": 3}
+    problems = refused({"queues": queues})
+    assert problem_keys(problems) == [
+        "queues.hi.rate",
+        "queues.hi.wieght",
+        "queues.lo",
+        "queues.strict",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:", "expected sqlite:PATH"),
+        ("sqlite://", "expected sqlite:PATH"),
+        ("mysql://app:hunter2@db/offload", "expected sqlite:PATH"),
+        ("postgresql://app:hunter2@127.0.0.1:abc/db", "port"),
+        ("postgresql://app:hunter2@127.0.0.1:99999/db", "port"),
+        ("hunter2secret", "expected sqlite:PATH"),
+        ("postgresql:app:hunter2@127.0.0.1/db", "expected postgresql://"),
+    ],
+)
+def test_the_store_url_is_checked_without_showing_a_password(url: str, expected: str) -> None:
+    (problem,) = refused({"store": {"url": url}})
+    assert problem.startswith("store.url")
+    assert expected in problem
+    assert "hunter2" not in problem
+
+
+def test_a_url_with_a_password_is_never_echoed() -> None:
+    raw = {
+        "callbacks": {"c": {"url": "http://user:s3cretpw@example.com:70000/x"}},
+        "types": {"h": {"kind": "http", "url": "ftp://user:s3cretpw@example.com/x"}},
+    }
+    problems = refused(raw)
+    assert problem_keys(problems) == ["callbacks.c.url", "types.h.url"]
+    assert not [p for p in problems if "s3cretpw" in p]
+    assert "user:***@example.com" in problems[0]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"\xff\xfe junk", "not UTF-8"), (b"# only a comment\n\n", "holds no token")],
+)
+def test_a_tokens_file_that_gives_no_tokens_is_refused(
+    tmp_path: Path, content: bytes, expected: str
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_bytes(content)
+    (problem,) = refused({"auth": {"tokens_file": str(tokens)}})
+    assert problem.startswith("auth.tokens_file: ")
+    assert expected in problem
+
+
+def test_a_credential_problem_is_named_after_the_credential(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ci submit " + "a" * 32 + "\n")
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    auth = {"tokens_file": str(tokens), "credential": "offload-tokens"}
+    (problem,) = refused({"auth": auth})
+    assert problem.startswith("auth.credential: ")
+
+
+def test_listen_and_auth_problems_are_reported_together() -> None:
+    raw = {"server": {"listen": "0.0.0.0", "max_batch": 0}, "auth": {"open": "/healthz"}}
+    assert problem_keys(refused(raw)) == ["auth.open", "server.listen", "server.max_batch"]
+    raw = {"server": {"listen": "0.0.0.0:8099", "max_batch": 0}}
+    problems = refused(raw)
+    assert problem_keys(problems) == ["server.listen", "server.max_batch"]
+    assert "needs tokens" in problems[0] or "needs tokens" in problems[1]
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:١٨٣٠٣", "127.0.0.1:70000", "127.0.0.1"])
+def test_a_listen_port_is_ascii_digits_up_to_65535(listen: str) -> None:
+    (problem,) = refused({"server": {"listen": listen}})
+    assert problem.startswith("server.listen = ")
+
+
+def test_a_handler_that_does_not_import_is_reported_beside_an_unknown_key() -> None:
+    raw = {"types": {"x": {"kind": "python", "handler": "nope_offload_test.mod:fn", "bogus": 1}}}
+    assert problem_keys(refused(raw)) == ["types.x.bogus", "types.x.handler"]

@@ -32,7 +32,7 @@ import aiohttp
 import msgspec
 import yarl
 
-from daemon import __version__
+from daemon import __version__, redact
 from daemon.executors.base import JSON, Executor, Job, Permanent, RetryAfter
 
 SIGNATURE_HEADER = "X-Offload-Signature"
@@ -149,6 +149,7 @@ def http_executor(
 ) -> Executor:
     """Build the executor for one configured URL."""
     slots = asyncio.Semaphore(max_connections)
+    shown = redact.url(url)
 
     async def run(job: Job) -> JSON:
         body = msgspec.json.encode(job.payload)
@@ -171,9 +172,9 @@ def http_executor(
                     return await _outcome(response, max_response)
             except aiohttp.ServerTimeoutError as exc:
                 if time.time() >= job.deadline:
-                    raise TimeoutError(f"POST {url}: the task's deadline passed") from exc
+                    raise TimeoutError(f"POST {shown}: the task's deadline passed") from exc
                 raise ConnectTimeout(
-                    f"POST {url}: no connection within {connect_timeout:g}s"
+                    f"POST {shown}: no connection within {connect_timeout:g}s"
                 ) from exc
 
     return run
@@ -189,7 +190,9 @@ async def _outcome(response: aiohttp.ClientResponse, max_response: int) -> JSON:
             return msgspec.json.decode(data)
         except msgspec.DecodeError:
             return data.decode("utf-8", "replace")
-    said = f"POST {response.url} answered {status} {response.reason or ''}".rstrip()
+    # The task's last_error is readable by every client: no password, no query token.
+    said = f"POST {redact.url(str(response.url))} answered {status} {response.reason or ''}"
+    said = said.rstrip()
     if 300 <= status < 400:
         where = response.headers.get("Location", "nowhere")
         raise Permanent(f"{said}: redirects are not followed (to {where})")

@@ -240,8 +240,8 @@ async def open_store(config: StoreConfig, hooks: Hooks | None = None) -> AsyncIt
         async with open_postgres(config, hooks) as pg_store:
             yield pg_store
     else:
-        # The URL may hold a password: name only its scheme.
+        # The URL may hold a password: name only its scheme, if it has one.
+        named = f", not a {scheme}: one" if ":" in config.url else ""
         raise ConfigError(
-            "<config>",
-            [f"store.url: expected a sqlite: or postgresql:// URL, not a {scheme}: one"],
+            "<config>", [f"store.url: expected a sqlite: or postgresql:// URL{named}"]
         )

@@ -12,6 +12,7 @@ from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 
+from daemon import redact
 from daemon.config import StoreConfig
 from daemon.errors import StoreUnavailable
 from daemon.store.base import Hooks
@@ -19,7 +20,6 @@ from daemon.store.postgres import PostgresStore
 from daemon.store.postgres_connections import ACQUIRE_TIMEOUT
 from daemon.store.postgres_errors import unavailable
 from daemon.store.postgres_node import Node
-from daemon.store.postgres_rows import describe_url
 from daemon.store.postgres_schema import (
     SchemaTooNew,
     migrate,
@@ -54,7 +54,7 @@ async def open_postgres(config: StoreConfig, hooks: Hooks) -> AsyncIterator[Post
     rescue, hints); on exit stop it, end the listener session (and with it this node's
     liveness lock), then close the pool. An unreachable database raises `StoreUnavailable`
     naming it without its password."""
-    where = describe_url(config.url)
+    where = redact.url(config.url)
     try:
         pool = await asyncpg.create_pool(
             config.url,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import urllib.parse
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,15 +76,3 @@ async def seen_key(conn: Any, idem: IdempotencyKey) -> list[Task] | None:
 
 def pending_slot() -> int:
     return random.randrange(PENDING_SLOTS)
-
-
-def describe_url(url: str) -> str:
-    """`url` without its password or query (which may carry one), for logs."""
-    parts = urllib.parse.urlsplit(url)
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{parts.username}@{host}" if parts.username else host
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, "", ""))
