@@ -4,6 +4,7 @@ encode; they never build error answers (raise an `OffloadError`; see `routing.py
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 
@@ -33,6 +34,8 @@ PAGE_BYTES = 8 * 1024 * 1024
 TASK_ID = "{id:(?!batch$)[^/]+}"
 _INTEGER = re.compile(r"[0-9]+")
 _NUMBER = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
+
+logger = logging.getLogger(__name__)
 
 
 def make_app(rt: Runtime) -> web.Application:
@@ -201,6 +204,14 @@ async def cancel_task(request: web.Request) -> web.StreamResponse:
     rt.stats.cancelled += 1
     rt.metrics.tasks.add((task.type, task.queue, "cancelled"))
     rt.watchers.ended(task_id)
+    fields = {
+        "event": "task.cancelled",
+        "task_id": task.id,
+        "task_type": task.type,
+        "queue": task.queue,
+        "attempt": task.attempts,
+    }
+    logger.info("task %s cancelled while %s", task.id, before.value, extra=fields)
     return json_response(view(task))
 
 

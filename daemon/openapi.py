@@ -79,10 +79,23 @@ class Shape:
     open_paths: frozenset[str]
 
 
+def _describable(tp: Any) -> Any:
+    """`tp` if msgspec can write a JSON schema for it, else `Any`: a handler may annotate
+    its payload `object`, `dict[str, object]` or a class of its own, which checks payloads
+    (or not) but has no schema; the document then says "any JSON" for it."""
+    if tp is Any:
+        return tp
+    try:
+        msgspec.json.schema(tp)
+    except (TypeError, ValueError):
+        return Any
+    return tp
+
+
 def shape_of(rt: Runtime) -> Shape:
     return Shape(
         types=tuple(
-            TypeShape(name, t.payload_type, float(t.config.timeout))
+            TypeShape(name, _describable(t.payload_type), float(t.config.timeout))
             for name, t in sorted(rt.types.items())
         ),
         callbacks=tuple(sorted(rt.config.callbacks)),

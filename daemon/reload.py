@@ -100,7 +100,9 @@ def apply(rt: Runtime, new: Config, threads: ThreadPoolExecutor, http: HttpClien
             f"workers: concurrency {new.workers.concurrency}, max_pending "
             f"{new.workers.max_pending}, grace {new.workers.grace_period:g}s"
         )
-    if new.auth != old.auth:
+    # The token files are read again whether or not [auth] changed: rotating a token means
+    # editing the file, then SIGHUP.
+    if new.auth != old.auth or tokens != rt.auth.tokens:
         rt.auth.tokens = tokens
         rt.auth.open_paths = frozenset(new.auth.open)
         changes.append(f"auth: {len(tokens)} tokens")

@@ -107,3 +107,8 @@ async def slow_unwind(payload: Unwind, job: Job) -> JSON:
     gate = GATES[payload.first if job.attempt == 1 else payload.second]
     await _hold(gate, clean_up=GATES[payload.first].release)
     return {"attempt": job.attempt}
+
+
+async def loose(payload: dict[str, object]) -> JSON:
+    """Annotated with a type msgspec checks payloads against but cannot describe."""
+    return {"keys": sorted(payload)}

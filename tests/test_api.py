@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -193,7 +194,10 @@ async def test_cancel_of_a_queued_task_means_it_never_runs(tmp_path: Path) -> No
         assert after["started_at"] is None
 
 
-async def test_cancel_of_a_running_task_stops_its_handler(api: Daemon) -> None:
+async def test_cancel_of_a_running_task_stops_its_handler(
+    api: Daemon, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.api")
     gate = api.gate()
     task = await api.submit({"type": "block", "payload": {"gate": gate.key}})
     async with asyncio.timeout(QUICK):
@@ -214,6 +218,10 @@ async def test_cancel_of_a_running_task_stops_its_handler(api: Daemon) -> None:
     assert after["finished_at"] == reply.body["finished_at"]
     assert after["result"] is None
     assert gate.runs == 1
+    # The task's end has its line, as every end does.
+    (line,) = [r for r in caplog.records if getattr(r, "event", None) == "task.cancelled"]
+    assert (line.task_id, line.task_type, line.attempt) == (task["id"], "block", 1)  # type: ignore[attr-defined]
+    assert line.getMessage() == f"task {task['id']} cancelled while running"
 
 
 async def test_a_retry_that_starts_while_its_cancelled_run_unwinds_is_tracked(

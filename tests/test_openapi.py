@@ -397,3 +397,16 @@ async def test_schemathesis_finds_no_server_error_and_no_answer_off_the_spec(
     assert codes >= {"200", "202", "404", "422"}
     assert {code for code in codes if code.startswith("5")} == set()
     assert daemon.returncode is None
+
+
+async def test_a_payload_type_without_a_json_schema_is_described_as_any_json(
+    tmp_path: Path,
+) -> None:
+    loose = {"loose": {"kind": "python", "handler": "tests.apphandlers:loose"}}
+    async with open_daemon(tmp_path, {"types": loose}) as api:
+        reply = await api.request("GET", "/openapi.json")
+        assert reply.status == 200, reply.body
+        payload = reply.body["components"]["schemas"]["Submit.loose"]["properties"]["payload"]
+        assert "$ref" not in payload  # any JSON, like an unannotated handler's
+        task = await api.submit({"type": "loose", "payload": {"b": 1, "a": 2}})
+        assert (await api.ended(task["id"]))["result"] == {"keys": ["a", "b"]}

@@ -188,6 +188,16 @@ async def test_tokens_apply_at_once(offload: Offload, tmp_path: Path, notify: No
         async with http.get(f"{daemon.url}/v1/tasks", headers=headers) as resp:
             assert resp.status == 200
 
+        # A token rotated in the file alone (the config file unchanged) applies on SIGHUP.
+        rotated = "rotated-token-9876543210"
+        tokens.write_text(f"ops admin {rotated}\n")
+        assert "auth: 1 tokens" in await reload(daemon, notify)
+        async with http.get(f"{daemon.url}/v1/tasks", headers=headers) as resp:
+            assert resp.status == 401
+        headers = {"Authorization": f"Bearer {rotated}"}
+        async with http.get(f"{daemon.url}/v1/tasks", headers=headers) as resp:
+            assert resp.status == 200
+
 
 async def test_a_reload_during_the_stop_is_skipped_and_starts_nothing(
     offload: Offload, tmp_path: Path, notify: NotifySocket
