@@ -3,12 +3,13 @@ pause, resume). Pauses are kept in the store, so they survive a restart."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import msgspec
 from aiohttp import web
 
-from daemon.config import ScheduleConfig
+from daemon.config import QueueConfig, ScheduleConfig
 from daemon.errors import NotFound
 from daemon.models import Counts, ScheduleState
 from daemon.routing import Routes, json_response
@@ -19,6 +20,9 @@ from daemon.wire import rfc3339
 
 class QueueView(msgspec.Struct, frozen=True):
     name: str
+    # False for a queue only tasks name: it has the default settings and runs after the
+    # configured ones.
+    configured: bool
     paused: bool
     weight: int
     concurrency: int
@@ -41,6 +45,9 @@ class ScheduleView(msgspec.Struct, frozen=True):
     next_fire: str | None
 
 
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def add_routes(routes: Routes) -> None:
     routes.add("/v1/queues", GET=list_queues)
     routes.add("/v1/queues/{name}/pause", POST=pause_queue)
@@ -51,9 +58,12 @@ def add_routes(routes: Routes) -> None:
 
 
 def _queue_view(rt: Runtime, name: str, counts: Counts) -> QueueView:
-    q = rt.workers.flow.queues[name]
+    q = rt.workers.flow.queues.get(name)
+    configured = q is not None
+    q = q or QueueConfig()
     return QueueView(
         name=name,
+        configured=configured,
         paused=name in rt.workers.flow.paused,
         weight=q.weight,
         concurrency=q.concurrency,
@@ -68,15 +78,18 @@ def _queue_view(rt: Runtime, name: str, counts: Counts) -> QueueView:
 async def list_queues(request: web.Request) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     counts = await rt.store.unfinished_by_queue()
-    views = [_queue_view(rt, n, counts.get(n, Counts())) for n in sorted(rt.workers.flow.queues)]
+    flow = rt.workers.flow
+    names = sorted({*flow.queues, *flow.paused, *(n for n, c in counts.items() if c.pending)})
+    views = [_queue_view(rt, n, counts.get(n, Counts())) for n in names]
     return json_response({"queues": views})
 
 
 async def _set_queue_paused(request: web.Request, paused: bool) -> web.StreamResponse:
     rt = request.app[RUNTIME]
     name = request.match_info["name"]
-    if name not in rt.workers.flow.queues:
-        raise NotFound(f"no queue {name!r} is configured", field="name")
+    # Any queue a task could name may be paused, configured or not (a tenant's queue).
+    if not _QUEUE_NAME.fullmatch(name):
+        raise NotFound(f"no queue {name!r}: names are 1-64 of A-Z a-z 0-9 _ . -", field="name")
     await rt.store.set_paused(name, paused)
     if paused:
         rt.workers.flow.paused.add(name)

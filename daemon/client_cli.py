@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import shutil
@@ -101,8 +102,11 @@ def add_commands(sub: Any) -> None:
 
 
 def _duration(text: str) -> float:
+    value: str | float = text
+    with contextlib.suppress(ValueError):
+        value = float(text)  # plain seconds, as the API takes them
     try:
-        return float(parse_duration(text))
+        return float(parse_duration(value))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -286,7 +290,8 @@ class Output:
         sys.stderr.write(f"offload: {text}\n")
 
     def json_value(self, value: Any) -> None:
-        self.line(msgspec.json.encode(value).decode())
+        plain = msgspec.to_builtins(value, builtin_types=(dt.datetime,))
+        self.line(msgspec.json.encode(_as_served(plain)).decode())
 
     def task(self, task: Task) -> None:
         if self.json_mode:
@@ -355,6 +360,19 @@ def _when(value: dt.datetime | None) -> str:
     if value is None:
         return "-"
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _as_served(value: Any) -> Any:
+    """`value` with its times written as the server writes them (RFC 3339, UTC, to the
+    millisecond; msgspec would write microseconds), so the CLI's JSON is the API's."""
+    if isinstance(value, dt.datetime):
+        text = value.astimezone(dt.UTC).isoformat(timespec="milliseconds")
+        return text.removesuffix("+00:00") + "Z"
+    if isinstance(value, dict):
+        return {k: _as_served(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_served(v) for v in value]
+    return value
 
 
 def _json_text(value: Any) -> str:

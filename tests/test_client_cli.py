@@ -243,7 +243,7 @@ async def test_status_cancel_and_retry(offload: Offload, tmp_path: Path) -> None
     assert shown.code == EXIT_OK
     assert shown.json()["id"] == task_id
     assert shown.json()["state"] in {"queued", "running"}
-    gave_up = await offload_cli("status", task_id, "--wait", "--wait-timeout", "0.5s", url=url)
+    gave_up = await offload_cli("status", task_id, "--wait", "--wait-timeout", "0.5", url=url)
     assert gave_up.code == EXIT_NOT_ENDED, gave_up
     assert f"task {task_id} has not ended after 0.5s" in gave_up.err
 
@@ -264,6 +264,10 @@ async def test_status_cancel_and_retry(offload: Offload, tmp_path: Path) -> None
     done = await offload_cli("status", task_id, "--wait", url=url)
     assert (done.code, done.json()["state"]) == (EXIT_OK, "succeeded")
     assert done.json()["result"] == {"released": True}
+    # The CLI's JSON is the API's, times to the millisecond included.
+    served = json.loads((await daemon.request("GET", f"/v1/tasks/{task_id}")).body)
+    for field in ("created_at", "run_at", "started_at", "finished_at"):
+        assert done.json()[field] == served[field], field
     not_again = await offload_cli("retry", task_id, url=url)
     assert not_again.code == EXIT_REFUSED
     assert "only failed or cancelled tasks can be retried" in not_again.err

@@ -144,11 +144,29 @@ async def test_a_paused_queue_accepts_and_runs_nothing_until_resumed_even_across
         assert await paused_names(daemon) == set()
 
 
-async def test_pausing_an_unknown_queue_is_404(tmp_path: Path) -> None:
-    async with open_daemon(tmp_path, flow_config({})) as daemon:
-        reply = await daemon.request("POST", "/v1/queues/nope/pause")
-        assert reply.status == 404
-        assert reply.body["error"]["field"] == "name"
+async def test_a_queue_only_tasks_name_is_listed_and_can_be_paused(tmp_path: Path) -> None:
+    """Clients may name queues the config does not (a queue per tenant): such a queue is
+    listed while it has work or is paused, and pauses like a configured one."""
+    async with open_daemon(tmp_path, flow_config({"free": {}})) as daemon:
+        reply = await daemon.request("POST", "/v1/queues/tenant-7/pause")
+        assert (reply.status, reply.body["paused"], reply.body["configured"]) == (200, True, False)
+        held = await daemon.submit({"type": "mark", "queue": "tenant-7", "payload": {"label": "t"}})
+        control = await daemon.submit({"type": "mark", "queue": "free", "payload": {"label": "f"}})
+        assert (await daemon.ended(control["id"]))["state"] == "succeeded"
+        assert (await daemon.task(held["id"]))["state"] == "queued"
+        listed = {q["name"]: q for q in (await daemon.request("GET", "/v1/queues")).body["queues"]}
+        assert (listed["tenant-7"]["queued"], listed["tenant-7"]["paused"]) == (1, True)
+        assert listed["free"]["configured"] is True
+
+        reply = await daemon.request("POST", "/v1/queues/tenant-7/resume")
+        assert (reply.status, reply.body["paused"]) == (200, False)
+        assert (await daemon.ended(held["id"]))["state"] == "succeeded"
+        listed = {q["name"] for q in (await daemon.request("GET", "/v1/queues")).body["queues"]}
+        assert "tenant-7" not in listed  # no work, not paused: nothing to show
+
+        bad = await daemon.request("POST", "/v1/queues/no%20such%20name/pause")
+        assert bad.status == 404
+        assert bad.body["error"]["field"] == "name"
 
 
 async def test_a_delayed_task_starts_at_its_run_at_not_before(tmp_path: Path) -> None:
