@@ -161,8 +161,8 @@ async def test_a_queue_only_tasks_name_is_listed_and_can_be_paused(tmp_path: Pat
         reply = await daemon.request("POST", "/v1/queues/tenant-7/resume")
         assert (reply.status, reply.body["paused"]) == (200, False)
         assert (await daemon.ended(held["id"]))["state"] == "succeeded"
-        listed = {q["name"] for q in (await daemon.request("GET", "/v1/queues")).body["queues"]}
-        assert "tenant-7" not in listed  # no work, not paused: nothing to show
+        names = {q["name"] for q in (await daemon.request("GET", "/v1/queues")).body["queues"]}
+        assert "tenant-7" not in names  # no work, not paused: nothing to show
 
         bad = await daemon.request("POST", "/v1/queues/no%20such%20name/pause")
         assert bad.status == 404
