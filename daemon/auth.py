@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +21,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from daemon.errors import Forbidden, Unauthorized
+
+logger = logging.getLogger(__name__)
+# Other users reading the tokens, or anyone but the owner writing some of their own.
+LAX_MODE = stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP
 
 if TYPE_CHECKING:
     from daemon.config import AuthConfig
@@ -94,8 +100,25 @@ def load_tokens(config: AuthConfig) -> list[Token]:
         if not found:
             # An empty file would turn authentication off without a word.
             raise TokenFileError(f"{source}: holds no token", key)
+        _warn_if_lax(key, source)
         tokens += found
     return tokens
+
+
+def _warn_if_lax(key: str, source: Path) -> None:
+    try:
+        mode = source.stat().st_mode
+    except OSError:
+        return  # it was just read; a race with its removal is not worth a second error
+    if mode & LAX_MODE:
+        logger.warning(
+            "%s %s has mode %s: other users may read or add tokens; chmod 600 (or 640 with "
+            "the daemon's group) is enough",
+            key,
+            source,
+            oct(stat.S_IMODE(mode)),
+            extra={"event": "auth.tokens_file_lax"},
+        )
 
 
 def required_scope(method: str, path: str) -> str:

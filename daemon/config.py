@@ -6,6 +6,7 @@ what was expected, as one `ConfigError`. Nothing else in the daemon reads TOML.
 
 from __future__ import annotations
 
+import math
 import time
 import tomllib
 import urllib.parse
@@ -220,7 +221,7 @@ def load(path: str | Path) -> Config:
     """Read and validate `path`; raise `ConfigError` listing every problem."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))  # a BOM is no error
     except OSError as exc:
         raise ConfigError(str(path), [f"cannot read: {exc.strerror or exc}"]) from exc
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -327,6 +328,7 @@ def _callback_problems(callbacks: object) -> list[str]:
             continue
         if (why := check_url(cb.url)) is not None:
             problems.append(f"callbacks.{name}.url = {redact.url(cb.url)!r}: {why}")
+        problems += _backoff_problems(f"callbacks.{name}", cb.backoff)
         if cb.secret_file is not None:
             try:
                 read_secret(cb.secret_file)
@@ -376,9 +378,21 @@ def _schedule_problems(raw: dict[str, Any]) -> list[str]:
             ZoneInfo(schedule.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             problems.append(f"{path}.timezone = {schedule.timezone!r}: not a known time zone")
+        if not _finite(schedule.payload):
+            problems.append(f"{path}.payload: holds inf or nan, which JSON cannot carry")
         if not isinstance(types, dict) or schedule.type not in types:
             problems.append(f"{path}.type = {schedule.type!r}: not a [types.NAME] of this file")
     return problems
+
+
+def _finite(value: object) -> bool:
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, dict):
+        return all(_finite(v) for v in value.values())
+    if isinstance(value, list):
+        return all(_finite(v) for v in value)
+    return True
 
 
 def _fires(cron: str) -> bool:
@@ -411,12 +425,17 @@ def _type_problems(name: str, tc: TypeConfig) -> list[str]:
         problems += _command_problems(f"types.{name}", tc)
     elif isinstance(tc, HttpType):
         problems += _http_problems(f"types.{name}", tc)
-    if tc.backoff.max < tc.backoff.initial:
-        problems.append(
-            f"types.{name}.backoff.max = {tc.backoff.max:g}s: expected at least "
-            f"backoff.initial ({tc.backoff.initial:g}s)"
-        )
+    problems += _backoff_problems(f"types.{name}", tc.backoff)
     return problems
+
+
+def _backoff_problems(path: str, backoff: BackoffConfig) -> list[str]:
+    if backoff.max < backoff.initial:
+        return [
+            f"{path}.backoff.max = {backoff.max:g}s: expected at least "
+            f"backoff.initial ({backoff.initial:g}s)"
+        ]
+    return []
 
 
 def _listen_problems(server: object, auth: AuthConfig | None) -> list[str]:
@@ -434,6 +453,8 @@ def _listen_problems(server: object, auth: AuthConfig | None) -> list[str]:
             where = parse_listen(listen)
         except ValueError as exc:
             problems.append(f"server.listen = {listen!r}: {exc}")
+        if isinstance(where, str) and not Path(where).parent.is_dir():
+            problems.append(f"server.listen = {listen!r}: no directory {Path(where).parent}")
     tokens = None
     if auth is not None:
         try:

@@ -26,7 +26,12 @@ def parse_listen(listen: str) -> tuple[str, int] | str:
     host, sep, port = listen.rpartition(":")
     if not sep or not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise ValueError('expected "HOST:PORT" (e.g. "127.0.0.1:8080") or "unix:/path"')
-    return host.strip("[]"), int(port)
+    if host.startswith("[") or host.endswith("]"):
+        inner = host[1:-1]
+        if not (host.startswith("[") and host.endswith("]")) or "[" in inner or "]" in inner:
+            raise ValueError('expected "[IPv6]:PORT", e.g. "[::1]:8080"')
+        host = inner
+    return host, int(port)
 
 
 def is_loopback(where: tuple[str, int] | str) -> bool:

@@ -141,6 +141,9 @@ def _scalar_problems(value: object, tp: Any, path: str, *, what: str = "value") 
     try:
         msgspec.convert(value, tp, dec_hook=dec_hook)
     except msgspec.ValidationError as exc:
+        if typing.get_origin(tp) is typing.Literal:
+            allowed = ", ".join(repr(a) for a in typing.get_args(tp))
+            return [f"{path} = {show(value)}: expected one of {allowed}"]
         reason = str(exc).split(" - at ")[0]
         cause = exc.__cause__
         if isinstance(cause, ValueError):

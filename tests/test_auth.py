@@ -9,6 +9,7 @@ tokens come from a file or from a systemd credential ($CREDENTIALS_DIRECTORY).
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from daemon.auth import load_tokens
+from daemon.config import AuthConfig
 from tests.harness import REPO_ROOT, TomlValue, daemon_env, free_port, render_toml
 from tests.inproc import Daemon, assert_error, open_daemon
 
@@ -236,3 +239,22 @@ async def test_a_bad_tokens_file_is_a_config_error(tmp_path: Path) -> None:
     assert code == EX_CONFIG
     assert "auth.tokens_file" in err
     assert "tiny-secret" not in err  # the secret itself is not echoed
+
+
+@pytest.mark.parametrize(
+    ("mode", "warned"), [(0o644, True), (0o620, True), (0o600, False), (0o640, False)]
+)
+def test_a_tokens_file_others_may_read_or_write_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, mode: int, warned: bool
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ci submit " + "b" * 32 + "\n")
+    tokens.chmod(mode)
+    caplog.set_level(logging.WARNING, logger="daemon.auth")
+
+    assert len(load_tokens(AuthConfig(tokens_file=str(tokens)))) == 1
+
+    lax = [r for r in caplog.records if getattr(r, "event", None) == "auth.tokens_file_lax"]
+    assert len(lax) == int(warned)
+    if warned:
+        assert oct(mode) in lax[0].getMessage()

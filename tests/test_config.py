@@ -4,6 +4,7 @@ dotted key."""
 
 from __future__ import annotations
 
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -383,3 +384,32 @@ def test_a_listen_port_is_ascii_digits_up_to_65535(listen: str) -> None:
 def test_a_handler_that_does_not_import_is_reported_beside_an_unknown_key() -> None:
     raw = {"types": {"x": {"kind": "python", "handler": "nope_offload_test.mod:fn", "bogus": 1}}}
     assert problem_keys(refused(raw)) == ["types.x.bogus", "types.x.handler"]
+
+
+def test_lesser_mistakes_are_named_with_what_was_expected(tmp_path: Path) -> None:
+    callback = {"url": "http://127.0.0.1:9/x", "backoff": {"initial": "10s", "max": "1s"}}
+    schedule = {"name": "s", "cron": "0 3 * * *", "type": "noop", "payload": {"x": math.inf}}
+    raw = {
+        "log": {"level": "off"},
+        "callbacks": {"c": callback},
+        "types": NOOP,
+        "schedules": [schedule],
+        "server": {"listen": f"unix:{tmp_path}/missing/offload.sock"},
+    }
+    problems = dict(p.split(" ", 1) for p in refused(raw))
+    assert problems["log.level"] == "= 'off': expected one of 'debug', 'info', 'warning', 'error'"
+    assert "expected at least backoff.initial (10s)" in problems["callbacks.c.backoff.max"]
+    assert "inf or nan" in problems["schedules[0].payload:"]
+    assert f"no directory {tmp_path}/missing" in problems["server.listen"]
+
+
+def test_a_file_starting_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "offload.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + b"[workers]\nconcurrency = 3\n")
+    assert load(path).workers.concurrency == 3
+
+
+@pytest.mark.parametrize("listen", ["[[::1]]:8080", "[::1:8080", "::1]:8080"])
+def test_an_ipv6_listen_address_has_one_pair_of_brackets(listen: str) -> None:
+    (problem,) = refused({"server": {"listen": listen}})
+    assert problem.startswith("server.listen = ")
