@@ -58,8 +58,16 @@ class Scheduler:
             state = states.get(schedule.name, ScheduleState())
             if state.paused:
                 continue
-            last = await self._fire_if_due(schedule, state.last_fire, now)
-            upcoming.append(next_fire(schedule, last))
+            try:
+                last = await self._fire_if_due(schedule, state.last_fire, now)
+                upcoming.append(next_fire(schedule, last))
+            except ValueError as exc:  # croniter's errors: the config check should have caught it
+                logger.error(
+                    "schedule %s cannot be computed, skipped: %s",
+                    schedule.name,
+                    exc,
+                    extra={"event": "schedule.error"},
+                )
         return min(upcoming) if upcoming else None
 
     async def _fire_if_due(self, schedule: ScheduleConfig, last: float | None, now: float) -> float:

@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import msgspec
+import pytest
 
 from daemon.auth import Authenticator
 from daemon.config import Config, parse
@@ -176,3 +180,23 @@ async def test_the_api_lists_pauses_and_resumes_schedules(tmp_path: Path) -> Non
         assert (reply.status, reply.body["paused"]) == (200, False)
         reply = await daemon.request("POST", "/v1/schedules/nope/pause")
         assert (reply.status, reply.body["error"]["field"]) == (404, "name")
+
+
+async def test_a_schedule_that_cannot_be_computed_is_skipped_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The config check refuses a cron with no date; should one reach the scheduler anyway
+    (a croniter that disagrees with the check), the others still fire."""
+    config = schedule_config(tmp_path)
+    broken = msgspec.structs.replace(config.schedules[0], name="never", cron="0 0 31 4 *")
+    config = msgspec.structs.replace(config, schedules=[broken, *config.schedules])
+    clock = Clock(at("12:00:05"))
+    caplog.set_level(logging.ERROR, logger="daemon.scheduler")
+    async with runtime(config) as rt:
+        scheduler = Scheduler(rt, clock)
+        await scheduler.tick()
+        clock.now = at("12:01:00.100")
+        assert await scheduler.tick() == at("12:02:00")
+        assert await fired(rt) == 1
+    errors = [r for r in caplog.records if getattr(r, "event", None) == "schedule.error"]
+    assert errors and all("never" in r.getMessage() for r in errors)
