@@ -190,14 +190,15 @@ async def _log_started(rt: Runtime, where: str) -> None:
     cfg = rt.config
     logger.info(
         "offload started: listening on %s, store %s, concurrency %d, max_pending %d, "
-        "grace %gs, types %s; %d queued, %d recovered from an earlier run",
+        "grace %gs, types %s; %d unfinished tasks, %d recovered from an earlier run",
         where,
         rt.store.description,
         cfg.workers.concurrency,
         cfg.workers.max_pending,
         cfg.workers.grace_period,
         ",".join(sorted(rt.types)) or "none",
-        counts.queued,
+        # Queued and running together: the consumers may have started some already.
+        counts.pending,
         rt.stats.recovered,
         extra={"event": "daemon.started"},
     )
