@@ -18,10 +18,15 @@ command's client commands (daemon/client_cli.py) are built on it.
 
 from __future__ import annotations
 
+import asyncio
+import builtins
 import datetime as dt
+import math
+import time
+import urllib.parse
 from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import aiohttp
 import msgspec
@@ -31,7 +36,9 @@ from daemon.client_types import (
     Attempt,
     Callback,
     Health,
+    Queue,
     QueueCounts,
+    Schedule,
     Stats,
     Submission,
     Task,
@@ -39,6 +46,7 @@ from daemon.client_types import (
     TaskState,
     parse_stats,
 )
+from daemon.ids import is_id
 
 __all__ = [
     "DEFAULT_URL",
@@ -47,7 +55,9 @@ __all__ = [
     "ClientError",
     "Health",
     "OffloadClient",
+    "Queue",
     "QueueCounts",
+    "Schedule",
     "Stats",
     "Submission",
     "Task",
@@ -56,10 +66,16 @@ __all__ = [
     "Unreachable",
 ]
 
+T = TypeVar("T")
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 DEFAULT_WAIT_STEP = 25.0  # seconds per long-poll at most (the server's max_wait is 60 s)
 DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for one request, on top of any long-poll wait
 PAGE_SIZE = 1000  # the server's largest page
+MIN_POLL = 0.5  # seconds between the polls of `wait()` at least (a server with max_wait 0)
+# `wait()` outlives a daemon that restarts or drains: it asks again after this pause,
+# doubling up to the second figure.
+WAIT_RETRY = (0.25, 5.0)
 
 
 # -- the client ------------------------------------------------------------------------
@@ -83,8 +99,13 @@ class OffloadClient:
         wait_step: float | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"expected an http:// or https:// URL, not {url!r}")
+        if token is not None and any(c in token for c in "\r\n\x00"):
+            raise ValueError("the token holds a line break or NUL (read from a file with one?)")
         self.url = url.rstrip("/")
         self.wait_step = wait_step
+        self._wait_step_given = wait_step is not None
         self.request_timeout = request_timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
@@ -138,6 +159,7 @@ class OffloadClient:
             raise ValueError("run_at needs a time zone (an aware datetime)")
         if isinstance(delay, dt.timedelta):
             delay = delay.total_seconds()
+        _check_finite(payload, "payload")
         body = Submission(
             type=type,
             payload=payload,
@@ -149,8 +171,7 @@ class OffloadClient:
             max_attempts=_unset(max_attempts),
             callback=_unset(callback),
         )
-        raw = await self._post_json("/v1/tasks", body, idempotency_key)
-        return decode_answer(raw, Task)
+        return await self._post_json("/v1/tasks", body, idempotency_key, Task)
 
     async def submit_batch(
         self, tasks: Sequence[Submission], *, idempotency_key: str | None = None
@@ -158,33 +179,61 @@ class OffloadClient:
         """Submit `tasks` (up to the server's `server.max_batch`) all-or-nothing in one
         transaction; returns their ids, in order, once committed. A refusal names
         `tasks[i].field`."""
-        raw = await self._post_json("/v1/tasks/batch", _Batch(list(tasks)), idempotency_key)
-        return decode_answer(raw, _IdList).ids
+        sent = []
+        for i, given in enumerate(tasks):
+            _check_finite(given.payload, f"tasks[{i}].payload")
+            task = given
+            if isinstance(given.delay, dt.timedelta):  # as submit() takes it
+                task = msgspec.structs.replace(given, delay=given.delay.total_seconds())
+            sent.append(task)
+        return (
+            await self._post_json("/v1/tasks/batch", _Batch(sent), idempotency_key, _IdList)
+        ).ids
 
-    async def _post_json(self, path: str, body: object, idempotency_key: str | None) -> bytes:
+    async def _post_json(
+        self, path: str, body: object, idempotency_key: str | None, answer: type[T]
+    ) -> T:
         headers = {"Content-Type": "application/json"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
-        return await self._request("POST", path, data=msgspec.json.encode(body), headers=headers)
+        data = msgspec.json.encode(body)
+        return await self._call(answer, "POST", path, data=data, headers=headers)
 
     async def get(self, task_id: str, *, wait: float | None = None) -> Task:
         """The task now; with `wait`, the server holds the answer until the task ends or
         `wait` seconds pass (at most its `server.max_wait`)."""
         params = {} if wait is None else {"wait": f"{max(wait, 0.0):.3f}"}
-        raw = await self._request("GET", f"/v1/tasks/{task_id}", params=params, extra=wait)
-        return decode_answer(raw, Task)
+        return await self._call(Task, "GET", _task_path(task_id), params=params, extra=wait)
 
     async def wait(self, task_id: str) -> Task:
         """Long-poll (`wait_step` seconds at a time) until the task ends, and return it.
-        Bound the wait with `asyncio.timeout()`: the poll in flight is cancelled with it."""
-        step = await self._wait_step()
+        A daemon that cannot answer meanwhile (restarting, draining, down for a moment) is
+        asked again after a pause that grows from 0.25 to 5 s. Bound the wait with
+        `asyncio.timeout()`: the poll in flight is cancelled with it."""
+        pause = WAIT_RETRY[0]
         while True:
-            task = await self.get(task_id, wait=step)
+            step = await self._wait_step()
+            polled = time.monotonic()
+            try:
+                task = await self.get(task_id, wait=step)
+            except ClientError as exc:
+                if exc.status == 422 and exc.field == "wait" and not self._wait_step_given:
+                    self.wait_step = None  # the server's limit changed: read it again
+                    continue
+                if exc.status not in (0, 502, 503, 504):
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, WAIT_RETRY[1])
+                continue
             if task.ended:
                 return task
+            pause = WAIT_RETRY[0]
+            # A server that holds no poll (max_wait 0) is not asked again at once.
+            await asyncio.sleep(max(0.0, MIN_POLL - (time.monotonic() - polled)))
 
     async def _wait_step(self) -> float:
-        """`wait_step`, or the server's longest `wait` (from its OpenAPI document, once)."""
+        """`wait_step`, or the server's longest `wait` (from its OpenAPI document, once it
+        could be read)."""
         if self.wait_step is None:
             self.wait_step = DEFAULT_WAIT_STEP
             try:
@@ -192,6 +241,9 @@ class OffloadClient:
                 operation = document["paths"]["/v1/tasks/{id}"]["get"]
                 (wait,) = (p for p in operation["parameters"] if p["name"] == "wait")
                 self.wait_step = min(float(wait["schema"]["maximum"]), DEFAULT_WAIT_STEP)
+            except Unreachable:
+                self.wait_step = None  # no answer yet: ask again next time
+                return DEFAULT_WAIT_STEP
             except (ClientError, LookupError, TypeError, ValueError):
                 pass  # a server without the document (or an older one): the default
         return self.wait_step
@@ -199,12 +251,12 @@ class OffloadClient:
     async def cancel(self, task_id: str) -> Task:
         """Cancel a queued or running task (a running handler is stopped); returns it
         `cancelled`. A task that already ended: `ClientError` 409 `conflict`."""
-        return decode_answer(await self._request("DELETE", f"/v1/tasks/{task_id}"), Task)
+        return await self._call(Task, "DELETE", _task_path(task_id))
 
     async def retry(self, task_id: str) -> Task:
         """Put a `failed` or `cancelled` task back to `queued` with a fresh budget of
         attempts. Any other state: `ClientError` 409 `conflict`."""
-        return decode_answer(await self._request("POST", f"/v1/tasks/{task_id}/retry"), Task)
+        return await self._call(Task, "POST", _task_path(task_id) + "/retry")
 
     async def list(
         self,
@@ -228,7 +280,7 @@ class OffloadClient:
             )
             if value is not None
         }
-        return decode_answer(await self._request("GET", "/v1/tasks", params=params), TaskPage)
+        return await self._call(TaskPage, "GET", "/v1/tasks", params=params)
 
     async def iter_tasks(
         self,
@@ -250,16 +302,39 @@ class OffloadClient:
                 return
             cursor = page.next_cursor
 
+    # -- queues and schedules --------------------------------------------------------------
+
+    async def queues(self) -> builtins.list[Queue]:
+        """The configured queues, and any other with unfinished tasks or paused."""
+        return (await self._call(_QueueList, "GET", "/v1/queues")).queues
+
+    async def pause_queue(self, name: str) -> Queue:
+        """Keep accepting the queue's tasks but run none (kept across restarts)."""
+        return await self._call(Queue, "POST", f"/v1/queues/{_segment(name)}/pause")
+
+    async def resume_queue(self, name: str) -> Queue:
+        return await self._call(Queue, "POST", f"/v1/queues/{_segment(name)}/resume")
+
+    async def schedules(self) -> builtins.list[Schedule]:
+        """The configured cron schedules, with their last and next fire."""
+        return (await self._call(_ScheduleList, "GET", "/v1/schedules")).schedules
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        return await self._call(Schedule, "POST", f"/v1/schedules/{_segment(name)}/pause")
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        return await self._call(Schedule, "POST", f"/v1/schedules/{_segment(name)}/resume")
+
     # -- operations ------------------------------------------------------------------------
 
     async def health(self) -> Health:
         """GET /healthz: the process answers."""
-        return decode_answer(await self._request("GET", "/healthz"), Health)
+        return await self._call(Health, "GET", "/healthz")
 
     async def ready(self) -> Health:
         """GET /readyz: `ready`; while starting or draining, `ClientError` 503 with `code`
         `starting` or `draining`."""
-        return decode_answer(await self._request("GET", "/readyz"), Health)
+        return await self._call(Health, "GET", "/readyz")
 
     async def metrics(self) -> str:
         """GET /metrics: the Prometheus text."""
@@ -271,12 +346,33 @@ class OffloadClient:
 
     async def openapi(self) -> dict[str, Any]:
         """GET /openapi.json: the OpenAPI 3.1 document of this server."""
-        document = decode_answer(await self._request("GET", "/openapi.json"), dict)
+        document = await self._call(dict, "GET", "/openapi.json")
         return {str(k): v for k, v in document.items()}
 
     # -- HTTP ------------------------------------------------------------------------------
 
-    async def _request(
+    async def _call(
+        self,
+        answer: type[T],
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        data: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: float | None = None,
+    ) -> T:
+        """A 2xx answer decoded as `answer` (see `_request`)."""
+        status, body = await self._exchange(
+            method, path, params=params, data=data, headers=headers, extra=extra
+        )
+        return decode_answer(body, answer, status)
+
+    async def _request(self, method: str, path: str) -> bytes:
+        """The body of a 2xx answer; `ClientError` for any other, `Unreachable` for none."""
+        return (await self._exchange(method, path))[1]
+
+    async def _exchange(
         self,
         method: str,
         path: str,
@@ -285,18 +381,25 @@ class OffloadClient:
         data: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         extra: float | None = None,
-    ) -> bytes:
-        """The body of a 2xx answer; `ClientError` for any other, `Unreachable` for none.
-        `extra` seconds (a long-poll) are added to the request's timeout."""
+    ) -> tuple[int, bytes]:
+        """(status, body) of a 2xx answer; `ClientError` for any other (redirects are not
+        followed: the API sends none, so one comes from something else), `Unreachable` for
+        none. `extra` seconds (a long-poll) are added to the request's timeout."""
         timeout = aiohttp.ClientTimeout(total=self.request_timeout + (extra or 0.0))
         try:
             async with self._open().request(
-                method, self.url + path, params=params, data=data, headers=headers, timeout=timeout
+                method,
+                self.url + path,
+                params=params,
+                data=data,
+                headers=headers,
+                timeout=timeout,
+                allow_redirects=False,
             ) as resp:
                 body = await resp.read()
                 if resp.status >= 300:
                     raise answer_error(resp.status, resp.reason, resp.headers, body)
-                return body
+                return resp.status, body
         except aiohttp.ClientError as exc:
             raise Unreachable(f"cannot reach offload at {self.url}: {exc}") from exc
         except TimeoutError:
@@ -305,6 +408,38 @@ class OffloadClient:
 
 class _Batch(msgspec.Struct):
     tasks: list[Submission]
+
+
+class _QueueList(msgspec.Struct):
+    queues: list[Queue]
+
+
+class _ScheduleList(msgspec.Struct):
+    schedules: list[Schedule]
+
+
+def _task_path(task_id: str) -> str:
+    """The task's path; what is not a task id is refused here as the server would (404),
+    so that no text can make the path another one."""
+    if not is_id(task_id):
+        raise ClientError(404, "not_found", f"no task {task_id}", field="id")
+    return f"/v1/tasks/{task_id}"
+
+
+def _segment(name: str) -> str:
+    return urllib.parse.quote(name, safe="")
+
+
+def _check_finite(value: Any, where: str) -> None:
+    """JSON has no NaN or infinity; msgspec would send them as null, silently."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{where} holds {value}, which JSON cannot carry")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_finite(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            _check_finite(item, f"{where}[{i}]")
 
 
 class _IdList(msgspec.Struct):

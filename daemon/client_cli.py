@@ -179,7 +179,13 @@ Command = Callable[[OffloadClient, argparse.Namespace, "Output"], Awaitable[int]
 
 
 async def _with_client(args: argparse.Namespace, command: Command, out: Output) -> int:
-    async with OffloadClient(args.url, args.token) as client:
+    if getattr(args, "wait_timeout", None) is not None and not getattr(args, "wait", False):
+        raise UsageError("--wait-timeout needs --wait")
+    try:
+        client = OffloadClient(args.url, args.token)
+    except ValueError as exc:  # a URL without its scheme, a token with a line break
+        raise UsageError(str(exc)) from None
+    async with client:
         return await command(client, args, out)
 
 
@@ -225,6 +231,11 @@ async def _wait(
         except TimeoutError:
             out.error(f"task {task.id} has not ended after {args.wait_timeout:g}s")
             return EXIT_NOT_ENDED
+        except (ClientError, asyncio.CancelledError):
+            # Interrupted (Ctrl-C) or refused while waiting: the task exists all the same,
+            # and its id may have been printed nowhere yet.
+            out.error(f"task {task.id} was accepted; see it with: offload status {task.id} --wait")
+            raise
     if not result_only:
         out.task(task)
     elif task.state is TaskState.SUCCEEDED:

@@ -8,6 +8,8 @@ requests, and the mapping of answers to errors can be read (and changed) in one 
 
 from __future__ import annotations
 
+import datetime as dt
+import email.utils
 from collections.abc import Mapping
 from typing import TypeVar
 
@@ -54,6 +56,10 @@ class ClientError(Exception):
         self.field = field
         self.retry_after = retry_after
 
+    def __reduce__(self) -> tuple[object, ...]:
+        # Rebuilt from its fields (pickle, copy, multiprocessing): `args` is not `__init__`'s.
+        return (_rebuild, (type(self), self.__dict__.copy()))
+
     def __str__(self) -> str:
         text = f"{self.message} ({self.code}"
         if self.field:
@@ -70,11 +76,27 @@ class Unreachable(ClientError):
         super().__init__(0, "unreachable", message)
 
 
-def decode_answer(body: bytes, tp: type[T]) -> T:
+def _rebuild(cls: type[ClientError], fields: dict[str, object]) -> ClientError:
+    error = cls.__new__(cls)
+    Exception.__init__(
+        error,
+        fields["status"],
+        fields["code"],
+        fields["message"],
+        fields["field"],
+        fields["retry_after"],
+    )
+    error.__dict__.update(fields)
+    return error
+
+
+def decode_answer(body: bytes, tp: type[T], status: int = 200) -> T:
     try:
         return msgspec.json.decode(body, type=tp)
     except msgspec.DecodeError as exc:
-        raise ClientError(200, "bad_answer", f"the server's answer does not fit: {exc}") from None
+        raise ClientError(
+            status, "bad_answer", f"the server's answer does not fit: {exc}"
+        ) from None
 
 
 def answer_error(
@@ -95,7 +117,9 @@ def answer_error(
         health = msgspec.json.decode(body, type=Health)
     except msgspec.DecodeError:
         text = body.decode(errors="replace").strip()[:200]
-        return ClientError(status, "http_error", text or reason or f"HTTP {status}")
+        return ClientError(
+            status, "http_error", text or reason or f"HTTP {status}", retry_after=retry_after
+        )
     return ClientError(
         status, health.status, f"offload is {health.status}", retry_after=retry_after
     )
@@ -105,6 +129,13 @@ def _retry_after(value: str | None) -> float | None:
     if value is None:
         return None
     try:
-        return float(value)
+        return max(0.0, float(value))
     except ValueError:
-        return None  # an HTTP date: offload never sends one
+        pass
+    try:  # an HTTP date (offload never sends one; a proxy in front of it may)
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=dt.UTC)
+    return max(0.0, (when - dt.datetime.now(dt.UTC)).total_seconds())

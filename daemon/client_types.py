@@ -15,7 +15,9 @@ __all__ = [
     "Attempt",
     "Callback",
     "Health",
+    "Queue",
     "QueueCounts",
+    "Schedule",
     "Stats",
     "Submission",
     "Task",
@@ -97,6 +99,37 @@ class Health(msgspec.Struct, frozen=True):
     """/healthz and /readyz: `ok`, `ready`, `starting` or `draining`."""
 
     status: str
+
+
+class Queue(msgspec.Struct, frozen=True):
+    """A queue as `GET /v1/queues` lists it: its settings (the defaults for a queue only
+    tasks name, `configured` False), whether it is paused, its unfinished tasks and its
+    recent completion rate."""
+
+    name: str
+    paused: bool
+    weight: int
+    concurrency: int
+    rate: float
+    burst: int
+    queued: int
+    running: int
+    completed_per_second: float
+    configured: bool = True
+
+
+class Schedule(msgspec.Struct, frozen=True):
+    """A cron schedule as `GET /v1/schedules` lists it."""
+
+    name: str
+    cron: str
+    timezone: str
+    type: str
+    queue: str | None
+    misfire: str
+    paused: bool
+    last_fire: dt.datetime | None
+    next_fire: dt.datetime | None
 
 
 class QueueCounts(msgspec.Struct, frozen=True):

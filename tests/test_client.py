@@ -5,13 +5,18 @@ Retry-After."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import datetime as dt
+import math
+import pickle
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import msgspec
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.client import OffloadClient, Submission, Task, TaskState
+from daemon.client import MIN_POLL, OffloadClient, Submission, Task, TaskState
 from daemon.client_errors import ClientError, Unreachable
 from daemon.client_types import Stats, parse_stats
 from daemon.ids import new_id
@@ -323,3 +328,134 @@ def test_stats_parse_the_metrics_text() -> None:
 def test_the_client_task_has_every_field_the_server_sends() -> None:
     ours = {f.name for f in msgspec.structs.fields(Task)}
     assert ours == {f.name for f in msgspec.structs.fields(TaskView)}
+
+
+async def test_wait_outlives_a_daemon_restart(tmp_path: Path) -> None:
+    """A wait in flight when the daemon stops keeps asking (0.25 s, doubling to 5 s) and
+    answers once the daemon is back: a deploy does not fail the callers that wait."""
+    port = free_port()
+    fixed = {"server": {"listen": f"127.0.0.1:{port}"}}
+    async with OffloadClient(f"http://127.0.0.1:{port}", wait_step=1) as client:
+        async with open_daemon(tmp_path, fixed):
+            task = await client.submit("noop", None, delay=LATER)
+            waiting = asyncio.create_task(client.wait(task.id))
+        # The daemon is gone; before the fix, the wait failed at once with Unreachable.
+        done, _ = await asyncio.wait({waiting}, timeout=1.0)
+        assert not done, waiting.result() if not waiting.cancelled() else None
+        async with open_daemon(tmp_path, fixed):
+            await client.cancel(task.id)
+            async with asyncio.timeout(QUICK + 5):
+                ended = await waiting
+    assert (ended.id, ended.state) == (task.id, TaskState.CANCELLED)
+
+
+async def test_a_server_that_holds_no_poll_is_not_asked_in_a_loop(tmp_path: Path) -> None:
+    async with open_daemon(tmp_path, {"server": {"max_wait": "0s"}}) as api:
+        gate = api.gate()
+        async with OffloadClient(url(api)) as client:
+            task = await client.submit("block", {"gate": gate.key})
+            started = asyncio.get_running_loop().time()
+            waiting = asyncio.create_task(client.wait(task.id))
+
+            async def polls() -> float:
+                samples = parse_samples(await client.metrics())
+                return samples.get(("/v1/tasks/{id}", "200"), 0.0)
+
+            async with asyncio.timeout(QUICK):
+                await eventually(lambda: _at_least(polls, 3))
+            gate.release.set()
+            async with asyncio.timeout(QUICK):
+                assert (await waiting).state is TaskState.SUCCEEDED
+            elapsed = asyncio.get_running_loop().time() - started
+            # One poll per MIN_POLL at most (and the last one), not thousands a second.
+            assert await polls() <= elapsed / MIN_POLL + 3
+
+
+async def _at_least(probe: Callable[[], Awaitable[float]], n: float) -> bool | None:
+    return (await probe()) >= n or None
+
+
+def parse_samples(text: str) -> dict[tuple[str, str], float]:
+    """offload_http_requests_total by (route, code)."""
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "offload_http_requests_total":
+                found[(sample.labels["route"], sample.labels["code"])] = sample.value
+    return found
+
+
+async def test_what_is_not_a_task_id_never_reaches_another_path(api: Daemon) -> None:
+    async with OffloadClient(url(api)) as client:
+        for sneaky in ("../../v1/queues/default/pause?x=", "..", "x/../../queues", ""):
+            with pytest.raises(ClientError) as refused:
+                await client.retry(sneaky)
+            assert (refused.value.status, refused.value.code, refused.value.field) == (
+                404,
+                "not_found",
+                "id",
+            )
+            with pytest.raises(ClientError):
+                await client.get(sneaky)
+        assert not [q for q in await client.queues() if q.paused]
+
+
+async def test_queues_and_schedules_are_listed_paused_and_resumed(tmp_path: Path) -> None:
+    schedule = {"name": "nightly", "cron": "0 3 * * *", "type": "noop"}
+    async with (
+        open_daemon(tmp_path, {"schedules": [schedule]}) as api,
+        OffloadClient(url(api)) as client,
+    ):
+        with pytest.raises(ClientError) as bad_name:
+            await client.pause_queue("tenant/../7")  # quoted: one segment, not a queue name
+        assert (bad_name.value.status, bad_name.value.field) == (404, "name")
+        paused = await client.pause_queue("tenant-7")
+        assert (paused.name, paused.paused, paused.configured) == ("tenant-7", True, False)
+        assert {q.name for q in await client.queues() if q.paused} == {"tenant-7"}
+        assert (await client.resume_queue("tenant-7")).paused is False
+
+        (listed,) = await client.schedules()
+        assert (listed.name, listed.cron, listed.paused) == ("nightly", "0 3 * * *", False)
+        assert listed.next_fire is not None and listed.next_fire.tzinfo is not None
+        assert (await client.pause_schedule("nightly")).paused is True
+        assert (await client.resume_schedule("nightly")).paused is False
+        with pytest.raises(ClientError) as missing:
+            await client.pause_schedule("nope")
+        assert missing.value.status == 404
+
+
+async def test_payloads_json_cannot_carry_are_refused_before_sending(api: Daemon) -> None:
+    async with OffloadClient(url(api)) as client:
+        with pytest.raises(ValueError, match=r"payload\.x holds nan"):
+            await client.submit("noop", {"x": float("nan")})
+        with pytest.raises(ValueError, match=r"tasks\[1\]\.payload\[0\] holds inf"):
+            await client.submit_batch(
+                [Submission(type="noop", payload={}), Submission(type="noop", payload=[math.inf])]
+            )
+        ids = await client.submit_batch(
+            [Submission(type="noop", delay=dt.timedelta(hours=1))]  # type: ignore[arg-type]
+        )
+        assert (await client.get(ids[0])).state is TaskState.QUEUED
+    assert await api.count() == 1
+
+
+def test_client_errors_survive_pickle_and_copy() -> None:
+    error = ClientError(503, "draining", "offload is draining", field="x", retry_after=30.0)
+    for again in (pickle.loads(pickle.dumps(error)), copy.copy(error)):
+        assert type(again) is ClientError
+        assert (again.status, again.code, again.field, again.retry_after) == (
+            503,
+            "draining",
+            "x",
+            30.0,
+        )
+        assert str(again) == str(error)
+    gone = pickle.loads(pickle.dumps(Unreachable("no answer")))
+    assert (type(gone), gone.status, gone.message) == (Unreachable, 0, "no answer")
+
+
+def test_a_url_without_scheme_or_a_token_with_a_line_break_is_refused() -> None:
+    with pytest.raises(ValueError, match="http:// or https://"):
+        OffloadClient("127.0.0.1:8080")
+    with pytest.raises(ValueError, match="line break"):
+        OffloadClient(token="secret-token-0123456789\n")
