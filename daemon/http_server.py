@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from daemon.config import ServerConfig
+from daemon.errors import ConfigError
 from daemon.http_protocol import Runner
 from daemon.metrics import Tally
 from daemon.systemd import activated_socket
@@ -49,12 +50,14 @@ def is_loopback(where: tuple[str, int] | str) -> bool:
 
 @asynccontextmanager
 async def open_http(
-    app: web.Application, config: ServerConfig, counts: Tally
+    app: web.Application, config: ServerConfig, counts: Tally, *, anonymous: bool = False
 ) -> AsyncIterator[str]:
     """Serve `app` on the socket systemd passed us (socket activation), else on
     `config.listen`; yields the bound address. On exit the listener closes first, then open
     requests get `SHUTDOWN_TIMEOUT` seconds, then the app's cleanup runs. Requests aiohttp
-    cannot parse are counted in `counts` (`http_protocol.py`)."""
+    cannot parse are counted in `counts` (`http_protocol.py`). With `anonymous` (no tokens,
+    and no `auth.allow_anonymous`), a socket from systemd must be a loopback one, as
+    `server.listen` must (config.py): the unit's ListenStream= is config too."""
     runner = Runner(
         app, counts, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
@@ -64,6 +67,16 @@ async def open_http(
         inherited = activated_socket()
         site: web.BaseSite
         if inherited is not None:
+            bound = inherited.getsockname()
+            if anonymous and not is_loopback(bound if isinstance(bound, str) else bound[:2]):
+                raise ConfigError(
+                    "offload.socket",
+                    [
+                        f"ListenStream= {bound[0]}:{bound[1]}: a non-loopback address needs "
+                        f"tokens (auth.tokens_file or auth.credential), or "
+                        f"auth.allow_anonymous = true"
+                    ],
+                )
             site = web.SockSite(runner, inherited)
         elif isinstance(where, str):
             site = web.UnixSite(runner, where)

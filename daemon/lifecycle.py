@@ -4,7 +4,8 @@ Start: open (lock, migrate) the store → recover orphaned runs → start the fe
 consumers → bind HTTP → ready. Stop, in the reverse order: admission answers 503 and
 /readyz fails (status reads still work) → drain within the grace period → stop and put
 back the rest → consumers exit → HTTP closes → the store commits and closes.
-systemd's stop timeout must exceed grace_period + STOP_DEADLINE + SHUTDOWN_TIMEOUT.
+The stop tells systemd how long it needs (EXTEND_TIMEOUT_USEC with STOPPING=1), so a grace
+period longer than the unit's TimeoutStopSec= is not cut short.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from contextlib import nullcontext
 from daemon.api import make_app
 from daemon.config import Config
 from daemon.executors.http import HttpClient
-from daemon.http_server import open_http
+from daemon.http_server import SHUTDOWN_TIMEOUT, open_http
 from daemon.metrics import Metrics
 from daemon.reload import reload_on_request
 from daemon.runtime import Runtime, assemble
@@ -32,10 +33,14 @@ from daemon.store.base import Hooks
 from daemon.systemd import Notifier, pulse, watchdog_interval
 from daemon.tasktypes import build_types
 from daemon.watch import Watchers
+from daemon.workers import STOP_DEADLINE
 
 logger = logging.getLogger(__name__)
 
 STATUS_EVERY = 5.0  # seconds between STATUS= updates when the watchdog does not set a pace
+# Seconds a stop may take beyond the grace, the runs' unwinding and the open requests: the
+# store's close (a PostgreSQL pool: up to 5 s) and the exit.
+STOP_SLACK = 10.0
 HANDLER_THREAD = "handler"  # the name (prefix) of the sync handlers' threads
 MAX_THREADS = 4096  # the most workers.concurrency may be
 
@@ -134,17 +139,26 @@ async def _run(
                     rt, config_path, requested=reload, threads=threads, http=http, notifier=notifier
                 )
                 background.append(tg.create_task(reloader, name="reloader"))
-            async with open_http(make_app(rt), config.server, rt.metrics.http) as where:
+            anonymous = not rt.auth.enabled and not config.auth.allow_anonymous
+            http_server = open_http(
+                make_app(rt), config.server, rt.metrics.http, anonymous=anonymous
+            )
+            async with http_server as where:
                 rt.ready = True
                 await _log_started(rt, where)
                 notifier.send("READY=1", f"STATUS=ready on {where}")
                 await stop.requested.wait()
-                notifier.send("STOPPING=1", "STATUS=draining")
+                grace = rt.config.workers.grace_period  # a reload may have changed it
+                # systemd's TimeoutStopSec= is fixed in the unit, the grace period is not: ask
+                # for what this stop needs, so that a longer grace is not cut by a SIGKILL.
+                needed = grace + STOP_DEADLINE + SHUTDOWN_TIMEOUT + STOP_SLACK
+                notifier.send(
+                    "STOPPING=1", "STATUS=draining", f"EXTEND_TIMEOUT_USEC={int(needed * 1e6)}"
+                )
                 # From here POST answers 503 and /readyz fails; GET keeps working while the
                 # running tasks get the grace period.
                 rt.ready = False
                 rt.draining.set()
-                grace = rt.config.workers.grace_period  # a reload may have changed it
                 logger.info(
                     "stop requested: draining (grace period %gs)",
                     grace,

@@ -81,24 +81,39 @@ async def pulse(
     watchdog: bool,
 ) -> None:
     """Every `interval` seconds: run `healthy()` (bounded by the interval), then send
-    `STATUS=` and, when `watchdog`, `WATCHDOG=1`. A wedged loop or store stops the pings,
-    and systemd restarts the service."""
+    `STATUS=` and, when `watchdog`, `WATCHDOG=1`.
+
+    The ping says the event loop runs, nothing more: a wedged loop stops it and systemd
+    restarts the service. A store that fails or does not answer the check is reported in
+    `STATUS=` and the log, and the ping goes on: a restart would not bring back a locked
+    file or a database that is down, but would stop every running task, and then fail to
+    start until the store is back (on PostgreSQL, on every node at once)."""
+    trouble: str | None = None
     while True:
         started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(interval):
                 await healthy()
         except (TimeoutError, OffloadError) as exc:
-            logger.error(
-                "health check failed (%s); withholding the watchdog ping",
-                exc or f"no answer within {interval:.1f}s",
-                extra={"event": "systemd.watchdog_withheld"},
-            )
+            now = str(exc) or f"no answer within {interval:.1f}s"
+            if trouble is None:
+                logger.error(
+                    "store health check failed: %s (the daemon goes on and retries)",
+                    now,
+                    extra={"event": "systemd.store_unhealthy"},
+                )
+            trouble = now
         else:
-            lines = [f"STATUS={status(interval)}"]
-            if watchdog:
-                lines.append("WATCHDOG=1")
-            notifier.send(*lines)
+            if trouble is not None:
+                logger.info(
+                    "store health check passes again", extra={"event": "systemd.store_healthy"}
+                )
+            trouble = None
+        text = status(interval) if trouble is None else f"store unavailable: {trouble}"
+        lines = [f"STATUS={text}"]
+        if watchdog:
+            lines.append("WATCHDOG=1")
+        notifier.send(*lines)
         elapsed = asyncio.get_running_loop().time() - started
         await asyncio.sleep(max(0.0, interval - elapsed))
 

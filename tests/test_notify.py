@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -132,7 +133,11 @@ async def test_stopping_is_sent_as_soon_as_sigterm_arrives(
             await notify.wait_for("READY", "1")
             await eventually(lambda: _started(tmp_path / "runs.log", 1))
             daemon.signal(signal.SIGTERM)
-            await notify.wait_for("STOPPING", "1")
+            stopping_message = await notify.wait_for("STOPPING", "1")
+        # It asks systemd for the time this stop may need: the 60 s grace and the rest, past
+        # the unit's TimeoutStopSec= (60 s).
+        extend = int(stopping_message["EXTEND_TIMEOUT_USEC"]) / 1e6
+        assert 60 + 10 < extend <= 60 + 30, stopping_message
         # Sent at the start of the drain, not at the exit: the task still runs.
         running: TaskJson = await daemon.task(task.id)
         assert running.state == "running"
@@ -163,3 +168,43 @@ async def _status_where(notify: NotifySocket, accept: Callable[[str], bool]) -> 
         message = await notify.wait_for("STATUS")
         if accept(message["STATUS"]):
             return message["STATUS"]
+
+
+async def test_a_locked_store_shows_in_the_status_and_the_watchdog_goes_on(
+    offload: Offload, tmp_path: Path, notify: NotifySocket
+) -> None:
+    """A store the daemon cannot write (the SQLite file locked by another program; on
+    PostgreSQL, the database down) is reported in STATUS=, and the pings go on: a restart by
+    the watchdog would stop every running task and not bring the store back."""
+    config = offload.config(types=HOLD)
+    env = {"NOTIFY_SOCKET": notify.address, "WATCHDOG_USEC": str(PING_USEC)}
+
+    async def status_until(wanted: Callable[[str], bool]) -> dict[str, str]:
+        while True:
+            message = await notify.receive()
+            if "STATUS" in message and wanted(message["STATUS"]):
+                return message
+
+    def unavailable(status: str) -> bool:
+        return status.startswith("store unavailable")
+
+    async with open_process(config, tmp_path / "daemon.log", env=env) as daemon:
+        async with asyncio.timeout(WAIT):
+            await notify.wait_for("READY", "1")
+        lock = sqlite3.connect(config.db, isolation_level=None)
+        lock.execute("BEGIN IMMEDIATE")  # the write lock, until ROLLBACK
+        try:
+            async with asyncio.timeout(WAIT):
+                first = await status_until(unavailable)
+                during = [await notify.wait_for("WATCHDOG", "1") for _ in range(5)]
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        assert first.get("WATCHDOG") == "1"
+        assert all(unavailable(m["STATUS"]) for m in during), during
+        async with asyncio.timeout(WAIT):
+            await status_until(lambda status: not unavailable(status))
+        assert daemon.returncode is None
+    log = (tmp_path / "daemon.log").read_text()
+    assert log.count("event=systemd.store_unhealthy") == 1  # once per spell, not per check
+    assert "event=systemd.store_healthy" in log

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,3 +95,52 @@ def test_serve_refuses_a_broken_config_with_78_and_writes_nothing(tmp_path: Path
 def test_serve_refuses_a_missing_config_with_78(tmp_path: Path) -> None:
     done = run_offload("serve", "--config", str(tmp_path / "absent.toml"))
     assert done.returncode == EX_CONFIG, done.stderr
+
+
+def test_serve_refuses_a_database_of_a_newer_offload_with_78(tmp_path: Path) -> None:
+    """An older binary after an upgrade migrated the store (a rollback): no restart mends
+    that, so it is exit 78, which the unit does not restart, and the file is left as is."""
+    config = tmp_path / "offload.toml"
+    write_config(config, [])
+    db = tmp_path / "offload.db"
+    with closing(sqlite3.connect(db)) as conn:
+        conn.execute("PRAGMA user_version = 999")
+    done = run_offload("serve", "--config", str(config))
+    assert done.returncode == EX_CONFIG, done.stderr
+    assert "schema version 999" in done.stderr
+    assert "restore a backup" in done.stderr
+    with closing(sqlite3.connect(db)) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 999
+
+
+ACTIVATE = """
+import os, socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+sock.setsockopt(socket.IPPROTO_IP, 15, 1)  # IP_FREEBIND: an address no interface has
+sock.bind(("192.0.2.1", 0))  # TEST-NET-1: nothing can reach it
+sock.listen()
+if sock.fileno() != 3:
+    os.dup2(sock.fileno(), 3)
+os.set_inheritable(3, True)  # a socket is made close-on-exec
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.executable, [sys.executable, "-m", "daemon", *sys.argv[1:]])
+"""
+
+
+def test_a_socket_from_systemd_is_held_to_the_loopback_rule(tmp_path: Path) -> None:
+    """`server.listen` off loopback needs tokens; so does a ListenStream= of the socket
+    unit, which the daemon only sees as the socket systemd passes it (LISTEN_FDS)."""
+    config = tmp_path / "offload.toml"
+    write_config(config, [])
+    done = subprocess.run(
+        [sys.executable, "-c", ACTIVATE, "serve", "--config", str(config)],
+        cwd=REPO_ROOT,
+        env=daemon_env(),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == EX_CONFIG, done.stderr
+    assert "ListenStream= 192.0.2.1:" in done.stderr
+    assert "needs tokens" in done.stderr

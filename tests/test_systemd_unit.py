@@ -143,6 +143,21 @@ def test_start_returns_once_the_api_answers(service: Service) -> None:
     assert service.show("NRestarts") == "0"
 
 
+def test_a_bad_config_fails_the_start_once_and_is_not_restarted(service: Service) -> None:
+    """Exit 78 from `serve` itself (there is no ExecStartPre=, whose 78 the unit would
+    restart: RestartPreventExitStatus= looks at the main process only)."""
+    service.write_config("[workers]\nconcurrency = 0\n")
+    assert service.systemctl("start", "offload.service", check=False).returncode != 0
+
+    def settled() -> bool | None:
+        return service.show("ActiveState") == "failed" or None
+
+    poll(settled, within=30, what="the unit failed")
+    assert service.show("ExecMainStatus") == "78"
+    assert service.show("NRestarts") == "0"
+    assert service.journal("EVENT=config.invalid")
+
+
 def test_tasks_run_and_journalctl_tells_the_story_of_each(service: Service) -> None:
     types = {
         "chatty": python_type("offload_test:chatty"),
@@ -242,13 +257,12 @@ def test_reload_applies_a_changed_type_and_refuses_a_broken_file(service: Servic
     removed = service.http("POST", "/v1/tasks", json_body={"type": "sleep", "payload": {}})
     assert removed.status == 422, removed.body
 
+    # A broken file fails `systemctl reload` itself (ExecReload= checks it first), and the
+    # daemon never hears of it.
     service.write_config("[workers\nconcurrency = ")
-    service.systemctl("reload", "offload.service")
-    poll(
-        lambda: service.journal("EVENT=config.reload_refused") or None,
-        within=15,
-        what="the broken file refused",
-    )
+    refused = service.systemctl("reload", "offload.service", check=False)
+    assert refused.returncode != 0
+    assert not service.journal("EVENT=config.reload_refused")
     assert service.show("ActiveState") == "active"
     assert service.show("MainPID") == main_pid
     service.submit("chatty", {"lines": 1})

@@ -14,7 +14,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from daemon import redact
 from daemon.config import StoreConfig
-from daemon.errors import StoreUnavailable
+from daemon.errors import ConfigError, StoreUnavailable
 from daemon.store.base import Hooks
 from daemon.store.postgres import PostgresStore
 from daemon.store.postgres_connections import ACQUIRE_TIMEOUT
@@ -74,7 +74,10 @@ async def open_postgres(config: StoreConfig, hooks: Hooks) -> AsyncIterator[Post
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT) as conn:
                 await migrate(conn)
         except SchemaTooNew as exc:
-            raise StoreUnavailable(f"{where}: {exc}") from exc
+            # An older offload on a newer database: no restart mends that (exit 78).
+            raise ConfigError(
+                where, [f"store.url: {exc}; run that newer offload, or restore a backup"]
+            ) from exc
         except Exception as exc:
             if unavailable(exc):
                 raise StoreUnavailable(f"cannot migrate {where}: {exc}") from exc

@@ -20,6 +20,7 @@ import msgspec
 
 from daemon.config import StoreConfig
 from daemon.errors import (
+    ConfigError,
     Conflict,
     IdempotencyKeyReused,
     NotFound,
@@ -284,7 +285,10 @@ async def open_sqlite(
         try:
             await store.writer.start(store._setup)
         except SchemaTooNew as exc:
-            raise StoreUnavailable(f"{path}: {exc}") from exc
+            # An older offload on a newer database: no restart mends that (exit 78).
+            raise ConfigError(
+                str(path), [f"store.url: {exc}; run that newer offload, or restore a backup"]
+            ) from exc
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
         try:
