@@ -109,6 +109,9 @@ class OffloadClient:
         self.request_timeout = request_timeout
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._session: aiohttp.ClientSession | None = None
+        # Long-polls hold a connection for seconds each: they get a pool of their own, so
+        # that many waits never leave the other calls queueing for a connection.
+        self._polls: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> Self:
         self._open()
@@ -123,12 +126,17 @@ class OffloadClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the session (idempotent)."""
-        if self._session is not None:
-            session, self._session = self._session, None
-            await session.close()
+        """Close the sessions (idempotent)."""
+        for session in (self._session, self._polls):
+            if session is not None:
+                await session.close()
+        self._session = self._polls = None
 
-    def _open(self) -> aiohttp.ClientSession:
+    def _open(self, *, poll: bool = False) -> aiohttp.ClientSession:
+        if poll:
+            if self._polls is None:
+                self._polls = aiohttp.ClientSession(headers=self._headers)
+            return self._polls
         if self._session is None:
             self._session = aiohttp.ClientSession(headers=self._headers)
         return self._session
@@ -387,7 +395,7 @@ class OffloadClient:
         none. `extra` seconds (a long-poll) are added to the request's timeout."""
         timeout = aiohttp.ClientTimeout(total=self.request_timeout + (extra or 0.0))
         try:
-            async with self._open().request(
+            async with self._open(poll=bool(extra)).request(
                 method,
                 self.url + path,
                 params=params,

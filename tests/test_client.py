@@ -459,3 +459,35 @@ def test_a_url_without_scheme_or_a_token_with_a_line_break_is_refused() -> None:
         OffloadClient("127.0.0.1:8080")
     with pytest.raises(ValueError, match="line break"):
         OffloadClient(token="secret-token-0123456789\n")
+
+
+async def test_many_waits_leave_the_other_calls_a_connection(api: Daemon) -> None:
+    """Each long-poll holds a connection for its whole step; more of them than aiohttp's
+    pool (100) must not leave a plain call queueing behind them until it times out."""
+    gate = api.gate()
+    port = int(api.config.server.listen.rpartition(":")[2])
+    async with OffloadClient(url(api), wait_step=20, request_timeout=QUICK) as client:
+        task = await client.submit("block", {"gate": gate.key})
+        waits = [asyncio.create_task(client.wait(task.id)) for _ in range(110)]
+
+        async def pool_full() -> bool | None:
+            return True if _established_to(port) >= 100 else None
+
+        async with asyncio.timeout(QUICK):
+            await eventually(pool_full)  # the polls hold 100 connections for 20 s
+        async with asyncio.timeout(QUICK):
+            assert (await client.ready()).status == "ready"
+        gate.release.set()
+        async with asyncio.timeout(QUICK * 6):
+            ended = await asyncio.gather(*waits)
+    assert {t.state for t in ended} == {TaskState.SUCCEEDED}
+
+
+def _established_to(port: int) -> int:
+    """Established TCP connections whose server end is 127.0.0.1:`port` (/proc/net/tcp)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        if state == "01" and int(local.rpartition(":")[2], 16) == port:
+            count += 1
+    return count
