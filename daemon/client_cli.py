@@ -244,7 +244,7 @@ async def _wait(
         out.error(f"task {task.id} failed: {task.last_error}")
     elif task.state is TaskState.CANCELLED:
         out.error(f"task {task.id} was cancelled")
-    return _ENDED_EXIT[task.state]
+    return _ENDED_EXIT[TaskState(task.state)]
 
 
 async def cancel(client: OffloadClient, args: argparse.Namespace, out: Output) -> int:
@@ -312,7 +312,7 @@ class Output:
             ("id", task.id),
             ("type", task.type),
             ("queue", task.queue),
-            ("state", task.state.value),
+            ("state", str(task.state)),
             ("attempts", f"{task.attempts} (max {task.max_attempts})"),
             ("priority", str(task.priority)),
             ("created", _when(task.created_at)),
@@ -336,7 +336,7 @@ class Output:
                 t.id,
                 t.type,
                 t.queue,
-                t.state.value,
+                str(t.state),
                 f"{t.attempts}/{t.max_attempts}",
                 _when(t.created_at),
                 (t.last_error or "").replace("\n", " "),

@@ -60,6 +60,9 @@ class Callback(msgspec.Struct, frozen=True):
     last_error: str | None
 
 
+_STATES = frozenset(s.value for s in TaskState)
+
+
 class Task(msgspec.Struct, frozen=True):
     """A task as the server returns it (see the README's HTTP API). `payload` and `result`
     are the decoded JSON; times are aware UTC datetimes."""
@@ -67,7 +70,9 @@ class Task(msgspec.Struct, frozen=True):
     id: str
     type: str
     queue: str
-    state: TaskState
+    # A `TaskState` (a str enum) for every state this client knows; a newer server's state
+    # it does not know stays a plain str, so that one task cannot fail a whole page.
+    state: str
     payload: Any
     attempts: int
     max_attempts: int
@@ -82,10 +87,15 @@ class Task(msgspec.Struct, frozen=True):
     history: tuple[Attempt, ...] = ()
     callback: Callback | None = None
 
+    def __post_init__(self) -> None:
+        if self.state in _STATES:
+            msgspec.structs.force_setattr(self, "state", TaskState(self.state))
+
     @property
     def ended(self) -> bool:
-        """The task is `succeeded`, `failed` or `cancelled`: it will not change by itself."""
-        return self.state.terminal
+        """The task is `succeeded`, `failed` or `cancelled`: it will not change by itself (a
+        state this client does not know is taken as not ended)."""
+        return isinstance(self.state, TaskState) and self.state.terminal
 
 
 class TaskPage(msgspec.Struct, frozen=True):

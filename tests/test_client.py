@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.client import MIN_POLL, OffloadClient, Submission, Task, TaskState
 from daemon.client_errors import ClientError, Unreachable
-from daemon.client_types import Stats, parse_stats
+from daemon.client_types import Stats, TaskPage, parse_stats
 from daemon.ids import new_id
 from daemon.wire import TaskView
 from tests.harness import eventually, free_port
@@ -328,6 +328,21 @@ def test_stats_parse_the_metrics_text() -> None:
 def test_the_client_task_has_every_field_the_server_sends() -> None:
     ours = {f.name for f in msgspec.structs.fields(Task)}
     assert ours == {f.name for f in msgspec.structs.fields(TaskView)}
+
+
+async def test_a_state_of_a_newer_server_does_not_fail_the_page(api: Daemon) -> None:
+    """Real answers, one with its state renamed as a later server might send it: the page
+    decodes, known states are `TaskState`s, the unknown one a str that has not ended."""
+    async with OffloadClient(url(api)) as client:
+        await client.submit("noop", None, delay=LATER)
+        await client.submit("noop", None, delay=LATER)
+        raw = await client._request("GET", "/v1/tasks")
+    page = msgspec.json.decode(raw)
+    page["tasks"][0]["state"] = "paused"
+    decoded = msgspec.json.decode(msgspec.json.encode(page), type=TaskPage)
+    newer, known = decoded.tasks
+    assert (newer.state, type(newer.state), newer.ended) == ("paused", str, False)
+    assert known.state is TaskState.QUEUED
 
 
 async def test_wait_outlives_a_daemon_restart(tmp_path: Path) -> None:
