@@ -11,7 +11,7 @@ Each run leads its own session and process group. However the run ends (exit, ti
 cancel) nothing of the group outlives it: SIGTERM to the group, `kill_after` seconds for the
 leader to exit and the pipes to close, then SIGKILL to the group, and members re-parented to
 the daemon (when it is PID 1 or a subreaper) are reaped. A process that leaves the group
-(setsid, setpgid) is out of reach; systemd's KillMode=control-group catches it at stop.
+(setsid, setpgid) is out of reach; the unit's KillMode=mixed SIGKILLs it once the daemon has exited.
 """
 
 from __future__ import annotations
