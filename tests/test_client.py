@@ -16,7 +16,8 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.client import MIN_POLL, OffloadClient, Submission, Task, TaskState
+from daemon.api_flow import QueueView, ScheduleView
+from daemon.client import MIN_POLL, OffloadClient, Queue, Schedule, Submission, Task, TaskState
 from daemon.client_errors import ClientError, Unreachable
 from daemon.client_types import Stats, TaskPage, parse_stats
 from daemon.ids import new_id
@@ -325,9 +326,18 @@ def test_stats_parse_the_metrics_text() -> None:
     assert (stats.accepted, stats.running_here) == (0, 1)
 
 
-def test_the_client_task_has_every_field_the_server_sends() -> None:
-    ours = {f.name for f in msgspec.structs.fields(Task)}
-    assert ours == {f.name for f in msgspec.structs.fields(TaskView)}
+@pytest.mark.parametrize(
+    ("client_type", "server_type"),
+    [(Task, TaskView), (Queue, QueueView), (Schedule, ScheduleView)],
+    ids=["task", "queue", "schedule"],
+)
+def test_the_client_types_have_every_field_the_server_sends(
+    client_type: type[msgspec.Struct], server_type: type[msgspec.Struct]
+) -> None:
+    """The client's types mirror the server's views (times as datetimes, not text), so the
+    client does not import the server's modules; the names must not drift apart."""
+    ours = {f.name for f in msgspec.structs.fields(client_type)}
+    assert ours == {f.name for f in msgspec.structs.fields(server_type)}
 
 
 async def test_a_state_of_a_newer_server_does_not_fail_the_page(api: Daemon) -> None:

@@ -48,10 +48,13 @@ def write_config(path: Path, faults: list[Fault]) -> None:
     path.write_text(render_toml(tables), encoding="utf-8")
 
 
-def run_offload(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m daemon ARGS` from the repo root; bounded in time."""
+def run_offload(
+    *args: str, launch: tuple[str, ...] = ("-m", "daemon")
+) -> subprocess.CompletedProcess[str]:
+    """Run `python -m daemon ARGS` (or `python LAUNCH ARGS`) from the repo root; bounded in
+    time."""
     return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
+        [sys.executable, *launch, *args],
         cwd=REPO_ROOT,
         env=daemon_env(),
         capture_output=True,
@@ -132,15 +135,7 @@ def test_a_socket_from_systemd_is_held_to_the_loopback_rule(tmp_path: Path) -> N
     unit, which the daemon only sees as the socket systemd passes it (LISTEN_FDS)."""
     config = tmp_path / "offload.toml"
     write_config(config, [])
-    done = subprocess.run(
-        [sys.executable, "-c", ACTIVATE, "serve", "--config", str(config)],
-        cwd=REPO_ROOT,
-        env=daemon_env(),
-        capture_output=True,
-        text=True,
-        timeout=RUN_TIMEOUT,
-        check=False,
-    )
+    done = run_offload("serve", "--config", str(config), launch=("-c", ACTIVATE))
     assert done.returncode == EX_CONFIG, done.stderr
     assert "ListenStream= 192.0.2.1:" in done.stderr
     assert "needs tokens" in done.stderr
