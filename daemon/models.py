@@ -54,8 +54,8 @@ class NewTask(msgspec.Struct, frozen=True):
 
 
 class Task(msgspec.Struct, frozen=True):
-    """A task as the store holds it. `attempts` counts every run that started, ever;
-    `attempt_floor` is `attempts` at the last manual retry, so the budget is
+    """A task as the store holds it. `attempts` counts every run claimed, ever (started,
+    or about to); `attempt_floor` is `attempts` at the last manual retry, so the budget is
     `max_attempts` runs after it."""
 
     id: str

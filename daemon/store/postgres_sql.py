@@ -262,7 +262,7 @@ DUE_CALLBACKS_SQL = f"""
 """
 RESCUE_BATCH = 500
 UNBOUNDED = 2**62  # a max_pending that never binds
-INTERRUPTED = "interrupted: the daemon stopped without finishing this run (crash or kill)"
+INTERRUPTED = "interrupted: the daemon stopped (crash or kill) with this run claimed or under way"
 LEASE_EXPIRED = "interrupted: the daemon running it stopped renewing its lease (crash, freeze)"
 
 KEEP_KEY_SQL = """

@@ -235,7 +235,7 @@ class SQLiteStore(OutcomeOps, SideOps, ReadOps):
 
     async def recover(self, *, owner: str, now: float) -> int:
         """This store is exclusive (one daemon per file), so every running row is an orphan."""
-        error = "interrupted: the daemon stopped without finishing this run (crash or kill)"
+        error = "interrupted: the daemon stopped (crash or kill) with this run claimed or under way"
 
         def op(conn: sqlite3.Connection) -> int:
             rows = conn.execute(f"SELECT {COLUMNS} FROM tasks WHERE state = 'running'").fetchall()
