@@ -24,14 +24,14 @@ import datetime as dt
 import math
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar
 
-import aiohttp
 import msgspec
 
-from daemon.client_errors import ClientError, Unreachable, answer_error, decode_answer
+from daemon.client_errors import ClientError, Unreachable
+from daemon.client_http import Http
 from daemon.client_types import (
     Attempt,
     Callback,
@@ -106,15 +106,11 @@ class OffloadClient:
         self.url = url.rstrip("/")
         self.wait_step = wait_step
         self._wait_step_given = wait_step is not None
-        self.request_timeout = request_timeout
-        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._session: aiohttp.ClientSession | None = None
-        # Long-polls hold a connection for seconds each: they get a pool of their own, so
-        # that many waits never leave the other calls queueing for a connection.
-        self._polls: aiohttp.ClientSession | None = None
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = Http(self.url, headers, request_timeout)
 
     async def __aenter__(self) -> Self:
-        self._open()
+        self._http.open()
         return self
 
     async def __aexit__(
@@ -127,19 +123,7 @@ class OffloadClient:
 
     async def aclose(self) -> None:
         """Close the sessions (idempotent)."""
-        for session in (self._session, self._polls):
-            if session is not None:
-                await session.close()
-        self._session = self._polls = None
-
-    def _open(self, *, poll: bool = False) -> aiohttp.ClientSession:
-        if poll:
-            if self._polls is None:
-                self._polls = aiohttp.ClientSession(headers=self._headers)
-            return self._polls
-        if self._session is None:
-            self._session = aiohttp.ClientSession(headers=self._headers)
-        return self._session
+        await self._http.aclose()
 
     # -- tasks -----------------------------------------------------------------------------
 
@@ -205,13 +189,13 @@ class OffloadClient:
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         data = msgspec.json.encode(body)
-        return await self._call(answer, "POST", path, data=data, headers=headers)
+        return await self._http.call(answer, "POST", path, data=data, headers=headers)
 
     async def get(self, task_id: str, *, wait: float | None = None) -> Task:
         """The task now; with `wait`, the server holds the answer until the task ends or
         `wait` seconds pass (at most its `server.max_wait`)."""
         params = {} if wait is None else {"wait": f"{max(wait, 0.0):.3f}"}
-        return await self._call(Task, "GET", _task_path(task_id), params=params, extra=wait)
+        return await self._http.call(Task, "GET", _task_path(task_id), params=params, extra=wait)
 
     async def wait(self, task_id: str) -> Task:
         """Long-poll (`wait_step` seconds at a time) until the task ends, and return it.
@@ -259,12 +243,12 @@ class OffloadClient:
     async def cancel(self, task_id: str) -> Task:
         """Cancel a queued or running task (a running handler is stopped); returns it
         `cancelled`. A task that already ended: `ClientError` 409 `conflict`."""
-        return await self._call(Task, "DELETE", _task_path(task_id))
+        return await self._http.call(Task, "DELETE", _task_path(task_id))
 
     async def retry(self, task_id: str) -> Task:
         """Put a `failed` or `cancelled` task back to `queued` with a fresh budget of
         attempts. Any other state: `ClientError` 409 `conflict`."""
-        return await self._call(Task, "POST", _task_path(task_id) + "/retry")
+        return await self._http.call(Task, "POST", _task_path(task_id) + "/retry")
 
     async def list(
         self,
@@ -288,7 +272,7 @@ class OffloadClient:
             )
             if value is not None
         }
-        return await self._call(TaskPage, "GET", "/v1/tasks", params=params)
+        return await self._http.call(TaskPage, "GET", "/v1/tasks", params=params)
 
     async def iter_tasks(
         self,
@@ -314,39 +298,39 @@ class OffloadClient:
 
     async def queues(self) -> builtins.list[Queue]:
         """The configured queues, and any other with unfinished tasks or paused."""
-        return (await self._call(_QueueList, "GET", "/v1/queues")).queues
+        return (await self._http.call(_QueueList, "GET", "/v1/queues")).queues
 
     async def pause_queue(self, name: str) -> Queue:
         """Keep accepting the queue's tasks but run none (kept across restarts)."""
-        return await self._call(Queue, "POST", f"/v1/queues/{_segment(name)}/pause")
+        return await self._http.call(Queue, "POST", f"/v1/queues/{_segment(name)}/pause")
 
     async def resume_queue(self, name: str) -> Queue:
-        return await self._call(Queue, "POST", f"/v1/queues/{_segment(name)}/resume")
+        return await self._http.call(Queue, "POST", f"/v1/queues/{_segment(name)}/resume")
 
     async def schedules(self) -> builtins.list[Schedule]:
         """The configured cron schedules, with their last and next fire."""
-        return (await self._call(_ScheduleList, "GET", "/v1/schedules")).schedules
+        return (await self._http.call(_ScheduleList, "GET", "/v1/schedules")).schedules
 
     async def pause_schedule(self, name: str) -> Schedule:
-        return await self._call(Schedule, "POST", f"/v1/schedules/{_segment(name)}/pause")
+        return await self._http.call(Schedule, "POST", f"/v1/schedules/{_segment(name)}/pause")
 
     async def resume_schedule(self, name: str) -> Schedule:
-        return await self._call(Schedule, "POST", f"/v1/schedules/{_segment(name)}/resume")
+        return await self._http.call(Schedule, "POST", f"/v1/schedules/{_segment(name)}/resume")
 
     # -- operations ------------------------------------------------------------------------
 
     async def health(self) -> Health:
         """GET /healthz: the process answers."""
-        return await self._call(Health, "GET", "/healthz")
+        return await self._http.call(Health, "GET", "/healthz")
 
     async def ready(self) -> Health:
         """GET /readyz: `ready`; while starting or draining, `ClientError` 503 with `code`
         `starting` or `draining`."""
-        return await self._call(Health, "GET", "/readyz")
+        return await self._http.call(Health, "GET", "/readyz")
 
     async def metrics(self) -> str:
         """GET /metrics: the Prometheus text."""
-        return (await self._request("GET", "/metrics")).decode()
+        return (await self._http.exchange("GET", "/metrics"))[1].decode()
 
     async def stats(self) -> Stats:
         """Counts by queue and by outcome, read from /metrics (see `Stats`)."""
@@ -354,64 +338,8 @@ class OffloadClient:
 
     async def openapi(self) -> dict[str, Any]:
         """GET /openapi.json: the OpenAPI 3.1 document of this server."""
-        document = await self._call(dict, "GET", "/openapi.json")
+        document = await self._http.call(dict, "GET", "/openapi.json")
         return {str(k): v for k, v in document.items()}
-
-    # -- HTTP ------------------------------------------------------------------------------
-
-    async def _call(
-        self,
-        answer: type[T],
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        extra: float | None = None,
-    ) -> T:
-        """A 2xx answer decoded as `answer` (see `_request`)."""
-        status, body = await self._exchange(
-            method, path, params=params, data=data, headers=headers, extra=extra
-        )
-        return decode_answer(body, answer, status)
-
-    async def _request(self, method: str, path: str) -> bytes:
-        """The body of a 2xx answer; `ClientError` for any other, `Unreachable` for none."""
-        return (await self._exchange(method, path))[1]
-
-    async def _exchange(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        data: bytes | None = None,
-        headers: Mapping[str, str] | None = None,
-        extra: float | None = None,
-    ) -> tuple[int, bytes]:
-        """(status, body) of a 2xx answer; `ClientError` for any other (redirects are not
-        followed: the API sends none, so one comes from something else), `Unreachable` for
-        none. `extra` seconds (a long-poll) are added to the request's timeout."""
-        timeout = aiohttp.ClientTimeout(total=self.request_timeout + (extra or 0.0))
-        try:
-            async with self._open(poll=bool(extra)).request(
-                method,
-                self.url + path,
-                params=params,
-                data=data,
-                headers=headers,
-                timeout=timeout,
-                allow_redirects=False,
-            ) as resp:
-                body = await resp.read()
-                if resp.status >= 300:
-                    raise answer_error(resp.status, resp.reason, resp.headers, body)
-                return resp.status, body
-        except aiohttp.ClientError as exc:
-            raise Unreachable(f"cannot reach offload at {self.url}: {exc}") from exc
-        except TimeoutError:
-            raise Unreachable(f"no answer from offload at {self.url} in time") from None
 
 
 class _Batch(msgspec.Struct):

@@ -346,7 +346,7 @@ async def test_a_state_of_a_newer_server_does_not_fail_the_page(api: Daemon) -> 
     async with OffloadClient(url(api)) as client:
         await client.submit("noop", None, delay=LATER)
         await client.submit("noop", None, delay=LATER)
-        raw = await client._request("GET", "/v1/tasks")
+        raw = (await client._http.exchange("GET", "/v1/tasks"))[1]
     page = msgspec.json.decode(raw)
     page["tasks"][0]["state"] = "paused"
     decoded = msgspec.json.decode(msgspec.json.encode(page), type=TaskPage)
