@@ -1,15 +1,17 @@
 """An async Python client of offload's HTTP API (v1), on aiohttp.
 
-`OffloadClient` owns one `aiohttp.ClientSession`: use it as an async context manager, or
-call `aclose()`. Answers are decoded into the structs of daemon/client_types.py. Every
-answer that is not 2xx raises `ClientError` with the server's `code`, `message` and
-`field` (and `retry_after` on a 503); when the server cannot be reached at all,
-`Unreachable`, a `ClientError` with status 0 (both in daemon/client_errors.py, and
-importable from here with the answer types as the client's whole surface). The `offload`
-command's client commands (daemon/client_cli.py) are built on it.
+`OffloadClient` owns two `aiohttp.ClientSession`s, for calls and for long-polls
+(daemon/client_http.py): use it as an async context manager, or call `aclose()`. Answers
+are decoded into the structs of daemon/client_types.py. Every answer that is not 2xx
+raises `ClientError` with the server's `code`, `message` and `field` (and `retry_after` on
+a 503); when the server cannot be reached at all, `Unreachable`, a `ClientError` with
+status 0 (both in daemon/client_errors.py, and importable from here with the answer types
+as the client's whole surface). The `offload` command's client commands
+(daemon/client_cli.py) are built on it.
 
     async with OffloadClient("http://127.0.0.1:8080", token=os.environ.get("OFFLOAD_TOKEN")) as c:
-        task = await c.submit("resize", {"image": "cat.png"}, idempotency_key=order_id)
+        task = await c.submit("resize", {"url": "s3://b/cat.png", "width": 640},
+                              idempotency_key=order_id)
         async with asyncio.timeout(300):
             done = await c.wait(task.id)
         if done.state is TaskState.SUCCEEDED:
