@@ -17,6 +17,7 @@ the daemon (when it is PID 1 or a subreaper) are reaped. A process that leaves t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -92,16 +93,31 @@ def command_executor(
             "OFFLOAD_TASK_TYPE": job.type,
             "OFFLOAD_ATTEMPT": str(job.attempt),
         }
-        transport, output = await loop.subprocess_exec(
-            lambda: _Output(loop, job, max_output),
-            *program,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env=child_env,
-            cwd=cwd,
-            start_new_session=True,  # its own session and group: pgid == pid
+        spawn = asyncio.ensure_future(
+            loop.subprocess_exec(
+                lambda: _Output(loop, job, max_output),
+                *program,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env=child_env,
+                cwd=cwd,
+                start_new_session=True,  # its own session and group: pgid == pid
+            )
         )
+        try:
+            transport, output = await asyncio.shield(spawn)
+        except asyncio.CancelledError:
+            # Cancelled while the spawn completed (a loaded machine): the program may run
+            # already, and cancelling the spawn would kill its leader only, leaving the rest
+            # of its group orphaned. Let it finish, then end the group as any run's end does.
+            with contextlib.suppress(Exception):  # a spawn that failed left nothing to end
+                transport, output = await spawn
+                try:
+                    await _end_group(transport, output, kill_after)
+                finally:
+                    transport.close()
+            raise
         try:
             try:
                 _feed_stdin(transport, msgspec.json.encode(job.payload))
