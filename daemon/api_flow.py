@@ -11,7 +11,7 @@ from aiohttp import web
 
 from daemon.config import QueueConfig, ScheduleConfig
 from daemon.errors import NotFound
-from daemon.models import Counts, ScheduleState
+from daemon.models import NAME_PATTERN, Counts, ScheduleState
 from daemon.routing import Routes, json_response
 from daemon.runtime import RUNTIME, Runtime
 from daemon.scheduler import next_fire
@@ -45,7 +45,7 @@ class ScheduleView(msgspec.Struct, frozen=True):
     next_fire: str | None
 
 
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_QUEUE_NAME = re.compile(NAME_PATTERN)
 
 
 def add_routes(routes: Routes) -> None:

@@ -14,6 +14,7 @@ import msgspec
 
 from daemon.errors import ConfigError
 from daemon.executors.command import SYSEXITS
+from daemon.models import Name
 from daemon.validation import (
     Duration,
     Period,
@@ -34,7 +35,6 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
 
 Positive = Annotated[int, msgspec.Meta(ge=1)]
 DEFAULT_RETENTION = Duration(7 * 86400)
-QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
 class ServerConfig(_Section, frozen=True):
@@ -73,7 +73,7 @@ class BackoffConfig(_Section, frozen=True):
 
 
 class _TypeBase(_Section, frozen=True, tag_field="kind", kw_only=True):
-    queue: QueueName = "default"
+    queue: Name = "default"
     timeout: Period = Period(300)
     max_attempts: Positive = 3
     max_result: Size = Size(64 * 1024)
@@ -137,12 +137,12 @@ class QueueConfig(_Section, frozen=True):
 class ScheduleConfig(_Section, frozen=True):
     """`[[schedules]]`: enqueue a task on a cron schedule, each fire exactly once."""
 
-    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    name: Name
     cron: str
     type: str
     timezone: str = "UTC"
     payload: Any = msgspec.field(default_factory=dict)
-    queue: QueueName | None = None
+    queue: Name | None = None
     # "skip": fires missed while no daemon ran are skipped; "catch_up": one task makes up
     # for all of them, then the schedule goes on.
     misfire: Literal["skip", "catch_up"] = "skip"
@@ -182,12 +182,10 @@ class Config(_Section, frozen=True):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     # `strict = true` (always the first non-empty queue, in the order of weight) and
     # `[queues.NAME]` tables share this table.
-    queues: dict[QueueName, QueueConfig | bool] = msgspec.field(default_factory=dict)
+    queues: dict[Name, QueueConfig | bool] = msgspec.field(default_factory=dict)
     schedules: list[ScheduleConfig] = msgspec.field(default_factory=list)
-    callbacks: dict[QueueName, CallbackConfig] = msgspec.field(default_factory=dict)
-    types: dict[Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")], TypeConfig] = (
-        msgspec.field(default_factory=dict)
-    )
+    callbacks: dict[Name, CallbackConfig] = msgspec.field(default_factory=dict)
+    types: dict[Name, TypeConfig] = msgspec.field(default_factory=dict)
 
 
 def queue_settings(config: Config) -> tuple[bool, dict[str, QueueConfig]]:

@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+# Names of queues, task types, schedules and callbacks: in the config, in the API's paths
+# and bodies, in the OpenAPI document.
+NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
 
 class TaskState(enum.StrEnum):

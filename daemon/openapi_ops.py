@@ -4,7 +4,8 @@ queues and schedules (list, pause, resume), probes, metrics and the document its
 from __future__ import annotations
 
 from daemon.errors import NotFound
-from daemon.openapi_paths import NAME_PATTERN, Operations
+from daemon.models import NAME_PATTERN
+from daemon.openapi_paths import Operations
 from daemon.openapi_responses import Json, error_example, json_response, store_example
 
 

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from daemon.openapi import Shape
 
 DEFAULT_PAGE = 100
-NAME_PATTERN = "^[A-Za-z0-9_.-]{1,64}$"  # queue and schedule names (config.QueueName)
 
 
 def submission_schema(shape: Shape) -> Json:

@@ -13,22 +13,21 @@ from typing import Annotated, Any, TypeVar
 import msgspec
 
 from daemon.errors import BadRequest, Invalid
-from daemon.models import Task
+from daemon.models import Name, Task
 
 T = TypeVar("T")
-QueueName = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
 
 
 class SubmitRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
     type: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
     payload: msgspec.Raw = msgspec.Raw(b"{}")
-    queue: QueueName | None = None
+    queue: Name | None = None
     priority: Annotated[int, msgspec.Meta(ge=-1000, le=1000)] = 0
     delay: Annotated[float, msgspec.Meta(ge=0, le=366 * 86400)] | None = None
     run_at: dt.datetime | None = None
     timeout: Annotated[float, msgspec.Meta(gt=0)] | None = None
     max_attempts: Annotated[int, msgspec.Meta(ge=1, le=100)] | None = None
-    callback: QueueName | None = None
+    callback: Name | None = None
 
 
 class BatchRequest(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
