@@ -2,15 +2,17 @@
 SQLite before its 202), against a bare aiohttp+uvloop server that only parses the JSON.
 
 wrk (`apt-get install wrk`) posts `{"type":"noop","payload":{}}` with `-t2 -c64 -d10s`;
-the daemon's consumers run the noop tasks as they come (the realistic case; `--delay`
-submits them for later instead, to measure admission alone), with
-`max_pending` high enough that nothing is refused. Runs the bare server, then the daemon
-with `store.synchronous` = "normal" and = "full", and prints requests/s, non-2xx answers,
-latency, the ratio daemon/bare (the median of each round's ratio to that round's bare
-server), and how far the consumers kept up.
+the daemon's consumers run the noop tasks as they come (the hardest case: the loop shares
+its time between answering POSTs and running thousands of tasks a second). `--sleep N`
+posts `sleep` tasks of N seconds instead (the slow work offload is for: the consumers run
+them throughout, 16 at a time), and `--delay` submits noop tasks for later (admission
+alone, nothing runs). `max_pending` is high enough that nothing is refused. Runs the
+bare server, then the daemon with `store.synchronous` = "normal" and = "full", and prints
+requests/s, non-2xx answers, latency, the ratio daemon/bare (the median of each round's
+ratio to that round's bare server), and how far the consumers kept up.
 
     .venv/bin/python bench/ingest.py [--duration 10] [--connections 64] [--threads 2]
-        [--log-level info] [--delay SECONDS] [--repeat 1]
+        [--log-level info] [--delay SECONDS | --sleep SECONDS] [--repeat 1]
 """
 
 from __future__ import annotations
@@ -120,7 +122,7 @@ def daemon(sub: Path, lua: Path, args: argparse.Namespace, synchronous: str) -> 
             total = int(conn.execute("SELECT count(*) FROM tasks").fetchone()[0])
             left = left_at_end = harness.unfinished(conn)
             begun = time.monotonic()
-            while left and args.delay is None and time.monotonic() - begun < 120:
+            while left and _runs_all(args) and time.monotonic() - begun < 120:
                 time.sleep(0.05)
                 left = harness.unfinished(conn)
             catch_up = time.monotonic() - begun
@@ -131,6 +133,11 @@ def daemon(sub: Path, lua: Path, args: argparse.Namespace, synchronous: str) -> 
     return DaemonResult(result, total, total - left_at_end, catch_up)
 
 
+def _runs_all(args: argparse.Namespace) -> bool:
+    """Whether the consumers can finish the flood soon after wrk stops (noop tasks, now)."""
+    return args.delay is None and args.sleep is None
+
+
 def _median_run(runs: list[WrkResult]) -> WrkResult:
     return sorted(runs, key=lambda r: r.rps)[len(runs) // 2]
 
@@ -139,7 +146,7 @@ def _all(runs: list[WrkResult]) -> str:
     return " / ".join(f"{r.rps:,.0f}" for r in runs)
 
 
-def main() -> None:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=int, default=10, help="seconds of wrk per target")
     parser.add_argument("--connections", type=int, default=64)
@@ -154,18 +161,32 @@ def main() -> None:
         help="submit the tasks delayed by this many seconds: admission alone, nothing runs",
     )
     parser.add_argument(
+        "--sleep",
+        type=float,
+        default=None,
+        help="post `sleep` tasks of this many seconds instead of noop: slow work running",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="rounds (bare, normal, full); the median is shown"
     )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: apt-get install -y wrk")
+    if args.delay is not None and args.sleep is not None:
+        sys.exit("--delay and --sleep are alternatives")
     if not 1 <= args.duration <= 120 or not 1 <= args.repeat <= 10:
         sys.exit("--duration must be within 1..120 and --repeat within 1..10")
+    return args
+
+
+def main() -> None:
+    args = _arguments()
 
     out(
         f"# ingest: POST /v1/tasks, wrk -t{args.threads} -c{args.connections} "
         f"-d{args.duration}s, concurrency {args.concurrency}, log.level={args.log_level}, "
         f"{'' if args.delay is None else f'tasks delayed {args.delay:g}s, '}"
+        f"{'' if args.sleep is None else f'sleep tasks of {args.sleep:g}s, '}"
         f"{args.repeat} round(s)"
     )
     out(f"# {harness.machine()}")
@@ -173,6 +194,8 @@ def main() -> None:
     daemons: dict[str, list[DaemonResult]] = {"normal": [], "full": []}
     with harness.workdir() as directory:
         body: dict[str, object] = {"type": "noop", "payload": {}}
+        if args.sleep is not None:
+            body = {"type": "sleep", "payload": {"seconds": args.sleep}}
         if args.delay is not None:
             body["delay"] = args.delay
         lua = harness.wrk_post_script(directory / "post.lua", body)
@@ -213,8 +236,11 @@ def main() -> None:
     for sync, r in medians.items():
         out(f"synchronous={sync} (median round): {r.wrk.commits}; {r.wrk.noise}")
     for sync, r in medians.items():
-        if args.delay is not None:
-            out(f"synchronous={sync}: {r.accepted:,} tasks accepted (warm-up included)")
+        if not _runs_all(args):
+            out(
+                f"synchronous={sync}: {r.accepted:,} tasks accepted (warm-up included), "
+                f"{r.done_at_end:,} finished when wrk stopped"
+            )
             continue
         out(
             f"synchronous={sync}: {r.accepted:,} tasks accepted (warm-up included), "
