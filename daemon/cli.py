@@ -1,6 +1,7 @@
 """The `offload` command: `serve` runs the daemon, `check-config` validates a config file;
-`submit`, `status`, `cancel`, `retry`, `list` and `stats` talk to a running daemon
-(daemon/client_cli.py, which documents their exit codes).
+the client commands (`submit`, `status`, `cancel`, `retry`, `list`, `stats`, `queues`,
+`schedules`, `pause`, `resume`) talk to a running daemon (daemon/client_cli.py, which
+documents their exit codes).
 
 Exit codes of serve and check-config: 0 done; 1 could not start (store locked or
 unreachable, address in use); 70 a bug stopped the daemon (EX_SOFTWARE); 78 the

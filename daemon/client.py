@@ -32,7 +32,7 @@ from typing import Any, Self, TypeVar
 
 import msgspec
 
-from daemon.client_errors import ClientError, Unreachable
+from daemon.client_errors import ClientError, Unreachable, decode_answer
 from daemon.client_http import Http
 from daemon.client_types import (
     Attempt,
@@ -43,6 +43,8 @@ from daemon.client_types import (
     Schedule,
     Stats,
     Submission,
+    Submitted,
+    SubmittedIds,
     Task,
     TaskPage,
     TaskState,
@@ -62,6 +64,8 @@ __all__ = [
     "Schedule",
     "Stats",
     "Submission",
+    "Submitted",
+    "SubmittedIds",
     "Task",
     "TaskPage",
     "TaskState",
@@ -142,13 +146,14 @@ class OffloadClient:
         max_attempts: int | None = None,
         callback: str | None = None,
         idempotency_key: str | None = None,
-    ) -> Task:
+    ) -> Submitted:
         """Submit a task of `type` (a `[types.NAME]` of the server's config) and return it as
         committed (`queued`). `payload` is any JSON-encodable value (or `msgspec.Raw` JSON);
         without it the server uses `{}`. `delay` (seconds) and `run_at` (an aware datetime)
         are exclusive. `callback` names a `[callbacks.NAME]` to be POSTed the task when it
         ends. With `idempotency_key`, a retry of the same submission answers the original
-        task instead of creating another (the same key with another body: 422)."""
+        task as it is now, `replayed` True, instead of creating another (the same key with
+        another body: 422)."""
         if run_at is not None and run_at.tzinfo is None:
             raise ValueError("run_at needs a time zone (an aware datetime)")
         if isinstance(delay, dt.timedelta):
@@ -165,14 +170,18 @@ class OffloadClient:
             max_attempts=_unset(max_attempts),
             callback=_unset(callback),
         )
-        return await self._post_json("/v1/tasks", body, idempotency_key, Task)
+        task, replayed = await self._post_json("/v1/tasks", body, idempotency_key, Submitted)
+        if replayed:
+            return msgspec.structs.replace(task, replayed=True)
+        return task
 
     async def submit_batch(
         self, tasks: Sequence[Submission], *, idempotency_key: str | None = None
-    ) -> list[str]:
+    ) -> SubmittedIds:
         """Submit `tasks` (up to the server's `server.max_batch`) all-or-nothing in one
-        transaction; returns their ids, in order, once committed. A refusal names
-        `tasks[i].field`."""
+        transaction; returns their ids, in order, once committed (`replayed` True when
+        `idempotency_key` repeats an earlier batch's: its ids, nothing created). A refusal
+        names `tasks[i].field`."""
         sent = []
         for i, given in enumerate(tasks):
             _check_finite(given.payload, f"tasks[{i}].payload")
@@ -180,18 +189,22 @@ class OffloadClient:
             if isinstance(given.delay, dt.timedelta):  # as submit() takes it
                 task = msgspec.structs.replace(given, delay=given.delay.total_seconds())
             sent.append(task)
-        return (
-            await self._post_json("/v1/tasks/batch", _Batch(sent), idempotency_key, _IdList)
-        ).ids
+        answer, replayed = await self._post_json(
+            "/v1/tasks/batch", _Batch(sent), idempotency_key, _IdList
+        )
+        return SubmittedIds(answer.ids, replayed=replayed)
 
     async def _post_json(
         self, path: str, body: object, idempotency_key: str | None, answer: type[T]
-    ) -> T:
+    ) -> tuple[T, bool]:
+        """The answer decoded as `answer`, and whether it replays an earlier request's."""
         headers = {"Content-Type": "application/json"}
         if idempotency_key is not None:
             headers["Idempotency-Key"] = idempotency_key
         data = msgspec.json.encode(body)
-        return await self._http.call(answer, "POST", path, data=data, headers=headers)
+        reply = await self._http.exchange("POST", path, data=data, headers=headers)
+        replayed = reply.headers.get("Idempotent-Replayed", "").strip().lower() == "true"
+        return decode_answer(reply.body, answer, reply.status), replayed
 
     async def get(self, task_id: str, *, wait: float | None = None) -> Task:
         """The task now; with `wait`, the server holds the answer until the task ends or
@@ -332,7 +345,7 @@ class OffloadClient:
 
     async def metrics(self) -> str:
         """GET /metrics: the Prometheus text."""
-        return (await self._http.exchange("GET", "/metrics"))[1].decode()
+        return (await self._http.exchange("GET", "/metrics")).body.decode()
 
     async def stats(self) -> Stats:
         """Counts by queue and by outcome, read from /metrics (see `Stats`)."""

@@ -1,10 +1,11 @@
-"""The client commands of `offload`: submit, status, cancel, retry, list, stats.
+"""The client commands of `offload`: submit, status, cancel, retry, list, stats for tasks;
+queues, schedules, pause and resume for flow control.
 
 Each command makes one `OffloadClient` (daemon/client.py) for `--url`/`$OFFLOAD_URL` and
 `--token`/`$OFFLOAD_TOKEN`, writes its answer on stdout (a table or `key: value` lines on a
-terminal, JSON with `--json` or when stdout is not a terminal), and turns the outcome into
-one of the exit codes below. Server errors are written as the server's message, never a
-traceback.
+terminal, JSON with `--json` or when stdout is not a terminal: daemon/client_cli_output.py),
+and turns the outcome into one of the exit codes below. Server errors are written as the
+server's message, never a traceback.
 """
 
 from __future__ import annotations
@@ -14,15 +15,15 @@ import asyncio
 import contextlib
 import datetime as dt
 import os
-import shutil
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from daemon.client import DEFAULT_URL, OffloadClient, Stats, Task
+from daemon.client import DEFAULT_URL, OffloadClient, Task
+from daemon.client_cli_output import Output
 from daemon.client_errors import ClientError, Unreachable
 from daemon.config import parse_duration
 from daemon.models import TaskState
@@ -38,7 +39,10 @@ EXIT_UNAVAILABLE = 6  # the server cannot take it now (503: full, draining) or b
 EXIT_UNREACHABLE = 7  # no answer from the server
 EXIT_INTERRUPTED = 130  # Ctrl-C
 
-COMMANDS = ("submit", "status", "cancel", "retry", "list", "stats")
+COMMANDS = (
+    *("submit", "status", "cancel", "retry", "list", "stats"),
+    *("queues", "schedules", "pause", "resume"),
+)
 _ENDED_EXIT = {
     TaskState.SUCCEEDED: EXIT_OK,
     TaskState.FAILED: EXIT_FAILED,
@@ -99,6 +103,16 @@ def add_commands(sub: Any) -> None:
     listing.add_argument("--queue")
     listing.add_argument("--limit", type=_positive, default=50, help="at most this many (50)")
     sub.add_parser("stats", parents=[common], help="unfinished tasks by queue, outcomes")
+
+    sub.add_parser("queues", parents=[common], help="queues: paused or not, counts, limits")
+    sub.add_parser("schedules", parents=[common], help="cron schedules: next and last fire")
+    for name, text in (
+        ("pause", "pause a queue (its tasks are accepted, none runs) or a schedule"),
+        ("resume", "resume a paused queue or schedule"),
+    ):
+        flow = sub.add_parser(name, parents=[common], help=text)
+        flow.add_argument("what", choices=("queue", "schedule"))
+        flow.add_argument("name", help="the queue's or the schedule's name")
 
 
 def _duration(text: str) -> float:
@@ -175,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
-Command = Callable[[OffloadClient, argparse.Namespace, "Output"], Awaitable[int]]
+Command = Callable[[OffloadClient, argparse.Namespace, Output], Awaitable[int]]
 
 
 async def _with_client(args: argparse.Namespace, command: Command, out: Output) -> int:
@@ -203,6 +217,12 @@ async def submit(client: OffloadClient, args: argparse.Namespace, out: Output) -
         callback=args.callback,
         idempotency_key=args.idempotency_key,
     )
+    if task.replayed:
+        # On stderr: stdout stays the id (or the task) either way, for scripts.
+        out.error(
+            f"replayed: task {task.id} was submitted before with this idempotency key; "
+            "nothing new was created"
+        )
     if not args.wait:
         if args.json:
             out.task(task)
@@ -275,6 +295,32 @@ async def stats(client: OffloadClient, args: argparse.Namespace, out: Output) ->
     return EXIT_OK
 
 
+async def queues(client: OffloadClient, args: argparse.Namespace, out: Output) -> int:
+    out.queues(await client.queues())
+    return EXIT_OK
+
+
+async def schedules(client: OffloadClient, args: argparse.Namespace, out: Output) -> int:
+    out.schedules(await client.schedules())
+    return EXIT_OK
+
+
+async def pause(client: OffloadClient, args: argparse.Namespace, out: Output) -> int:
+    if args.what == "queue":
+        out.queue(await client.pause_queue(args.name))
+    else:
+        out.schedule(await client.pause_schedule(args.name))
+    return EXIT_OK
+
+
+async def resume(client: OffloadClient, args: argparse.Namespace, out: Output) -> int:
+    if args.what == "queue":
+        out.queue(await client.resume_queue(args.name))
+    else:
+        out.schedule(await client.resume_schedule(args.name))
+    return EXIT_OK
+
+
 _COMMANDS: dict[str, Command] = {
     "submit": submit,
     "status": status,
@@ -282,109 +328,8 @@ _COMMANDS: dict[str, Command] = {
     "retry": retry,
     "list": list_tasks,
     "stats": stats,
+    "queues": queues,
+    "schedules": schedules,
+    "pause": pause,
+    "resume": resume,
 }
-
-
-# -- output ----------------------------------------------------------------------------
-
-
-class Output:
-    """Writes answers on stdout (JSON, or text for a person) and errors on stderr."""
-
-    def __init__(self, *, json: bool) -> None:
-        self.json_mode = json
-
-    def line(self, text: str) -> None:
-        sys.stdout.write(text + "\n")
-
-    def error(self, text: str) -> None:
-        sys.stderr.write(f"offload: {text}\n")
-
-    def json_value(self, value: Any) -> None:
-        plain = msgspec.to_builtins(value, builtin_types=(dt.datetime,))
-        self.line(msgspec.json.encode(_as_served(plain)).decode())
-
-    def task(self, task: Task) -> None:
-        if self.json_mode:
-            self.json_value(task)
-            return
-        rows = [
-            ("id", task.id),
-            ("type", task.type),
-            ("queue", task.queue),
-            ("state", str(task.state)),
-            ("attempts", f"{task.attempts} (max {task.max_attempts})"),
-            ("priority", str(task.priority)),
-            ("created", _when(task.created_at)),
-            ("run at", _when(task.run_at)),
-            ("started", _when(task.started_at)),
-            ("finished", _when(task.finished_at)),
-            ("payload", _json_text(task.payload)),
-            ("result", _json_text(task.result)),
-            ("last error", task.last_error or "-"),
-        ]
-        for key, value in rows:
-            self.line(f"{key + ':':<12}{value}")
-
-    def tasks(self, tasks: Sequence[Task]) -> None:
-        if self.json_mode:
-            self.json_value(tasks)
-            return
-        header = ("ID", "TYPE", "QUEUE", "STATE", "ATTEMPTS", "CREATED", "LAST ERROR")
-        rows = [
-            (
-                t.id,
-                t.type,
-                t.queue,
-                str(t.state),
-                f"{t.attempts}/{t.max_attempts}",
-                _when(t.created_at),
-                (t.last_error or "").replace("\n", " "),
-            )
-            for t in tasks
-        ]
-        self._table(header, rows)
-        if not rows:
-            sys.stderr.write("(no tasks)\n")
-
-    def stats(self, stats: Stats) -> None:
-        if self.json_mode:
-            self.json_value(stats)
-            return
-        rows = [(name, str(c.queued), str(c.running)) for name, c in stats.queues.items()]
-        total_queued = sum(c.queued for c in stats.queues.values())
-        total_running = sum(c.running for c in stats.queues.values())
-        rows.append(("(all)", str(total_queued), str(total_running)))
-        self._table(("QUEUE", "QUEUED", "RUNNING"), rows)
-        outcomes = ", ".join(f"{k} {v}" for k, v in stats.since_start.items()) or "none"
-        self.line(f"\nsince the daemon started: accepted {stats.accepted}; runs ended: {outcomes}")
-
-    def _table(self, header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        room = shutil.get_terminal_size().columns
-        for row in [header, *rows]:
-            cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=True)]
-            self.line("  ".join(cells).rstrip()[:room])
-
-
-def _when(value: dt.datetime | None) -> str:
-    if value is None:
-        return "-"
-    return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
-
-
-def _as_served(value: Any) -> Any:
-    """`value` with its times written as the server writes them (RFC 3339, UTC, to the
-    millisecond; msgspec would write microseconds), so the CLI's JSON is the API's."""
-    if isinstance(value, dt.datetime):
-        text = value.astimezone(dt.UTC).isoformat(timespec="milliseconds")
-        return text.removesuffix("+00:00") + "Z"
-    if isinstance(value, dict):
-        return {k: _as_served(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_as_served(v) for v in value]
-    return value
-
-
-def _json_text(value: Any) -> str:
-    return "-" if value is None else msgspec.json.encode(value).decode()

@@ -6,13 +6,22 @@ calls queueing for a connection until they time out."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import aiohttp
 
 from daemon.client_errors import Unreachable, answer_error, decode_answer
 
 T = TypeVar("T")
+
+
+class Reply(NamedTuple):
+    """A 2xx answer: its status, its body, and the headers that say more than the body (an
+    idempotent replay's `Idempotent-Replayed`)."""
+
+    status: int
+    body: bytes
+    headers: Mapping[str, str]
 
 
 class Http:
@@ -52,10 +61,10 @@ class Http:
         extra: float | None = None,
     ) -> T:
         """A 2xx answer decoded as `answer` (see `exchange`)."""
-        status, body = await self.exchange(
+        reply = await self.exchange(
             method, path, params=params, data=data, headers=headers, extra=extra
         )
-        return decode_answer(body, answer, status)
+        return decode_answer(reply.body, answer, reply.status)
 
     async def exchange(
         self,
@@ -66,8 +75,8 @@ class Http:
         data: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         extra: float | None = None,
-    ) -> tuple[int, bytes]:
-        """(status, body) of a 2xx answer; `ClientError` for any other (redirects are not
+    ) -> Reply:
+        """The `Reply` of a 2xx answer; `ClientError` for any other (redirects are not
         followed: the API sends none, so one comes from something else), `Unreachable` for
         none. `extra` seconds (a long-poll, on the polls' session) are added to the
         request's timeout."""
@@ -85,7 +94,7 @@ class Http:
                 body = await resp.read()
                 if resp.status >= 300:
                     raise answer_error(resp.status, resp.reason, resp.headers, body)
-                return resp.status, body
+                return Reply(resp.status, body, resp.headers)
         except aiohttp.ClientError as exc:
             raise Unreachable(f"cannot reach offload at {self.url}: {exc}") from exc
         except TimeoutError:

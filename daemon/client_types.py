@@ -1,9 +1,11 @@
 """The typed answers of offload's HTTP API as the Python client decodes them
-(daemon/client.py re-exports them): tasks, pages, health, and the counts of /metrics."""
+(daemon/client.py re-exports them): tasks, submissions' answers, pages, queues, schedules,
+health, and the counts of /metrics."""
 
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -20,6 +22,8 @@ __all__ = [
     "Schedule",
     "Stats",
     "Submission",
+    "Submitted",
+    "SubmittedIds",
     "Task",
     "TaskPage",
     "TaskState",
@@ -96,6 +100,25 @@ class Task(msgspec.Struct, frozen=True):
         """The task is `succeeded`, `failed` or `cancelled`: it will not change by itself (a
         state this client does not know is taken as not ended)."""
         return isinstance(self.state, TaskState) and self.state.terminal
+
+
+class Submitted(Task, frozen=True):
+    """A task as `OffloadClient.submit` answers it: a `Task`, and `replayed`, True when the
+    server answered a retry of an earlier submission (the same `Idempotency-Key` and body)
+    with that submission's task as it is now, creating nothing (`Idempotent-Replayed`)."""
+
+    # Not a field the server sends in the task: it comes from the answer's header.
+    replayed: bool = False
+
+
+class SubmittedIds(list[str]):
+    """The ids `OffloadClient.submit_batch` answers, in the order sent: a list of str, with
+    `replayed` True when the server answered a retry of an earlier batch (the same
+    `Idempotency-Key` and body) with that batch's ids, creating nothing."""
+
+    def __init__(self, ids: Iterable[str] = (), *, replayed: bool = False) -> None:
+        super().__init__(ids)
+        self.replayed = replayed
 
 
 class TaskPage(msgspec.Struct, frozen=True):

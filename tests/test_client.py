@@ -17,7 +17,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.api_flow import QueueView, ScheduleView
-from daemon.client import MIN_POLL, OffloadClient, Queue, Schedule, Submission, Task, TaskState
+from daemon.client import (
+    MIN_POLL,
+    OffloadClient,
+    Queue,
+    Schedule,
+    Submission,
+    Submitted,
+    SubmittedIds,
+    Task,
+    TaskState,
+)
 from daemon.client_errors import ClientError, Unreachable
 from daemon.client_types import Stats, TaskPage, parse_stats
 from daemon.ids import new_id
@@ -124,6 +134,40 @@ async def test_batches_are_all_or_nothing_and_keys_make_submissions_idempotent(
         assert (reused.value.status, reused.value.code) == (422, "idempotency_key_reused")
         assert reused.value.field == "Idempotency-Key"
         assert await api.count() == 4
+
+
+async def test_a_replayed_submission_says_so_and_a_new_one_does_not(api: Daemon) -> None:
+    """The server's `Idempotent-Replayed: true` becomes `replayed` on what submit and
+    submit_batch return; otherwise they are the Task and the list of ids they were."""
+    async with OffloadClient(url(api)) as client:
+        first = await client.submit("noop", {"order": 5}, delay=LATER, idempotency_key="o-5")
+        again = await client.submit("noop", {"order": 5}, delay=LATER, idempotency_key="o-5")
+        keyless = await client.submit("noop", {"order": 5}, delay=LATER)
+        assert (first.replayed, again.replayed, keyless.replayed) == (False, True, False)
+        assert again.id == first.id
+        assert keyless.id != first.id
+        assert isinstance(again, Task)
+        # The original task as it is now: cancelled since, a replay says so.
+        await client.cancel(first.id)
+        late = await client.submit("noop", {"order": 5}, delay=LATER, idempotency_key="o-5")
+        assert (late.id, late.replayed, late.state) == (first.id, True, TaskState.CANCELLED)
+
+        batch = [Submission(type="noop", payload={"n": n}, delay=LATER) for n in range(2)]
+        ids = await client.submit_batch(batch, idempotency_key="b-1")
+        replayed_ids = await client.submit_batch(batch, idempotency_key="b-1")
+        assert isinstance(ids, SubmittedIds)
+        assert (ids.replayed, replayed_ids.replayed) == (False, True)
+        assert replayed_ids == ids
+        assert isinstance(replayed_ids, list)
+        assert all(isinstance(i, str) for i in replayed_ids)
+    assert await api.count() == 4  # o-5's task, the keyless one, b-1's two
+
+
+def test_submitted_is_the_servers_task_and_the_replay_flag() -> None:
+    ours = {f.name for f in msgspec.structs.fields(Submitted)}
+    assert ours == {f.name for f in msgspec.structs.fields(TaskView)} | {"replayed"}
+    kept = pickle.loads(pickle.dumps(SubmittedIds(["a", "b"], replayed=True)))
+    assert (kept, kept.replayed) == (["a", "b"], True)
 
 
 async def test_errors_carry_the_servers_status_code_message_and_field(api: Daemon) -> None:

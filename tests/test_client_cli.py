@@ -30,7 +30,9 @@ from tests.harness import (
     Daemon,
     DaemonExited,
     Offload,
+    TaskJson,
     daemon_env,
+    eventually,
     free_port,
 )
 
@@ -135,15 +137,19 @@ def read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-async def start(offload: Offload, *, auth: Path | None = None, max_pending: int = 1000) -> Daemon:
-    """A ready daemon of TYPES (with `auth` as its tokens file); on a fresh port if another
-    process took the first between `free_port()` and the bind."""
+async def start(
+    offload: Offload, *, auth: Path | None = None, max_pending: int = 1000, toml: str = ""
+) -> Daemon:
+    """A ready daemon of TYPES (with `auth` as its tokens file, and `toml` appended to its
+    config); on a fresh port if another process took the first between `free_port()` and
+    the bind."""
+    if auth is not None:
+        toml += f'\n[auth]\ntokens_file = "{auth}"\n'
     for _ in range(3):
         workers = {"concurrency": min(4, max_pending), "max_pending": max_pending}
         config = offload.config(types=TYPES, workers=workers)
-        if auth is not None:
-            with config.path.open("a", encoding="utf-8") as f:
-                f.write(f'\n[auth]\ntokens_file = "{auth}"\n')
+        with config.path.open("a", encoding="utf-8") as f:
+            f.write(toml)
         daemon = await offload.start(config, ready=False)
         try:
             async with asyncio.timeout(READY_TIMEOUT):
@@ -225,6 +231,34 @@ async def test_payload_from_text_a_file_or_stdin_and_refusals(
     assert "unknown task type 'nope'" in unknown.err
     assert "(field: type)" in unknown.err
     assert len(await daemon.tasks()) == 2  # the refused ones wrote nothing
+
+
+async def test_a_replayed_submission_prints_the_same_id_and_says_so_on_stderr(
+    offload: Offload,
+) -> None:
+    daemon = await start(offload)
+    url = daemon.url
+    args = ("submit", "echo", "--payload", '{"text": "once"}', "--delay", "1h")
+    first = await offload_cli(*args, "--idempotency-key", "order-9", url=url)
+    again = await offload_cli(*args, "--idempotency-key", "order-9", url=url)
+    as_json = await offload_cli(*args, "--idempotency-key", "order-9", "--json", url=url)
+    other = await offload_cli(*args, "--idempotency-key", "order-10", url=url)
+
+    assert (first.code, first.err) == (EXIT_OK, ""), first
+    task_id = first.out.strip()
+    assert (again.code, again.out) == (EXIT_OK, first.out)
+    assert again.err == (
+        f"offload: replayed: task {task_id} was submitted before with this idempotency key; "
+        "nothing new was created\n"
+    )
+    assert as_json.code == EXIT_OK
+    assert as_json.err == again.err
+    # The task as the API serves it: the replay is the answer's, not a field of the task.
+    served = json.loads((await daemon.request("GET", f"/v1/tasks/{task_id}")).body)
+    assert as_json.json() == served
+    assert (other.code, other.err) == (EXIT_OK, "")
+    assert other.out != first.out
+    assert sorted(t.id for t in await daemon.tasks()) == sorted([task_id, other.out.strip()])
 
 
 # -- status, cancel, retry ----------------------------------------------------------------
@@ -375,3 +409,184 @@ async def test_url_token_and_the_servers_refusals(offload: Offload, tmp_path: Pa
     assert full.code == EXIT_UNAVAILABLE
     assert full.err.startswith("offload: queue_full: ")
     assert "retry after " in full.err
+
+
+# -- queues and schedules ----------------------------------------------------------------
+
+
+async def api_queues(daemon: Daemon) -> dict[str, Any]:
+    """GET /v1/queues, by name."""
+    reply = await daemon.request("GET", "/v1/queues")
+    assert reply.status == 200, (reply.status, reply.body)
+    return {q["name"]: q for q in json.loads(reply.body)["queues"]}
+
+
+async def ended(daemon: Daemon, task_id: str) -> TaskJson:
+    """The task once it has ended (long-polls; callers bound the wait)."""
+
+    async def probe() -> TaskJson | None:
+        task = await daemon.task(task_id, wait=5)
+        return task if task.state in {"succeeded", "failed", "cancelled"} else None
+
+    return await eventually(probe)
+
+
+async def test_pause_and_resume_a_queue_and_list_queues(offload: Offload) -> None:
+    daemon = await start(offload)
+    url = daemon.url
+    paused = await offload_cli("pause", "queue", "low", url=url)
+    assert (paused.code, paused.err) == (EXIT_OK, ""), paused
+    assert paused.json()["name"] == "low"
+    assert (paused.json()["paused"], paused.json()["configured"]) == (True, False)
+    assert (await api_queues(daemon))["low"]["paused"] is True
+
+    held = await offload_cli(
+        "submit", "echo", "--payload", '{"text": "low"}', "--queue", "low", url=url
+    )
+    assert held.code == EXIT_OK, held
+    held_id = held.out.strip()
+    # A task submitted after it to another queue runs to its end: the feeder has claimed
+    # since, and passed the paused queue's task by.
+    passing = await offload_cli(
+        "submit", "echo", "--payload", '{"text": "default"}', "--wait", url=url
+    )
+    assert (passing.code, passing.json()) == (EXIT_OK, {"echo": "default"})
+    assert (await daemon.task(held_id)).state == "queued"
+
+    listed = await offload_cli("queues", url=url)
+    assert listed.code == EXIT_OK
+    by_name = {q["name"]: q for q in listed.json()}
+    assert (by_name["low"]["paused"], by_name["low"]["queued"]) == (True, 1)
+    assert by_name["default"]["paused"] is False
+    served = await api_queues(daemon)
+    for name, queue in by_name.items():
+        for field in ("paused", "configured", "queued", "running", "weight", "concurrency"):
+            assert queue[field] == served[name][field], (name, field)
+
+    table = await offload_on_terminal("queues", url=url)
+    assert table.code == EXIT_OK
+    rows = [line.split() for line in table.out.splitlines()]
+    assert rows[0] == [
+        "QUEUE",
+        "PAUSED",
+        "QUEUED",
+        "RUNNING",
+        "DONE/S",
+        "WEIGHT",
+        "CONCURRENCY",
+        "RATE",
+        "BURST",
+        "CONFIGURED",
+    ]
+    [low] = [row for row in rows[1:] if row[0] == "low"]
+    assert (low[1], low[2], low[3], low[-1]) == ("yes", "1", "0", "no")
+
+    resumed = await offload_on_terminal("resume", "queue", "low", url=url)
+    assert resumed.code == EXIT_OK, resumed
+    assert ["paused:", "no"] in [line.split() for line in resumed.out.splitlines()]
+    async with asyncio.timeout(RUN_WITHIN):
+        done = await ended(daemon, held_id)
+    assert (done.state, done.result) == ("succeeded", {"echo": "low"})
+    # Not configured, not paused, nothing unfinished: the listing leaves it out.
+    assert "low" not in await api_queues(daemon)
+
+    wrong_kind, no_name, bad_name = await asyncio.gather(
+        offload_cli("pause", "low", url=url),
+        offload_cli("resume", "queue", url=url),
+        offload_cli("pause", "queue", "a/b", url=url),
+    )
+    assert (wrong_kind.code, no_name.code) == (EXIT_USAGE, EXIT_USAGE)
+    assert "invalid choice: 'low'" in wrong_kind.err
+    assert bad_name.code == EXIT_REFUSED
+    assert bad_name.err.startswith("offload: not_found: no queue 'a/b'")
+    assert not [q for q in (await api_queues(daemon)).values() if q["paused"]]
+
+
+# Rare fires: none should fall during a test.
+SCHEDULES = """
+[[schedules]]
+name = "yearly"
+cron = "30 2 1 1 *"
+timezone = "Europe/Paris"
+type = "echo"
+payload = { text = "new year" }
+queue = "reports"
+
+[[schedules]]
+name = "monthly"
+cron = "0 0 1 * *"
+type = "echo"
+payload = { text = "month" }
+"""
+
+
+async def api_schedules(daemon: Daemon) -> dict[str, Any]:
+    """GET /v1/schedules, by name."""
+    reply = await daemon.request("GET", "/v1/schedules")
+    assert reply.status == 200, (reply.status, reply.body)
+    return {s["name"]: s for s in json.loads(reply.body)["schedules"]}
+
+
+async def test_list_pause_and_resume_schedules(offload: Offload) -> None:
+    daemon = await start(offload, toml=SCHEDULES)
+    url = daemon.url
+    listed = await offload_cli("schedules", url=url)
+    assert listed.code == EXIT_OK, listed
+    served = await api_schedules(daemon)
+    # The CLI's JSON is the API's, times to the millisecond included.
+    assert {s["name"]: s for s in listed.json()} == served
+    yearly = served["yearly"]
+    assert (yearly["cron"], yearly["timezone"], yearly["queue"]) == (
+        "30 2 1 1 *",
+        "Europe/Paris",
+        "reports",
+    )
+    # A schedule first seen starts from its next fire: the one before counts as its last.
+    assert yearly["paused"] is False
+    assert yearly["last_fire"] < yearly["next_fire"]
+
+    paused = await offload_cli("pause", "schedule", "yearly", url=url)
+    assert (paused.code, paused.json()["paused"], paused.json()["next_fire"]) == (
+        EXIT_OK,
+        True,
+        None,
+    )
+    after = await api_schedules(daemon)
+    assert (after["yearly"]["paused"], after["monthly"]["paused"]) == (True, False)
+
+    table = await offload_on_terminal("schedules", url=url)
+    assert table.code == EXIT_OK
+    lines = table.out.splitlines()
+    assert lines[0].split() == [
+        "SCHEDULE",
+        "PAUSED",
+        "NEXT",
+        "FIRE",
+        "LAST",
+        "FIRE",
+        "TYPE",
+        "QUEUE",
+        "TIMEZONE",
+        "CRON",
+    ]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    # A paused schedule has no next fire.
+    last_year = yearly["last_fire"]
+    assert rows["yearly"][1:5] == ["yes", "-", last_year[:10], last_year[11:19] + "Z"]
+    assert rows["yearly"][5:] == ["echo", "reports", "Europe/Paris", "30", "2", "1", "1", "*"]
+    monthly = after["monthly"]
+    assert rows["monthly"][1:4] == [
+        "no",
+        monthly["next_fire"][:10],
+        monthly["next_fire"][11:19] + "Z",
+    ]
+    assert rows["monthly"][6:9] == ["echo", "-", "UTC"]
+
+    resumed = await offload_cli("resume", "schedule", "yearly", url=url)
+    assert (resumed.code, resumed.json()) == (EXIT_OK, (await api_schedules(daemon))["yearly"])
+    assert resumed.json()["paused"] is False
+    assert resumed.json()["next_fire"] == yearly["next_fire"]
+
+    missing = await offload_cli("pause", "schedule", "weekly", url=url)
+    assert missing.code == EXIT_REFUSED
+    assert missing.err == "offload: not_found: no schedule 'weekly' is configured (field: name)\n"
