@@ -8,10 +8,12 @@ WATCHDOG_USEC, JOURNAL_STREAM, ...), which tests/harness.py scrubs on purpose.
 Under systemd: `boot_container()` boots a real systemd as PID 1 of a systemd-nspawn
 container made of the host's own files (read-only, a tmpfs overlay on top), and
 `install_offload()` installs offload in it the way the README's "Install as a service"
-does: a venv under /opt/offload, the units of systemd/, a config in /etc/offload. Commands
-go in with nsenter (machinectl needs a host systemd). Whatever is written inside vanishes at
-poweroff; the container's processes live in cgroups of their own, which `poweroff()` empties
-and removes. Nothing here sleeps to synchronise: waits are polls with deadlines.
+does: a venv under /opt/offload, the units of systemd/, a config in /etc/offload;
+`Accounts` makes (and removes) the users and groups a test needs there, and `unix_get()` is
+a local client running as one of them. Commands go in with nsenter (machinectl needs a
+host systemd). Whatever is written inside vanishes at poweroff; the container's processes
+live in cgroups of their own, which `poweroff()` empties and removes. Nothing here sleeps
+to synchronise: waits are polls with deadlines.
 """
 
 from __future__ import annotations
@@ -594,6 +596,73 @@ def stored_tasks(container: Container, db: str) -> dict[str, tuple[str, int]]:
     from a copy (the daemon's own files are never opened by someone else)."""
     out = container.run("/usr/bin/python3", "-c", _READ_ROWS, db).stdout
     return {task_id: (state, attempts) for task_id, (state, attempts) in json.loads(out).items()}
+
+
+# -- accounts and local clients inside the container -------------------------------------------
+
+
+class Accounts:
+    """System users and groups a test makes in the container, removed by `remove()` (the
+    container outlives the test: later tests must not find them)."""
+
+    def __init__(self, container: Container) -> None:
+        self.container = container
+        self.users: list[str] = []
+        self.groups: list[str] = []
+
+    def group(self, name: str) -> int:
+        """`groupadd --system NAME`; its gid."""
+        self.container.run("groupadd", "--system", name)
+        self.groups.append(name)
+        return int(self.container.run("getent", "group", name).stdout.split(":")[2])
+
+    def user(self, name: str, *options: str) -> int:
+        """`useradd --system --user-group OPTIONS NAME` (no home made, no login shell unless
+        OPTIONS say otherwise); its uid. Its own group goes with it at `remove()`."""
+        self.container.run(
+            "useradd",
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--shell=/usr/sbin/nologin",
+            *options,
+            name,
+        )
+        self.users.append(name)
+        return int(self.container.run("id", "-u", name).stdout)
+
+    def remove(self) -> None:
+        for name in reversed(self.users):
+            self.container.run("userdel", name, check=False)
+        for name in reversed(self.groups):
+            self.container.run("groupdel", name, check=False)
+
+
+_UNIX_GET = """\
+import errno, socket, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.settimeout(60)
+try:
+    sock.connect(sys.argv[1])
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno or 0, repr(exc)))
+    raise SystemExit(0)
+request = f"GET {sys.argv[2]} HTTP/1.1\\r\\nHost: offload\\r\\nConnection: close\\r\\n\\r\\n"
+sock.sendall(request.encode())
+answer = b""
+while chunk := sock.recv(65536):
+    answer += chunk
+print(answer.split(b"\\r\\n", 1)[0].decode())
+"""
+
+
+def unix_get(container: Container, socket_path: str, path: str, *, user: str) -> str:
+    """GET `path` over the unix socket `socket_path`, from a process inside the container
+    running as `user` with that user's groups (setpriv --init-groups): the status line of
+    the answer, or the errno name of a connect that failed (e.g. "EACCES")."""
+    as_user = ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups"]
+    argv = [*as_user, "/usr/bin/python3", "-c", _UNIX_GET, socket_path, path]
+    return container.run(*argv).stdout.strip()
 
 
 # -- offload.service, driven like an operator does -----------------------------------------------

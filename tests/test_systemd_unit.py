@@ -10,11 +10,14 @@ and the HTTP API say. The container shares the host's network: HTTP goes over lo
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import stat
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,6 +29,7 @@ from tests.harness import REPO_ROOT, TomlValue, free_port, render_toml
 from tests.systemd_harness import (
     RELEASES,
     UNIT_DIR,
+    Accounts,
     Container,
     Service,
     boot_container,
@@ -33,6 +37,7 @@ from tests.systemd_harness import (
     install_offload,
     poll,
     stored_tasks,
+    unix_get,
 )
 
 # Booting the container and installing into it run in the first test's setup.
@@ -97,6 +102,16 @@ def service(container: Container, port: int) -> Service:
     return svc
 
 
+@pytest.fixture
+def accounts(container: Container) -> Iterator[Accounts]:
+    """Users and groups a test makes in the container, removed after it."""
+    made = Accounts(container)
+    try:
+        yield made
+    finally:
+        made.remove()
+
+
 def ended(service: Service, task_id: str, within: float = 30.0) -> dict[str, Any]:
     """The task, once it is terminal (long-polls)."""
 
@@ -105,6 +120,14 @@ def ended(service: Service, task_id: str, within: float = 30.0) -> dict[str, Any
         return task if task["state"] in ("succeeded", "failed", "cancelled") else None
 
     return poll(probe, within=within, what=f"task {task_id} ending")
+
+
+def drop_in_unit(drop_in: Path) -> str:
+    """The unit a shipped drop-in is for, from its first line: the path to install it at."""
+    first = drop_in.read_text().splitlines()[0]
+    where = re.fullmatch(rf"# {UNIT_DIR}/(offload\.(?:service|socket))\.d/{drop_in.name}", first)
+    assert where is not None, f"{drop_in.name}: the first line names its path, not {first!r}"
+    return where.group(1)
 
 
 def test_the_stop_timeout_covers_the_default_grace_and_the_shutdown_deadlines() -> None:
@@ -126,11 +149,17 @@ def test_units_pass_verify_and_security_scores_them_well(service: Service) -> No
     assert found is not None, security.stdout + security.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, security.stdout
 
-    # The shipped drop-ins are valid too.
+    # The shipped drop-ins are valid too, each in the unit its first line names; together
+    # they keep the score (static-user.conf gives up DynamicUser=, not the sandbox).
     for drop_in in sorted((REPO_ROOT / "systemd" / "drop-ins").glob("*.conf")):
-        service.drop_in("offload.service", drop_in.stem, drop_in.read_text())
-    verified = ct.run("systemd-analyze", "verify", units[0], check=False)
+        unit = drop_in_unit(drop_in)
+        service.drop_in(unit, drop_in.stem, drop_in.read_text())
+    verified = ct.run("systemd-analyze", "verify", *units, check=False)
     assert (verified.returncode, verified.stdout + verified.stderr) == (0, "")
+    security = ct.run("systemd-analyze", "security", "--offline=true", units[0], check=False)
+    found = re.search(r"Overall exposure level for offload\.service: ([0-9.]+)", security.stdout)
+    assert found is not None, security.stdout + security.stderr
+    assert float(found.group(1)) <= MAX_EXPOSURE, security.stdout
 
 
 def test_start_returns_once_the_api_answers(service: Service) -> None:
@@ -388,3 +417,124 @@ def test_tokens_come_from_a_systemd_credential(service: Service) -> None:
     assert service.http("POST", "/v1/tasks", json_body=body, headers=as_ops).status == 202
     # Neither token reached the journal.
     assert not [e for e in service.journal() if ops in str(e) or reader in str(e)]
+
+
+DROP_INS = REPO_ROOT / "systemd" / "drop-ins"
+# The README's command for static-user.conf's user.
+STATIC_USER_OPTIONS = ("--home-dir=/var/lib/offload",)
+
+
+def shipped_value(drop_in: str, key: str) -> str:
+    """The value of `key=` in a shipped drop-in (its last assignment)."""
+    values: list[str] = re.findall(rf"^{key}=(.*)$", (DROP_INS / drop_in).read_text(), re.M)
+    assert values, f"{drop_in} sets no {key}="
+    return values[-1]
+
+
+def test_a_static_user_lets_command_handlers_write_where_a_group_may(
+    service: Service, accounts: Accounts
+) -> None:
+    """DynamicUser= cannot write a directory of an existing group even when it is named in
+    ReadWritePaths=; static-user.conf (User=offload, SupplementaryGroups=) can, and the state
+    directory the dynamic user made moves to the static user at the next start."""
+    ct = service.container
+    (shared,) = shipped_value("writable-paths.conf", "ReadWritePaths").split()
+    (group,) = shipped_value("static-user.conf", "SupplementaryGroups").split()
+    gid = int(ct.run("getent", "group", group).stdout.split(":")[2])
+    # Setgid, as static-user.conf says: what handlers create there gets the group.
+    ct.run("install", "-d", "-o", "root", "-g", group, "-m", "2775", shared)
+    try:
+        write = f'f={shared}/$OFFLOAD_TASK_ID; echo made > "$f"; id -u'
+        types: dict[str, dict[str, TomlValue]] = {"thumb": {"kind": "command", "max_attempts": 1}}
+        # argv, a list, after the last table (types.thumb): a JSON array is a TOML one.
+        argv = json.dumps(["/bin/sh", "-ec", write])
+        service.write_config(config(service, types) + f"argv = {argv}\n")
+        service.drop_in(
+            "offload.service", "writable-paths", (DROP_INS / "writable-paths.conf").read_text()
+        )
+
+        # The dynamic user: the path is writable, but not by it.
+        service.systemctl("start", "offload.service")
+        denied = ended(service, service.submit("thumb", None)["id"])
+        assert denied["state"] == "failed"
+        assert "Permission denied" in denied["last_error"], denied
+        service.systemctl("stop", "offload.service")
+        assert ct.run("readlink", "/var/lib/offload").stdout.strip() == "private/offload"
+
+        uid = accounts.user("offload", *STATIC_USER_OPTIONS)
+        service.drop_in(
+            "offload.service", "static-user", (DROP_INS / "static-user.conf").read_text()
+        )
+        service.systemctl("start", "offload.service")
+        assert (service.show("DynamicUser"), service.show("User")) == ("no", "offload")
+        # systemd moved the state directory back out of /var/lib/private, to the user.
+        state = ct.path("/var/lib/offload")
+        assert not state.is_symlink()
+        assert (state.stat().st_uid, state.stat().st_mode & 0o7777) == (uid, 0o750)
+        assert {p.stat().st_uid for p in state.iterdir()} == {uid}
+        assert not ct.path("/var/lib/private/offload").exists()
+        assert service.task(denied["id"])["state"] == "failed"  # the store came along
+
+        made = ended(service, service.submit("thumb", None)["id"])
+        assert (made["state"], made["result"]) == ("succeeded", uid), made  # stdout, as JSON
+        written = ct.path(f"{shared}/{made['id']}").stat()
+        # The directory's group; readable by it (UMask=0027), not by others.
+        assert (written.st_uid, written.st_gid, written.st_mode & 0o777) == (uid, gid, 0o640)
+        as_group = ["setpriv", f"--reuid={group}", f"--regid={group}", "--init-groups"]
+        assert ct.run(*as_group, "cat", f"{shared}/{made['id']}").stdout == "made\n"
+
+        service.systemctl("stop", "offload.service")
+        assert (service.show("Result"), service.show("ExecMainStatus")) == ("success", "0")
+        killing = [e for e in service.journal() if "Killing" in str(e.get("MESSAGE"))]
+        assert killing == [], killing
+    finally:
+        service.systemctl("stop", "offload.service", check=False)
+        ct.run("rm", "-rf", shared)
+        ct.run("rmdir", "--ignore-fail-on-non-empty", str(Path(shared).parent))
+
+
+def test_a_unix_socket_admits_its_group_and_no_one_else(
+    service: Service, accounts: Accounts
+) -> None:
+    ct = service.container
+    group = shipped_value("unix-socket.conf", "SocketGroup")
+    path = shipped_value("unix-socket.conf", "ListenStream")
+    gid = accounts.group(group)
+    accounts.user("offload-member", f"--groups={group}")
+    accounts.user("offload-other")
+    service.drop_in("offload.socket", "unix-socket", (DROP_INS / "unix-socket.conf").read_text())
+    # No tokens: a unix socket is local, as loopback is (http_server.is_loopback).
+    service.write_config(config(service, {"noop": python_type("daemon.builtins:noop")}))
+    service.systemctl("start", "offload.socket")
+
+    def socket_file() -> tuple[int, int, int]:
+        st = ct.path(path).stat()
+        return st.st_uid, st.st_gid, st.st_mode
+
+    expected = (0, gid, stat.S_IFSOCK | 0o660)
+    assert socket_file() == expected
+    # A member's request starts the service, which serves the socket it was passed.
+    assert unix_get(ct, path, "/healthz", user="offload-member") == "HTTP/1.1 200 OK"
+    assert service.show("ActiveState") == "active"
+    assert unix_get(ct, path, "/v1/tasks", user="offload-member") == "HTTP/1.1 200 OK"
+    assert unix_get(ct, path, "/healthz", user="offload-other") == "EACCES"
+    listening = f"listening on http://unix:{path}:"
+    assert [e for e in service.journal("EVENT=daemon.started") if listening in e["MESSAGE"]]
+    with pytest.raises(ConnectionRefusedError):  # the drop-in replaced the TCP listener
+        service.http("GET", "/healthz")
+
+    # The service's restarts and stops leave the socket as it was (it is not in the
+    # service's RuntimeDirectory=, which systemd chowns at start and removes at stop).
+    service.systemctl("restart", "offload.service")
+    assert socket_file() == expected
+    assert unix_get(ct, path, "/healthz", user="offload-member") == "HTTP/1.1 200 OK"
+    service.systemctl("stop", "offload.service")
+    assert socket_file() == expected
+    assert unix_get(ct, path, "/healthz", user="offload-member") == "HTTP/1.1 200 OK"
+    assert unix_get(ct, path, "/healthz", user="offload-other") == "EACCES"
+
+    since = f"--cursor={service.cursor}"
+    socket_log = ct.run("journalctl", "--unit=offload.socket", since, "--output=cat").stdout
+    assert "failed" not in socket_log, socket_log  # e.g. TCP_NODELAY on a unix socket
+    service.systemctl("stop", "offload.socket", "offload.service")
+    assert not ct.path(path).exists()  # RemoveOnStop=yes
