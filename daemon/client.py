@@ -4,10 +4,10 @@
 (daemon/client_http.py): use it as an async context manager, or call `aclose()`. Answers
 are decoded into the structs of daemon/client_types.py. Every answer that is not 2xx
 raises `ClientError` with the server's `code`, `message` and `field` (and `retry_after` on
-a 503); when the server cannot be reached at all, `Unreachable`, a `ClientError` with
-status 0 (both in daemon/client_errors.py, and importable from here with the answer types
-as the client's whole surface). The `offload` command's client commands
-(daemon/client_cli.py) are built on it.
+a 503); when the server cannot be reached at all (no such unix socket, say),
+`Unreachable`, a `ClientError` with status 0 (both in daemon/client_errors.py, and
+importable from here with the answer types as the client's whole surface). The `offload`
+command's client commands (daemon/client_cli.py) are built on it.
 
     async with OffloadClient("http://127.0.0.1:8080", token=os.environ.get("OFFLOAD_TOKEN")) as c:
         task = await c.submit("resize", {"url": "s3://b/cat.png", "width": 640},
@@ -89,7 +89,8 @@ WAIT_RETRY = (0.25, 5.0)
 
 class OffloadClient:
     """A client of one offload daemon at `url` (`http://host:port`, optionally with a path
-    prefix), sending `token` as a bearer token when given.
+    prefix, or `unix:/path/to.sock` for a unix socket, spelled as in `server.listen`),
+    sending `token` as a bearer token when given. A `url` of neither form is a `ValueError`.
 
     The session opens on `__aenter__` (or the first request) and closes on `__aexit__` /
     `aclose()`. `wait_step` is the length of each long-poll of `wait()`, at most the
@@ -105,15 +106,13 @@ class OffloadClient:
         wait_step: float | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
     ) -> None:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"expected an http:// or https:// URL, not {url!r}")
         if token is not None and any(c in token for c in "\r\n\x00"):
             raise ValueError("the token holds a line break or NUL (read from a file with one?)")
-        self.url = url.rstrip("/")
         self.wait_step = wait_step
         self._wait_step_given = wait_step is not None
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = Http(self.url, headers, request_timeout)
+        self._http = Http(url, headers, request_timeout)  # ValueError: not a URL it takes
+        self.url = self._http.url
 
     async def __aenter__(self) -> Self:
         self._http.open()

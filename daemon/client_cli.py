@@ -1,11 +1,11 @@
 """The client commands of `offload`: submit, status, cancel, retry, list, stats for tasks;
 queues, schedules, pause and resume for flow control.
 
-Each command makes one `OffloadClient` (daemon/client.py) for `--url`/`$OFFLOAD_URL` and
-`--token`/`$OFFLOAD_TOKEN`, writes its answer on stdout (a table or `key: value` lines on a
-terminal, JSON with `--json` or when stdout is not a terminal: daemon/client_cli_output.py),
-and turns the outcome into one of the exit codes below. Server errors are written as the
-server's message, never a traceback.
+Each command makes one `OffloadClient` (daemon/client.py) for `--url`/`$OFFLOAD_URL` (an
+http:// URL, or unix:/path for a unix socket) and `--token`/`$OFFLOAD_TOKEN`, writes its
+answer on stdout (a table or `key: value` lines on a terminal, JSON with `--json` or when
+stdout is not a terminal: daemon/client_cli_output.py), and turns the outcome into one of
+the exit codes below. Server errors are written as the server's message, never a traceback.
 """
 
 from __future__ import annotations
@@ -64,7 +64,10 @@ def add_commands(sub: Any) -> None:
     common.add_argument(
         "--url",
         default=os.environ.get("OFFLOAD_URL", DEFAULT_URL),
-        help=f"the daemon's URL (default $OFFLOAD_URL or {DEFAULT_URL})",
+        help=(
+            "the daemon's URL: http://HOST:PORT, or unix:/PATH for a unix socket "
+            f"(default $OFFLOAD_URL or {DEFAULT_URL})"
+        ),
     )
     common.add_argument(
         "--token",
@@ -197,7 +200,7 @@ async def _with_client(args: argparse.Namespace, command: Command, out: Output) 
         raise UsageError("--wait-timeout needs --wait")
     try:
         client = OffloadClient(args.url, args.token)
-    except ValueError as exc:  # a URL without its scheme, a token with a line break
+    except ValueError as exc:  # a URL without its scheme, "unix:relative.sock", a bad token
         raise UsageError(str(exc)) from None
     async with client:
         return await command(client, args, out)

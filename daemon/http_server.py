@@ -1,8 +1,10 @@
-"""Bind the aiohttp application to its listening address, and close it in order."""
+"""Bind the aiohttp application to its listening address (or every socket systemd passed),
+and close it in order."""
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,7 +14,7 @@ from daemon.config import ServerConfig
 from daemon.errors import ConfigError
 from daemon.http_protocol import Runner
 from daemon.metrics import Tally
-from daemon.systemd import activated_socket
+from daemon.systemd import activated_sockets
 
 SHUTDOWN_TIMEOUT = 5.0  # seconds open requests get once the listener closes
 
@@ -52,37 +54,64 @@ def is_loopback(where: tuple[str, int] | str) -> bool:
 async def open_http(
     app: web.Application, config: ServerConfig, counts: Tally, *, anonymous: bool = False
 ) -> AsyncIterator[str]:
-    """Serve `app` on the socket systemd passed us (socket activation), else on
-    `config.listen`; yields the bound address. On exit the listener closes first, then open
-    requests get `SHUTDOWN_TIMEOUT` seconds, then the app's cleanup runs. Requests aiohttp
-    cannot parse are counted in `counts` (`http_protocol.py`). With `anonymous` (no tokens,
-    and no `auth.allow_anonymous`), a socket from systemd must be a loopback one, as
-    `server.listen` must (config.py): the unit's ListenStream= is config too."""
+    """Serve `app` on every socket systemd passed us (socket activation), else on
+    `config.listen`; yields the bound addresses (joined with " and ", for the start line).
+    On exit the listeners close first, then open requests get `SHUTDOWN_TIMEOUT` seconds,
+    then the app's cleanup runs. Requests aiohttp cannot parse are counted in `counts`
+    (`http_protocol.py`). With `anonymous` (no tokens, and no `auth.allow_anonymous`), each
+    socket from systemd must be a loopback or unix one, as `server.listen` must
+    (config.py): the unit's ListenStream= is config too."""
     runner = Runner(
         app, counts, access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
     )
     await runner.setup()
     try:
-        where = parse_listen(config.listen)
-        inherited = activated_socket()
-        site: web.BaseSite
-        if inherited is not None:
-            bound = inherited.getsockname()
-            if anonymous and not is_loopback(bound if isinstance(bound, str) else bound[:2]):
-                raise ConfigError(
-                    "offload.socket",
-                    [
-                        f"ListenStream= {bound[0]}:{bound[1]}: a non-loopback address needs "
-                        f"tokens (auth.tokens_file or auth.credential), or "
-                        f"auth.allow_anonymous = true"
-                    ],
-                )
-            site = web.SockSite(runner, inherited)
-        elif isinstance(where, str):
-            site = web.UnixSite(runner, where)
-        else:
-            site = web.TCPSite(runner, where[0], where[1], backlog=1024)
-        await site.start()
-        yield site.name
+        sites = _sites(runner, config, anonymous=anonymous)
+        for site in sites:
+            await site.start()
+        yield " and ".join(site.name for site in sites)
     finally:
         await runner.cleanup()
+
+
+def _sites(runner: web.BaseRunner, config: ServerConfig, *, anonymous: bool) -> list[web.BaseSite]:
+    """The sites to start: one per socket from systemd, or the one of `config.listen`.
+    Every socket is checked before any site starts, so a refused one serves nothing."""
+    where = parse_listen(config.listen)
+    inherited = activated_sockets()
+    if not inherited:
+        if isinstance(where, str):
+            return [web.UnixSite(runner, where)]
+        return [web.TCPSite(runner, where[0], where[1], backlog=1024)]
+    problems = [
+        f"ListenStream= {_describe(sock)} (fd {sock.fileno()}): a non-loopback address needs "
+        f"tokens (auth.tokens_file or auth.credential), or auth.allow_anonymous = true"
+        for sock in inherited
+        if not is_loopback(_address(sock))
+    ]
+    if anonymous and problems:
+        for sock in inherited:
+            sock.close()
+        raise ConfigError("offload.socket", problems)
+    # The server listen()s again with `backlog`; aiohttp's default (128) would shrink the
+    # unit's Backlog= (4096). The kernel caps it at net.core.somaxconn, as it caps systemd.
+    return [web.SockSite(runner, sock, backlog=socket.SOMAXCONN) for sock in inherited]
+
+
+def _address(sock: socket.socket) -> tuple[str, int] | str:
+    """What `is_loopback` takes: (host, port), or a unix socket's name (abstract ones too)."""
+    if sock.family == socket.AF_UNIX:
+        return _describe(sock)
+    host, port = sock.getsockname()[:2]
+    return host, port
+
+
+def _describe(sock: socket.socket) -> str:
+    """`host:port`, `[v6]:port`, `unix:/path` or `unix:@abstract`, for messages."""
+    name = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        if isinstance(name, bytes):  # an abstract name: a NUL, then any bytes
+            return "unix:@" + name[1:].decode(errors="replace")
+        return f"unix:{name}"
+    host, port = name[:2]
+    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"

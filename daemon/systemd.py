@@ -13,7 +13,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 
-from daemon.errors import OffloadError
+from daemon.errors import ConfigError, OffloadError
 
 logger = logging.getLogger(__name__)
 
@@ -118,16 +118,58 @@ async def pulse(
         await asyncio.sleep(max(0.0, interval - elapsed))
 
 
-def activated_socket() -> socket.socket | None:
-    """The first socket passed by systemd socket activation, if any (LISTEN_FDS)."""
+def activated_sockets() -> list[socket.socket]:
+    """Every socket systemd passed this process (socket activation: `$LISTEN_FDS` of them
+    from fd 3 on, when `$LISTEN_PID` is ours), in order; none outside systemd.
+
+    Each must be a listening TCP or unix stream socket; any other raises `ConfigError`
+    naming its fd, after closing those taken so far. The variables are removed and the
+    sockets made close-on-exec (as sd_listen_fds() does): a command handler must not take
+    them as its own, nor hold the port open after offload exits."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
-        return None
-    try:
-        count = int(os.environ.get("LISTEN_FDS", "0"))
-    except ValueError:
-        return None
-    if count < 1:
-        return None
+        return []
+    count_text = os.environ.get("LISTEN_FDS", "0")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children
-    return socket.socket(fileno=SD_LISTEN_FDS_START)
+    try:
+        count = int(count_text)
+    except ValueError:
+        return []
+    sockets: list[socket.socket] = []
+    try:
+        for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+            sockets.append(_listening_socket(fd))
+    except ConfigError:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listening_socket(fd: int) -> socket.socket:
+    """The socket of `fd` if it is one offload can serve; else `ConfigError`, the socket
+    closed if `fd` was one."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise _refused(fd, f"not a socket ({exc.strerror})") from None
+    problem = None
+    if sock.family not in (socket.AF_INET, socket.AF_INET6, socket.AF_UNIX):
+        family = getattr(sock.family, "name", sock.family)
+        problem = f"a {family} socket; offload serves TCP and unix sockets"
+    elif sock.type != socket.SOCK_STREAM:
+        problem = f"a {getattr(sock.type, 'name', sock.type)} socket, not a stream one"
+    elif not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        problem = "not listening (with Accept=yes systemd passes a connection, not a listener)"
+    if problem is not None:
+        sock.close()
+        raise _refused(fd, problem)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _refused(fd: int, problem: str) -> ConfigError:
+    return ConfigError(
+        "offload.socket",
+        [f"fd {fd} from systemd (LISTEN_FDS): {problem}; offload serves ListenStream= sockets"],
+    )

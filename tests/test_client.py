@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import copy
 import datetime as dt
+import errno
 import math
+import os
 import pickle
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -32,12 +35,13 @@ from daemon.client_errors import ClientError, Unreachable
 from daemon.client_types import Stats, TaskPage, parse_stats
 from daemon.ids import new_id
 from daemon.wire import TaskView
-from tests.harness import eventually, free_port
+from tests.harness import Offload, eventually, free_port, read_rows
 from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
     Daemon,
     api_fixture,
     open_daemon,
 )
+from tests.test_client_cli import start_on_unix, unix_socket_path
 
 QUICK = 5.0  # seconds: "at once", with room for a loaded machine
 LATER = 3600.0  # a delay that keeps a task queued for the whole test
@@ -331,6 +335,49 @@ async def test_an_unreachable_server_is_a_client_error_with_status_0() -> None:
     assert (unreachable.value.status, unreachable.value.code) == (0, "unreachable")
 
 
+async def test_the_client_speaks_to_a_unix_socket(offload: Offload, tmp_path: Path) -> None:
+    """A real `offload serve` with server.listen = "unix:...": both sessions (calls, and the
+    long-polls of get(wait=) and wait()) reach it over the socket."""
+    release = tmp_path / "release"
+    with unix_socket_path() as sock:
+        daemon = await start_on_unix(offload, sock)
+        async with OffloadClient(f"unix:{sock}", request_timeout=QUICK) as client:
+            assert client.url == f"unix:{sock}"
+            held = await client.submit("hold", {"release": str(release)})
+            echo = await client.submit("echo", {"text": "u", "times": 2})
+            async with asyncio.timeout(QUICK):
+                echoed = await client.wait(echo.id)
+            assert (echoed.state, echoed.result) == (TaskState.SUCCEEDED, {"echo": "uu"})
+            # The server holds this poll until it times out: the task waits for its release.
+            started = asyncio.get_running_loop().time()
+            polled = await client.get(held.id, wait=0.3)
+            assert asyncio.get_running_loop().time() - started >= 0.25
+            assert not polled.ended
+            release.touch()
+            async with asyncio.timeout(QUICK):
+                released = await client.wait(held.id)
+            assert (released.state, released.result) == (TaskState.SUCCEEDED, {"released": True})
+            page = await client.list()
+    rows = read_rows(daemon.config.db)
+    assert {t.id: t.state for t in page.tasks} == {r.id: r.state for r in rows.values()}
+    assert {t.id for t in page.tasks} == {held.id, echo.id}
+
+
+async def test_a_unix_socket_that_is_absent_or_refuses_is_unreachable() -> None:
+    with unix_socket_path() as absent:
+        stale = absent.parent / "stale.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+            bound.bind(str(stale))  # a socket file that no one listens on: refused
+            for path, reason in ((absent, errno.ENOENT), (stale, errno.ECONNREFUSED)):
+                async with OffloadClient(f"unix:{path}", request_timeout=QUICK) as client:
+                    with pytest.raises(Unreachable) as unreachable:
+                        await client.submit("noop")
+                assert (unreachable.value.status, unreachable.value.code) == (0, "unreachable")
+                assert unreachable.value.message == (
+                    f"cannot reach offload at unix:{path}: {os.strerror(reason)}"
+                )
+
+
 async def test_stats_count_unfinished_tasks_by_queue_and_outcomes(api: Daemon) -> None:
     async with OffloadClient(url(api)) as client:
         for _ in range(3):
@@ -526,6 +573,14 @@ def test_client_errors_survive_pickle_and_copy() -> None:
 def test_a_url_without_scheme_or_a_token_with_a_line_break_is_refused() -> None:
     with pytest.raises(ValueError, match="http:// or https://"):
         OffloadClient("127.0.0.1:8080")
+    for malformed in ("unix:", "unix:run/offload.sock", "unix://run/offload.sock"):
+        with pytest.raises(ValueError, match='expected "unix:/absolute/path"'):
+            OffloadClient(malformed)
+    with pytest.raises(ValueError, match="holds a NUL"):
+        OffloadClient("unix:/run/off\0load.sock")
+    with pytest.raises(ValueError, match="107 bytes at most"):
+        OffloadClient("unix:/" + "s" * 107)
+    assert OffloadClient("unix:/" + "s" * 106).url == "unix:/" + "s" * 106
     with pytest.raises(ValueError, match="line break"):
         OffloadClient(token="secret-token-0123456789\n")
 

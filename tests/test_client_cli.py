@@ -5,13 +5,20 @@ shown as its message, never a traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
 import os
 import pty
+import socket
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from daemon.client_cli import (
     EXIT_CANCELLED,
@@ -28,12 +35,16 @@ from tests.harness import (
     READY_TIMEOUT,
     REPO_ROOT,
     Daemon,
+    DaemonConfig,
     DaemonExited,
     Offload,
     TaskJson,
+    TomlValue,
     daemon_env,
     eventually,
     free_port,
+    read_rows,
+    render_toml,
 )
 
 RUN_WITHIN = 60.0  # seconds for one command (most take ~1 s; --wait ones wait for a task)
@@ -44,6 +55,8 @@ TYPES = {
 }
 TOKEN = "cli-submitter-0123456789"
 EX_START = 1  # `offload serve` could not start
+ENOENT_TEXT = os.strerror(errno.ENOENT)
+REFUSED_TEXT = os.strerror(errno.ECONNREFUSED)
 
 
 @dataclass(frozen=True)
@@ -160,6 +173,49 @@ async def start(
             continue
         return daemon
     raise AssertionError("the port was taken 3 times")
+
+
+@contextlib.contextmanager
+def unix_socket_path() -> Iterator[Path]:
+    """A path for a unix socket in a fresh directory, removed afterwards: under $TMPDIR, as
+    pytest's tmp_path can be deeper than the 107 bytes a socket's path may have."""
+    with tempfile.TemporaryDirectory(prefix="offload-") as directory:
+        yield Path(directory) / "offload.sock"
+
+
+async def start_on_unix(offload: Offload, sock: Path) -> Daemon:
+    """A real `offload serve` of TYPES with `server.listen = "unix:SOCK"`, once /readyz
+    answers 200 over that socket (the harness's readiness poll speaks TCP)."""
+    db = offload.tmp_path / "unix.db"
+    tables: dict[str, dict[str, TomlValue]] = {
+        "server": {"listen": f"unix:{sock}"},
+        "store": {"url": f"sqlite:///{db}"},
+        "workers": {"concurrency": 4},
+        "log": {"level": "info"},
+    }
+    for name, handler in TYPES.items():
+        tables[f"types.{name}"] = {"kind": "python", "handler": handler}
+    path = offload.tmp_path / "unix.toml"
+    path.write_text(render_toml(tables), encoding="utf-8")
+    config = DaemonConfig(path=path, url=f"unix:{sock}", db=db)
+    daemon = await offload.start(config, ready=False)
+    connector = aiohttp.UnixConnector(path=str(sock))
+    async with aiohttp.ClientSession(connector=connector) as http:
+
+        async def ready() -> bool | None:
+            if daemon.returncode is not None:
+                raise DaemonExited(
+                    f"offload exited with {daemon.returncode}; log tail:\n{daemon.log_tail()}"
+                )
+            try:
+                async with http.get("http://localhost/readyz") as resp:
+                    return True if resp.status == 200 else None
+            except aiohttp.ClientConnectionError:
+                return None  # not bound yet
+
+        async with asyncio.timeout(READY_TIMEOUT):
+            await eventually(ready)
+    return daemon
 
 
 # -- submit ----------------------------------------------------------------------------
@@ -409,6 +465,67 @@ async def test_url_token_and_the_servers_refusals(offload: Offload, tmp_path: Pa
     assert full.code == EXIT_UNAVAILABLE
     assert full.err.startswith("offload: queue_full: ")
     assert "retry after " in full.err
+
+
+async def test_the_commands_speak_to_a_unix_socket(offload: Offload, tmp_path: Path) -> None:
+    """`--url`/`$OFFLOAD_URL` `unix:/path`, as the daemon's server.listen spells it: submit,
+    wait (a long-poll), list; no socket there, or no listener on it, is exit 7."""
+    release = tmp_path / "release"
+    with unix_socket_path() as sock:
+        daemon = await start_on_unix(offload, sock)
+        url = f"unix:{sock}"
+        held = await offload_cli(
+            "submit", "hold", "--payload", json.dumps({"release": str(release)}), url=url
+        )
+        assert (held.code, held.err) == (EXIT_OK, ""), held
+        held_id = held.out.strip()
+        # --url over $OFFLOAD_URL, which names a dead port here.
+        dead = f"http://127.0.0.1:{free_port()}"
+        echo = ("submit", "echo", "--payload", '{"text": "u", "times": 2}', "--wait")
+        echoed = await offload_cli(*echo, "--url", url, url=dead)
+        assert (echoed.code, echoed.json(), echoed.err) == (EXIT_OK, {"echo": "uu"}, ""), echoed
+        release.touch()
+        waited = await offload_cli("status", held_id, "--wait", url=url)
+        assert (waited.code, waited.json()["state"]) == (EXIT_OK, "succeeded"), waited
+        assert waited.json()["result"] == {"released": True}
+        listed = await offload_cli("list", url=url)
+        assert listed.code == EXIT_OK, listed
+        # What the list shows is what the daemon's store holds.
+        states = {row.id: row.state for row in read_rows(daemon.config.db).values()}
+        assert {t["id"]: t["state"] for t in listed.json()} == states
+        assert sorted(t["type"] for t in listed.json()) == ["echo", "hold"]
+        assert states[held_id] == "succeeded"
+
+        absent = sock.parent / "absent.sock"
+        stale = sock.parent / "stale.sock"
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+            bound.bind(str(stale))  # a socket file that no one listens on: refused
+            no_file, refused = await asyncio.gather(
+                offload_cli("list", url=f"unix:{absent}"),
+                offload_cli("submit", "echo", "--payload", '{"text": "x"}', url=f"unix:{stale}"),
+            )
+    assert no_file.code == EXIT_UNREACHABLE, no_file
+    assert no_file.err == f"offload: cannot reach offload at unix:{absent}: {ENOENT_TEXT}\n"
+    assert refused.code == EXIT_UNREACHABLE, refused
+    assert refused.err == f"offload: cannot reach offload at unix:{stale}: {REFUSED_TEXT}\n"
+    assert len(read_rows(daemon.config.db)) == 2
+
+
+async def test_a_malformed_unix_url_is_a_usage_error() -> None:
+    relative, two_slashes, empty = await asyncio.gather(
+        offload_cli("list", url="unix:run/offload.sock"),
+        offload_cli("list", url="unix://run/offload.sock"),
+        offload_cli("list", "--url", "unix:", url="http://127.0.0.1:1"),
+    )
+    for run, url in (
+        (relative, "unix:run/offload.sock"),
+        (two_slashes, "unix://run/offload.sock"),
+        (empty, "unix:"),
+    ):
+        assert (run.code, run.out) == (EXIT_USAGE, ""), run
+        assert run.err == (
+            f'offload: expected "unix:/absolute/path" (e.g. unix:/run/offload.sock), not {url!r}\n'
+        )
 
 
 # -- queues and schedules ----------------------------------------------------------------
