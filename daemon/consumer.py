@@ -93,6 +93,9 @@ async def _run(
     loop: asyncio.AbstractEventLoop,
 ) -> Ended | None:
     task = claim.task
+    earlier = workers.runs.get(task.id)
+    if earlier is not None and earlier.reason is None:
+        _supersede(claim, earlier)
     started = time.monotonic()
     run = Run(claim, consumer, loop.time() + task.timeout)
     workers.runs[task.id] = run
@@ -100,14 +103,34 @@ async def _run(
     try:
         outcome = await _outcome(workers, run, started)
     finally:
-        # A run cancelled through the API may still unwind when a retry of its task starts
-        # again here: the newer run holds the id now.
+        # A stopped run may still unwind when a newer run of its task starts here (a retry
+        # after a cancel, a claim made again): the newer run holds the id now.
         if workers.runs.get(task.id) is run:
             del workers.runs[task.id]
     run.settle_stop()
     if outcome is None:
         return None  # cancelled through the API, which already recorded it
     return Ended(claim, outcome, time.monotonic() - started)
+
+
+def _supersede(claim: Claim, earlier: Run) -> None:
+    """The store handed over a task that a run here still holds and nobody has stopped: a
+    claim the store no longer knows (taken back after its lease expired, or undone by a
+    database that lost a commit) and claimed again. That earlier claim is void (the row has
+    moved on without it), so its run is stopped now, before the new one starts, rather than
+    left running untracked: the new run takes its place in `workers.runs`, and the drain
+    still waits for it (it holds its slot until it has unwound). Its clean-up may overlap
+    the new run, as after a cancel and a retry. (On PostgreSQL the node stops it already
+    when the claim comes back: `Node.held_add`.)"""
+    logger.warning(
+        "task %s was claimed again (attempt %d) while its attempt %d still ran here: "
+        "stopping that run; its outcome will not be written",
+        claim.task.id,
+        claim.attempt,
+        earlier.claim.attempt,
+        extra=_fields(claim, "task.claimed_again"),
+    )
+    earlier.stop("cancel")
 
 
 def settle(workers: Workers, ended: Ended, recorded: Task | None) -> None:

@@ -7,7 +7,8 @@ follows a write (the log line, the counters, waking long-polls) happens in `sett
 the outcome is durable, never before.
 
 A crash between the hand-over and the commit loses nothing: the row is still `running`, so
-recovery (or, on PostgreSQL, the lease) puts the task back, as for a crash during the run.
+recovery (on PostgreSQL, the lease's expiry) puts the task back, as for a crash during the
+run.
 
 A write that fails (the store is locked by another program, the disk is full, PostgreSQL is
 down) is tried again, with a growing pause, until it succeeds or the daemon stops: on SQLite
@@ -39,6 +40,17 @@ class Ended:
     claim: Claim
     outcome: Outcome
     duration: float
+
+
+def left_running(shared: bool, lease: float | None = None) -> str:
+    """What becomes of the tasks of runs whose outcome was not written, for the log."""
+    if not shared:  # the store is this daemon's alone: only its next start looks
+        return "their tasks stay running until the next start puts them back"
+    lease_text = f"workers.lease, {lease:g}s" if lease is not None else "workers.lease"
+    return (
+        f"their tasks stay running until their leases expire ({lease_text}); then a daemon "
+        f"puts them back"
+    )
 
 
 Settle = Callable[[Ended, "Task | None"], None]
@@ -103,9 +115,9 @@ class Recorder:
             return exc
         except Exception:  # a bug: trying again would fail alike, and hold every later write
             logger.exception(
-                "could not write the outcomes of %d runs; their tasks stay running until the "
-                "next start puts them back",
+                "could not write the outcomes of %d runs; %s, the run counted as an attempt",
                 len(batch),
+                left_running(self._store.shared),
                 extra={"event": "task.record_bug"},
             )
             del self._waiting[: len(batch)]

@@ -26,7 +26,7 @@ from daemon.flow import Flow
 from daemon.handoff import Handoff
 from daemon.metrics import Metrics
 from daemon.models import Claim, NewTask, Released, StartNow, Task, TaskState
-from daemon.recorder import Ended, Recorder
+from daemon.recorder import Ended, Recorder, left_running
 from daemon.stats import Stats
 from daemon.store.base import Store
 from daemon.tasktypes import TaskType
@@ -252,9 +252,10 @@ class Workers:
         await _within(max(0.0, deadline - loop.time()), self.recorder.idle)
         if self.recorder.waiting:
             logger.error(
-                "stopping with %d outcomes not written (the store fails): their tasks stay "
-                "running until the next start puts them back",
+                "stopping with %d outcomes not written (the store fails): %s, counting the "
+                "interrupted run as an attempt",
                 self.recorder.waiting,
+                left_running(self.shared, self.config.lease),
                 extra={"event": "drain.outcomes_lost"},
             )
         # Every consumer now waits on the empty queue (or, past STOP_DEADLINE, on a run

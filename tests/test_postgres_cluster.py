@@ -33,6 +33,7 @@ TYPES = {
     "record": "tests.pghandlers:record",
     "hold": "tests.pghandlers:hold",
     "pause": "tests.pghandlers:pause",
+    "span": "tests.pghandlers:span",
 }
 
 

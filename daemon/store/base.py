@@ -115,9 +115,11 @@ class Store(Protocol):
         ...
 
     async def recover(self, *, owner: str, now: float) -> int:
-        """Put back every `running` task whose owner is gone (for an exclusive store: every
-        one), counting the interrupted run as an attempt; fails those with none left.
-        Returns how many were put back or failed."""
+        """Start serving as `owner` and put back the `running` tasks whose run is known to
+        be over: for an exclusive store every one; for a shared one those of `owner`'s name
+        (an earlier process of it) and those whose lease expired, never another owner's
+        unexpired lease. Counts the interrupted run as an attempt; fails those with none
+        left. Returns how many were put back or failed."""
         ...
 
     async def forget_keys(self, *, before: float, limit: int) -> int:

@@ -5,8 +5,9 @@ one statement (one round trip); no session waits on anything but the database wh
 transaction is open, and handlers never run inside one. Admission counts unfinished tasks
 cluster-wide (`offload_pending`, summed under an advisory lock), a claim is `FOR UPDATE SKIP
 LOCKED`, and every write about a run is fenced on (id, state, attempt, owner). Leases are
-measured on the database's clock, so the nodes' clocks need not agree. What a node does in
-the background (lease heartbeat, rescue of expired leases, LISTEN/NOTIFY hints) lives in
+measured on the database's clock; `run_at` (delays, backoff, cron fires, rescues) on the
+nodes' own, which the operator keeps in step (NTP). What a node does in the background
+(lease heartbeat, rescue of expired leases, LISTEN/NOTIFY hints) lives in
 `postgres_node.py`. Driver errors that mean "the database cannot be reached" become
 `StoreUnavailable`; the pool reconnects by itself when the database is back.
 """
@@ -52,6 +53,7 @@ from daemon.store.postgres_schema import (
 )
 from daemon.store.postgres_side import SideOps
 from daemon.store.postgres_sql import (
+    ADMIT_LOCK_SQL,
     ADMIT_SQL,
     CANCEL_SQL,
     CLAIM_SETTINGS,
@@ -102,12 +104,13 @@ class PostgresStore(SideOps):
         """One transaction under the admission lock, so that the sum of `offload_pending`
         read here is every committed admission's (completions need not take the lock: a
         count read too high only refuses early), and so that of two admissions racing
-        with one idempotency key the second finds the first's key. `start` is not taken:
-        here claims stay with the claim query, whose leases the node renews."""
+        with one idempotency key the second finds the first's key. Its commit is durable
+        whatever the database's default (see DURABLE in postgres_sql.py). `start` is not
+        taken: here claims stay with the claim query, whose leases the node renews."""
         if not tasks:
             return []
         async with self._conn() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_SPACE, ADMIT_LOCK)
+            await conn.execute(ADMIT_LOCK_SQL, LOCK_SPACE, ADMIT_LOCK)
             if idempotency is not None:
                 seen = await seen_key(conn, idempotency)
                 if seen is not None:
@@ -292,7 +295,7 @@ class PostgresStore(SideOps):
                     f"retried",
                     field="id",
                 )
-            await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LOCK_SPACE, ADMIT_LOCK)
+            await conn.execute(ADMIT_LOCK_SQL, LOCK_SPACE, ADMIT_LOCK)
             pending = int(await conn.fetchval("SELECT coalesce(sum(n), 0) FROM offload_pending"))
             if pending + 1 > max_pending:
                 raise QueueFull(
@@ -307,11 +310,13 @@ class PostgresStore(SideOps):
         return retried
 
     async def recover(self, *, owner: str, now: float) -> int:
-        """Start serving as `owner`: take its liveness lock, then put back (or fail) every
-        running task whose owner is gone: this very owner name (an earlier process under
-        the same name, as a container restarted with the same hostname and pid), an owner
-        whose daemon holds no liveness lock here (its sessions ended: it exited or was
-        killed), or any expired lease. Batches of RESCUE_BATCH, each one statement."""
+        """Start serving as `owner`: take its liveness lock, then put back (or fail) the
+        running tasks of this very owner name (an earlier process under the same name, as a
+        container restarted with the same hostname and pid: holding the name's lock proves
+        it gone) and those whose lease expired. Another owner's unexpired lease is left
+        alone even if no session holds its liveness lock now (a live daemon lacks it while
+        its listener reconnects): its tasks are rescued when the lease expires (see
+        RECOVER). Batches of RESCUE_BATCH, each one statement."""
         await self._node.become(owner)
         total = 0
         while True:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from daemon.errors import StoreUnavailable
-from daemon.store.postgres_errors import unavailable
+from daemon.store.postgres_errors import describe, unavailable
 from daemon.store.postgres_node import Node
 
 ACQUIRE_TIMEOUT = 10.0  # seconds to wait for a pooled connection
@@ -37,7 +37,7 @@ class Connections:
                 yield conn
         except Exception as exc:
             if unavailable(exc):
-                raise StoreUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+                raise StoreUnavailable(f"PostgreSQL cannot be reached: {describe(exc)}") from exc
             raise
 
     async def _fetch(self, sql: str, *args: Any) -> list[Any]:

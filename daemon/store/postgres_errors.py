@@ -28,3 +28,8 @@ _UNAVAILABLE = (
 def unavailable(exc: BaseException) -> bool:
     """Whether `exc`, raised by asyncpg, means the database cannot serve us right now."""
     return isinstance(exc, _UNAVAILABLE)
+
+
+def describe(exc: BaseException) -> str:
+    """`exc`'s message, or its type's name when it has none (a timeout's is empty)."""
+    return str(exc) or type(exc).__name__

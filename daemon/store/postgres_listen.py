@@ -2,7 +2,8 @@
 connection of its own, outside the pool, that LISTENs for the other nodes' hints and holds
 this daemon's liveness locks (see `PostgresStore.recover`). It is apart from the node
 because its life is the connection's: it connects, watches the session, and reconnects on
-its own (retaking the locks and catching up on hints lost meanwhile), while the node's
+its own (retaking the locks, every second until the server has let the old session's go,
+and catching up on hints lost meanwhile), while the node's
 lease renewal, rescue and hint sending go through the pool and never wait on it. Nothing
 here raises out of `run()`: an unreachable database is handed to the node's `warn` and
 tried again.
@@ -19,7 +20,7 @@ import asyncpg  # type: ignore[import-untyped]
 
 from daemon.errors import StoreLocked, StoreUnavailable
 from daemon.store.base import Hooks
-from daemon.store.postgres_errors import unavailable
+from daemon.store.postgres_errors import describe, unavailable
 from daemon.store.postgres_schema import LIVENESS_SPACE
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ WORK, ENDED, LOST = "offload_work", "offload_ended", "offload_lost"
 PING_EVERY = 5.0  # seconds between checks that the listener connection still answers
 RECONNECT_MIN, RECONNECT_MAX = 0.2, 5.0  # seconds between tries to reconnect the listener
 BECOME_TRIES = 10  # tries (one a second) to take an owner's liveness lock at start
+RETAKE_EVERY = 1.0  # seconds between tries to take back a liveness lock the session lacks
 
 
 def _setter(event: asyncio.Event) -> Callable[[Any], None]:
@@ -64,6 +66,10 @@ class Listener:
         self._reconnected = reconnected
         self._warn = warn
         self.owners: set[str] = set()
+        # Owners whose liveness lock the current session could not take (the server still
+        # holds the lock for our previous session, or another daemon took the name): tried
+        # again every RETAKE_EVERY seconds until held.
+        self.missing: set[str] = set()
         self.me = ""  # the owner named at recover(); hints carry it to skip our own
         self._conn: Any = None
         self._lock = asyncio.Lock()
@@ -73,7 +79,6 @@ class Listener:
         """Serve as `owner` from now on: hold its liveness lock on the listener session.
         Raises `StoreLocked` if another live daemon holds it (two daemons with one name
         would share their fences), `StoreUnavailable` if there is no listener session."""
-        self.owners.add(owner)
         self.me = owner
         for attempt in range(BECOME_TRIES):
             try:
@@ -82,11 +87,15 @@ class Listener:
                     async with self._lock:
                         conn = self._conn
                         taken = conn is not None and await self._take_liveness(conn, owner)
+                        if taken:  # from now on retaken by every new listener session
+                            self.owners.add(owner)
             except TimeoutError:
                 raise StoreUnavailable("PostgreSQL cannot be reached (no listener)") from None
             except Exception as exc:
                 if unavailable(exc):
-                    raise StoreUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+                    raise StoreUnavailable(
+                        f"PostgreSQL cannot be reached: {describe(exc)}"
+                    ) from exc
                 raise
             if taken:
                 return
@@ -126,13 +135,7 @@ class Listener:
                 for channel in (WORK, ENDED, LOST):
                     await conn.add_listener(channel, self._on_notify)
                 async with self._lock:
-                    for owner in self.owners:
-                        if not await self._take_liveness(conn, owner):
-                            logger.error(
-                                "another daemon took the name %s while this one was away",
-                                owner,
-                                extra={"event": "store.owner_taken"},
-                            )
+                    await self._retake(conn, self.owners)
                 self._conn = conn
                 self._connected.set()
                 pause = RECONNECT_MIN
@@ -153,17 +156,48 @@ class Listener:
                 conn.terminate()
             await asyncio.sleep(pause)
 
+    async def _retake(self, conn: Any, owners: set[str]) -> None:
+        """Take the liveness locks of `owners` on the session `conn`: log each one lost
+        (once, until it is held again) and each one taken back."""
+        for owner in sorted(owners):
+            if await self._take_liveness(conn, owner):
+                if owner in self.missing:
+                    self.missing.discard(owner)
+                    logger.warning(
+                        "took back the liveness lock of %s: a daemon started under this name "
+                        "is refused again",
+                        owner,
+                        extra={"event": "store.owner_retaken"},
+                    )
+            elif owner not in self.missing:
+                self.missing.add(owner)
+                logger.error(
+                    "the listener session came back without the liveness lock of %s: the "
+                    "database still holds it for this daemon's previous session (it ends "
+                    "once the server notices that connection is gone), or another daemon "
+                    "took the name; until it is taken back, a daemon started under this name "
+                    "would not be refused (and would take this one's running tasks). Trying "
+                    "again every %gs",
+                    owner,
+                    RETAKE_EVERY,
+                    extra={"event": "store.owner_lost"},
+                )
+
     async def _watch(self, conn: Any, gone: asyncio.Event) -> None:
-        """Return when the listener session ends or stops answering."""
+        """Return when the listener session ends or stops answering; meanwhile take back
+        the liveness locks it lacks."""
         while not gone.is_set():
             try:
-                async with asyncio.timeout(PING_EVERY):
+                async with asyncio.timeout(RETAKE_EVERY if self.missing else PING_EVERY):
                     await gone.wait()
                     return
             except TimeoutError:
                 pass
             async with asyncio.timeout(PING_EVERY), self._lock:
-                await conn.fetchval("SELECT 1")
+                if self.missing:
+                    await self._retake(conn, self.missing.copy())  # a round trip: a ping
+                else:
+                    await conn.fetchval("SELECT 1")
 
     def _on_notify(self, conn: Any, pid: int, channel: str, payload: str) -> None:
         sender, _, body = payload.partition("|")

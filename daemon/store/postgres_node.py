@@ -25,7 +25,7 @@ from typing import Any
 from daemon.errors import StoreUnavailable
 from daemon.models import Claim, QueueHealth, Task
 from daemon.store.base import Hooks
-from daemon.store.postgres_errors import unavailable
+from daemon.store.postgres_errors import describe, unavailable
 from daemon.store.postgres_listen import ENDED, LOST, WORK, Listener
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ WARN_EVERY = 10.0  # seconds between two warnings about the same unreachable ope
 HINT_WINDOW = 0.005  # seconds hints gather before they are sent together
 IDS_PER_HINT = 250  # task ids per notification (a payload holds at most 8000 bytes)
 
-# Without a WAL flush (see RELAXED in postgres.py): a renewal lost in a crash only lets the
+# Without a WAL flush (see RELAXED in postgres_sql.py): a renewal lost in a crash only lets the
 # lease expire sooner.
 RENEW_SQL = """
     WITH relaxed AS (SELECT set_config('synchronous_commit', 'off', true))
@@ -97,6 +97,11 @@ class Node:
 
     def held_add(self, claims: list[Claim]) -> None:
         for claim in claims:
+            if claim.task.id in self._held:
+                # Claimed again while an earlier claim of ours is held: the database no
+                # longer knows that one (taken back, or a commit lost in a crash). Its run
+                # is stopped before the new one starts, not left running untracked.
+                self._lose(claim.task.id, "claimed again: this node's earlier claim was void")
             self._held[claim.task.id] = claim
 
     def recording(self, claim: Claim) -> None:
@@ -170,7 +175,7 @@ class Node:
             logger.warning(
                 "PostgreSQL unavailable (%s): %s; trying again",
                 what,
-                exc,
+                describe(exc),
                 extra={"event": "store.unavailable"},
             )
 
@@ -184,7 +189,7 @@ class Node:
                 row = await conn.fetchrow(HEALTH_SQL)
         except Exception as exc:
             if unavailable(exc):
-                raise StoreUnavailable(f"PostgreSQL cannot be reached: {exc}") from exc
+                raise StoreUnavailable(f"PostgreSQL cannot be reached: {describe(exc)}") from exc
             raise
         if row is None:
             return QueueHealth(live_tuples=0, dead_tuples=0, last_vacuum=None)

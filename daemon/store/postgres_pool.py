@@ -18,7 +18,7 @@ from daemon.errors import ConfigError, StoreUnavailable
 from daemon.store.base import Hooks
 from daemon.store.postgres import PostgresStore
 from daemon.store.postgres_connections import ACQUIRE_TIMEOUT
-from daemon.store.postgres_errors import unavailable
+from daemon.store.postgres_errors import describe, unavailable
 from daemon.store.postgres_node import Node
 from daemon.store.postgres_schema import (
     SchemaTooNew,
@@ -67,7 +67,7 @@ async def open_postgres(config: StoreConfig, hooks: Hooks) -> AsyncIterator[Post
         )
     except Exception as exc:
         if unavailable(exc) or isinstance(exc, asyncpg.PostgresError | ValueError):
-            raise StoreUnavailable(f"cannot connect to {where}: {exc}") from exc
+            raise StoreUnavailable(f"cannot connect to {where}: {describe(exc)}") from exc
         raise
     try:
         try:
@@ -80,7 +80,7 @@ async def open_postgres(config: StoreConfig, hooks: Hooks) -> AsyncIterator[Post
             ) from exc
         except Exception as exc:
             if unavailable(exc):
-                raise StoreUnavailable(f"cannot migrate {where}: {exc}") from exc
+                raise StoreUnavailable(f"cannot migrate {where}: {describe(exc)}") from exc
             raise
         node = Node(pool, config.url, hooks, SESSION_SETTINGS, CONNECT_TIMEOUT)
         store = PostgresStore(pool, node, f"{where} (pool {config.pool_size})")

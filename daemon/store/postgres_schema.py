@@ -15,7 +15,8 @@ LOCK_SPACE = 1_868_983_396  # "ofld"
 MIGRATE_LOCK = 0
 ADMIT_LOCK = 1
 # Each daemon holds pg_advisory_lock(LIVENESS_SPACE, hashtext(owner)) on its listener
-# connection while it lives; a dead daemon's session ends and the lock with it.
+# connection while it lives (retaken after each reconnect): two live daemons cannot share a
+# name, and a process that takes its name's lock knows the earlier holder is gone.
 LIVENESS_SPACE = LOCK_SPACE + 1
 PENDING_SLOTS = 16  # rows of the unfinished counter, so completions rarely wait on each other
 

@@ -25,6 +25,7 @@ from daemon.store.postgres_sql import (
     CHANGE,
     COLUMNS,
     DUE_CALLBACKS_SQL,
+    DURABLE_SETTING,
     UNBOUNDED,
 )
 
@@ -97,6 +98,7 @@ class SideOps(Connections):
         races us waits on the row, then finds it changed and loses), then the task's
         admission, which like SQLite's is not held to max_pending."""
         async with self._conn() as conn, conn.transaction():
+            await conn.execute(DURABLE_SETTING)  # an admission: it must survive a crash
             await conn.execute(
                 "INSERT INTO offload_schedules (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
                 name,

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Collection
 
-from daemon.store.postgres_schema import LIVENESS_SPACE
-
 HISTORY_LIMIT = 10
 
 COLUMNS = (
@@ -26,13 +24,25 @@ ALL_FENCE = "t.state = 'running' AND t.attempts = v.attempt AND t.owner = v.owne
 DB_NOW = "extract(epoch FROM clock_timestamp())"
 
 
-# A CTE that makes its statement's commit skip the WAL flush. For claims, lease renewals,
-# rescues and put-backs only: if the database crashes before the WAL writer flushes them
-# (within wal_writer_delay), the task is found queued, or running under a lease that
-# expires, and runs again, which at-least-once allows. The next durable commit (an
-# admission, an outcome) flushes them anyway, since WAL is written in order. Admissions
-# and outcomes keep the database's own setting.
+# A CTE that makes its statement's commit skip the WAL flush. For lease renewals and rescues
+# only: if the database crashes before the WAL writer flushes them (within
+# wal_writer_delay), the lease is found shorter, or the task running under a lease that has
+# expired and is rescued again, which changes nothing anyone was told. Any later durable
+# commit flushes them anyway, since WAL is written in order: a task rescued and then claimed
+# is never found running again once its claim has committed.
 RELAXED = "relaxed AS (SELECT set_config('synchronous_commit', 'off', true))"
+# What must survive a crash of PostgreSQL commits with `synchronous_commit` at least `on`:
+# admissions (a 202), claims (a handler starts on the strength of one: a claim undone by a
+# crash lets the task be claimed again, under the same attempt, while the first run goes
+# on), outcomes, put-backs and cancels. A server, database or role default of `off` would
+# void that silently, so these transactions raise `off` to `on` themselves; a stricter
+# setting (`remote_write`, `remote_apply`) or `local` is the operator's and is kept.
+DURABLE_VALUE = (
+    "CASE WHEN current_setting('synchronous_commit') = 'off' "
+    "THEN set_config('synchronous_commit', 'on', true) END"
+)
+DURABLE_SETTING = f"SELECT {DURABLE_VALUE}"  # a statement of its own, in a transaction
+DURABLE = f"durable AS (SELECT {DURABLE_VALUE} AS durable)"  # a CTE, joined to the result
 
 
 def push_history(entry: str) -> str:
@@ -98,14 +108,15 @@ CLAIM_SQL = f"""
              WHERE state = 'queued' AND run_at > $3 {{narrow}}) END AS next_due) due
     LEFT JOIN claimed ON true
 """
-# The claim runs in a transaction begun with these: no WAL flush at its commit (see
-# RELAXED), and a plan that walks the claim index in order and stops at LIMIT. Left free,
-# the planner may collect every due task and sort them (it does when the statistics are
-# stale, as after a bulk admission into a new table), at 1000 times the cost.
+# The claim runs in a transaction begun with these: a durable commit (see DURABLE), and a
+# plan that walks the claim index in order and stops at LIMIT. Left free, the planner may
+# collect every due task and sort them (it does when the statistics are stale, as after a
+# bulk admission into a new table), at 1000 times the cost.
 CLAIM_SETTINGS = (
-    "SET LOCAL synchronous_commit TO off; SET LOCAL enable_sort TO off; "
-    "SET LOCAL enable_bitmapscan TO off"
+    f"SET LOCAL enable_sort TO off; SET LOCAL enable_bitmapscan TO off; {DURABLE_SETTING}"
 )
+# Admission's first statement: the admission lock, and a durable commit.
+ADMIT_LOCK_SQL = f"SELECT pg_advisory_xact_lock($1, $2), {DURABLE_VALUE}"
 # Paused queues run nothing on any node, whatever the caller's own list says.
 NOT_PAUSED = "AND queue NOT IN (SELECT name FROM offload_queues WHERE paused)"
 _NARROW = {
@@ -142,7 +153,8 @@ def claim_filter(
 # Many successes in one statement (group commit): v holds one row per claim.
 SUCCEEDED_MANY_SQL = _numbered(
     f"""
-    WITH v AS (
+    WITH {DURABLE},
+    v AS (
         SELECT * FROM unnest($1::text[], $2::int[], $3::text[], $4::bytea[], $5::float8[])
         AS v(id, attempt, owner, result, finished_at)),
     done AS (
@@ -151,44 +163,50 @@ SUCCEEDED_MANY_SQL = _numbered(
         FROM v WHERE t.id = v.id AND {ALL_FENCE}
         RETURNING {T_COLUMNS}),
     counted AS ({count_change("-(SELECT count(*) FROM done)", "done")})
-    SELECT * FROM done
+    SELECT done.* FROM done CROSS JOIN durable
     """,
     6,
 )
 FAILED_SQL = _numbered(
     f"""
-    WITH done AS (
+    WITH {DURABLE},
+    done AS (
         UPDATE offload_tasks t SET state = 'failed', {CHANGE}, finished_at = $4, last_error = $5,
                history = {push_history("$6::jsonb")}, owner = NULL, lease_until = NULL
         WHERE {FENCE} RETURNING {T_COLUMNS}),
     counted AS ({count_change("-1", "done")})
-    SELECT * FROM done
+    SELECT done.* FROM done CROSS JOIN durable
     """,
     7,
 )
 RETRY_SQL = f"""
-    UPDATE offload_tasks t SET state = 'queued', {CHANGE}, run_at = $4, last_error = $5,
-           history = {push_history("$6::jsonb")}, owner = NULL, lease_until = NULL
-    WHERE {FENCE} RETURNING {T_COLUMNS}
+    WITH {DURABLE},
+    done AS (
+        UPDATE offload_tasks t SET state = 'queued', {CHANGE}, run_at = $4, last_error = $5,
+               history = {push_history("$6::jsonb")}, owner = NULL, lease_until = NULL
+        WHERE {FENCE} RETURNING {T_COLUMNS})
+    SELECT done.* FROM done CROSS JOIN durable
 """
 RELEASED_SQL = f"""
-    WITH {RELAXED},
+    WITH {DURABLE},
     done AS (
         UPDATE offload_tasks SET state = 'queued', {CHANGE}, attempts = attempts - 1, owner = NULL,
                lease_until = NULL, started_at = NULL
         WHERE {FENCE} RETURNING {COLUMNS})
-    SELECT done.* FROM done CROSS JOIN relaxed
+    SELECT done.* FROM done CROSS JOIN durable
 """
 CANCEL_SQL = _numbered(
     f"""
-    WITH o AS (SELECT id, state, owner FROM offload_tasks WHERE id = $1 FOR UPDATE),
+    WITH {DURABLE},
+    o AS (SELECT id, state, owner FROM offload_tasks WHERE id = $1 FOR UPDATE),
     done AS (
         UPDATE offload_tasks t SET state = 'cancelled', {CHANGE}, finished_at = $2, owner = NULL,
                lease_until = NULL
         FROM o WHERE t.id = o.id AND o.state IN ('queued', 'running')
         RETURNING {T_COLUMNS}),
     counted AS ({count_change("-1", "done")})
-    SELECT o.state AS before, o.owner AS before_owner, done.* FROM o LEFT JOIN done ON true
+    SELECT o.state AS before, o.owner AS before_owner, done.*
+    FROM o LEFT JOIN done ON true CROSS JOIN durable
     """,
     3,
 )
@@ -236,16 +254,13 @@ RESCUE_SQL = _numbered(
     """,
     4,
 )
-# The owners whose daemon holds its liveness lock in this database.
-LIVE_OWNERS = f"""
-    (hashtext(t.owner)::int8 & 4294967295) NOT IN (
-        SELECT objid::int8 FROM pg_locks
-        WHERE locktype = 'advisory' AND granted AND objsubid = 2
-          AND classid = {LIVENESS_SPACE}::oid
-          AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))
-"""
 RESCUE_EXPIRED = RESCUE_SQL.replace("{orphaned}", f"lease_until < {DB_NOW}")
-RECOVER = RESCUE_SQL.replace("{orphaned}", f"owner = $5 OR lease_until < {DB_NOW} OR {LIVE_OWNERS}")
+# At start: the runs of this daemon's own name too, lease or not. The name's liveness lock,
+# taken just before, proves the process that held it is gone. Other owners' runs wait for
+# their leases: that no session holds an owner's liveness lock at one instant proves
+# nothing (a live daemon's listener may be reconnecting, or waiting for the server to end
+# its old session), and taking an unexpired lease would run the task twice at once.
+RECOVER = RESCUE_SQL.replace("{orphaned}", f"owner = $5 OR lease_until < {DB_NOW}")
 CALLBACK_LEASE = 60.0  # seconds a node has to deliver the callbacks it took
 CALLBACK_DUE = "callback_state = 'pending' AND state IN ('succeeded', 'failed', 'cancelled')"
 DUE_CALLBACKS_SQL = f"""
