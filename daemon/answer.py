@@ -12,11 +12,23 @@ It goes aiohttp's own way, as a plain response, whenever that could matter: a HE
 request, an application with `on_response_prepare` receivers (they may change headers;
 `adev runserver` adds one), a status other than 200, 201 or 202, or a header of its own
 that it would write itself (Content-Type, Date...). Cookies and compression it refuses.
+
+A large answer written whole sits in the transport's buffer for as long as its client does
+not read it (a page of tasks is up to 8 MiB). So the connection's next request waits until
+it is sent (as aiohttp's own responses do), and a connection left with more than
+`WATCH_ABOVE` bytes unsent is watched: one that sends less than `MIN_PROGRESS` bytes in
+`STALL` seconds is reset, and when the watched connections together hold more than
+`UNSENT_BUDGET` bytes, the longest watched ones are reset.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import http
+import logging
+import socket
+import struct
 import time
 from email.utils import formatdate
 from http.cookies import SimpleCookie
@@ -25,7 +37,14 @@ from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion10, HttpVersion11
 
+logger = logging.getLogger(__name__)
+
 CONTENT_TYPE = "application/json"
+WATCH_ABOVE = 1024 * 1024  # unsent bytes past which a connection is watched
+STALL = 5.0  # seconds between two looks at a watched connection
+MIN_PROGRESS = 64 * 1024  # bytes a watched connection must send between two looks
+UNSENT_BUDGET = 128 * 1024 * 1024  # unsent bytes of all watched connections together
+_LINGER_OFF = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets the connection
 
 
 class _Date:
@@ -83,6 +102,7 @@ class JsonAnswer(web.StreamResponse):
         self._written = False
         self._keep = False
         self._plain: web.Response | None = None  # when it goes aiohttp's way
+        self._writer: AbstractStreamWriter | None = None  # to wait on a large answer's send
 
     @property
     def prepared(self) -> bool:
@@ -121,17 +141,27 @@ class JsonAnswer(web.StreamResponse):
             )
             if super().keep_alive is False:
                 self._plain.force_close()
-            return await self._plain.prepare(request)
+            writer = await self._plain.prepare(request)
+            if len(self.json_body) > WATCH_ABOVE and request.transport is not None:
+                # Its write_eof() writes the body, then waits until it is sent: look then.
+                asyncio.get_running_loop().call_soon(watch_unsent, request.transport)
+            return writer
         transport = request.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("the client is gone")
         transport.write(head + self.json_body)
         self._written = True
+        if len(self.json_body) > WATCH_ABOVE:
+            self._writer = request.writer
+            watch_unsent(transport)
         return None
 
     async def write_eof(self, data: bytes = b"") -> None:
         if self._plain is not None:
             await self._plain.write_eof()
+        elif self._writer is not None:
+            # The connection's next request waits until this answer is sent (or reset).
+            await self._writer.drain()
 
     def _head(self, request: web.BaseRequest) -> bytes | None:
         """The status line and headers to write, or None to go aiohttp's way."""
@@ -169,3 +199,78 @@ class JsonAnswer(web.StreamResponse):
             extra.encode(),
             connection,
         )
+
+
+# -- answers the client does not take ------------------------------------------------------
+
+# Watched connections, longest watched first: their unsent bytes at the last look.
+_watched: dict[asyncio.Transport, int] = {}
+
+
+def watch_unsent(transport: asyncio.Transport) -> None:
+    """Watch `transport` if more than `WATCH_ABOVE` bytes wait in its buffer: every `STALL`
+    seconds it must have sent `MIN_PROGRESS` bytes more, until less than that waits, or it
+    is reset. Past `UNSENT_BUDGET` bytes in all watched buffers, the longest watched ones
+    are reset at once."""
+    unsent = transport.get_write_buffer_size()
+    if unsent <= WATCH_ABOVE:
+        return
+    if transport not in _watched:
+        asyncio.get_running_loop().call_later(STALL, _look, transport)
+    # A later answer on a watched connection (the earlier one was sent: the request waited
+    # for it) counts its progress from here.
+    _watched[transport] = unsent
+    _keep_to_budget()
+
+
+def _look(transport: asyncio.Transport) -> None:
+    before = _watched.get(transport)
+    if before is None:
+        return  # reset already, by the budget
+    unsent = 0 if transport.is_closing() else transport.get_write_buffer_size()
+    if unsent <= WATCH_ABOVE:
+        del _watched[transport]
+    elif before - unsent < MIN_PROGRESS:
+        del _watched[transport]
+        _cut(transport, f"it sent {max(before - unsent, 0)} bytes in {STALL:g}s")
+    else:
+        _watched[transport] = unsent  # in place: it stays as long watched as it was
+        asyncio.get_running_loop().call_later(STALL, _look, transport)
+
+
+def _keep_to_budget() -> None:
+    sizes = {}
+    for transport in list(_watched):
+        if transport.is_closing():
+            del _watched[transport]
+        else:
+            sizes[transport] = transport.get_write_buffer_size()
+    total = sum(sizes.values())
+    for transport, unsent in sizes.items():
+        if total <= UNSENT_BUDGET:
+            return
+        del _watched[transport]
+        total -= unsent
+        _cut(transport, f"unsent answers are over {UNSENT_BUDGET} bytes in all")
+
+
+def _cut(transport: asyncio.Transport, why: str) -> None:
+    logger.debug(
+        "connection from %s reset with %d bytes of its answer unsent: %s",
+        transport.get_extra_info("peername"),
+        transport.get_write_buffer_size(),
+        why,
+        extra={"event": "http.answer_unsent"},
+    )
+    reset_connection(transport)
+
+
+def reset_connection(transport: asyncio.Transport) -> None:
+    """Close `transport` at once with a TCP reset: what is unsent is dropped, here and in the
+    kernel (a plain close would leave the kernel's buffer waiting on a client that does not
+    read). A unix socket is just closed."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_OFF)
+    transport.abort()

@@ -7,12 +7,14 @@ import asyncio
 import logging
 import re
 import time
+import zlib
 
 from aiohttp import web
 from multidict import MultiMapping
 
 from daemon import admission, api_events, api_flow, auth
 from daemon.errors import (
+    BadRequest,
     Invalid,
     NotFound,
     OffloadError,
@@ -32,6 +34,7 @@ MAX_PAGE = 1000
 # Payload and result bytes a list page holds before it ends early (at least one task).
 PAGE_BYTES = 8 * 1024 * 1024
 TASK_ID = "{id:(?!batch$)[^/]+}"
+METRICS_STORE_WAIT = 2.0  # seconds /metrics waits for the store's gauges before leaving them out
 _INTEGER = re.compile(r"[0-9]+")
 _NUMBER = re.compile(r"-?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?")
 
@@ -58,6 +61,9 @@ def make_app(rt: Runtime) -> web.Application:
 
 
 async def _read_json(request: web.Request, limit: int) -> bytes:
+    """The request's body, inflated if it was sent compressed, at most `limit` bytes both as
+    sent and once inflated (413 past it). aiohttp inflates nothing (`http_protocol.py`):
+    this runs after auth, so an unauthenticated sender cannot make the daemon inflate."""
     # The header as clients send it is compared before aiohttp parses it.
     if (
         request.headers.get("Content-Type") != "application/json"
@@ -68,6 +74,7 @@ async def _read_json(request: web.Request, limit: int) -> bytes:
             f"send Content-Type: application/json (got {sent})",
             field="Content-Type",
         )
+    coding = _content_coding(request)
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"the body is over {limit} bytes")
@@ -75,15 +82,65 @@ async def _read_json(request: web.Request, limit: int) -> bytes:
     if length is not None and body.is_eof() and not body.exception():
         # The whole body came with the headers and its length is within the limit: take
         # it as it is, without request.read()'s loop of awaits (a tenth of a submission).
-        # Content-Length counts what was sent; a compressed body is over it once inflated.
         data = body.read_nowait()
         if len(data) > limit:
             raise PayloadTooLarge(f"the body is over {limit} bytes")
-        return data
-    try:
-        return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"the body is over {limit} bytes") from None
+    else:
+        try:
+            data = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise PayloadTooLarge(f"the body is over {limit} bytes") from None
+    return data if coding is None else _inflate(data, coding, limit)
+
+
+# Content-Encoding -> zlib's wbits ("deflate" is zlib-wrapped; a raw stream is taken too).
+_CODINGS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+_MAX_MEMBERS = 16  # gzip members one body may hold (concatenated files are valid gzip)
+
+
+def _content_coding(request: web.Request) -> str | None:
+    """The body's Content-Encoding: None for none or identity, else one of `_CODINGS`."""
+    sent = ", ".join(request.headers.getall("Content-Encoding", ()))
+    coding = sent.strip().lower()
+    if coding in ("", "identity"):
+        return None
+    if coding not in _CODINGS:
+        raise UnsupportedMediaType(
+            f"Content-Encoding {sent[:40]!r} is not supported; send gzip, deflate or none",
+            field="Content-Encoding",
+        )
+    return coding
+
+
+def _inflate(data: bytes, coding: str, limit: int) -> bytes:
+    """`data` inflated, stopping as soon as it is past `limit` (413): the work is bounded by
+    the limit however much the body claims to hold."""
+    wbits = _CODINGS[coding]
+    if coding == "deflate" and data[:1] and data[0] & 0x0F != 8:
+        wbits = -zlib.MAX_WBITS  # no zlib header: a raw deflate stream, as some clients send
+    out: list[bytes] = []
+    size = 0
+    rest = data
+    for _ in range(_MAX_MEMBERS):
+        inflater = zlib.decompressobj(wbits=wbits)
+        try:
+            chunk = inflater.decompress(rest, limit + 1 - size)
+        except zlib.error:
+            raise BadRequest(
+                f"the body is not valid {coding} data", field="Content-Encoding"
+            ) from None
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"the body is over {limit} bytes once inflated")
+        out.append(chunk)
+        if not inflater.eof:
+            raise BadRequest(f"the {coding} body ends early", field="Content-Encoding")
+        rest = inflater.unused_data
+        if not rest or wbits != _CODINGS["gzip"]:
+            break
+    if rest:
+        raise BadRequest(f"data follows the {coding} body", field="Content-Encoding")
+    return b"".join(out)
 
 
 async def submit(request: web.Request) -> web.StreamResponse:
@@ -277,22 +334,42 @@ async def healthz(request: web.Request) -> web.StreamResponse:
 
 
 async def readyz(request: web.Request) -> web.StreamResponse:
+    """Ready: recovered, bound, not stopping, and the store passed its last health check
+    (the pulse's, every few seconds: a probe costs no store round trip)."""
     rt = request.app[RUNTIME]
     if rt.draining.is_set():
         return json_response({"status": "draining"}, status=503)
     if not rt.ready:
         return json_response({"status": "starting"}, status=503)
+    if rt.store_trouble is not None:
+        error = {"code": "store_unavailable", "message": f"the store fails: {rt.store_trouble}"}
+        return json_response({"status": "store_unavailable", "error": error}, status=503)
     return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
+    """Always 200 with what this process knows: its own counters, and the gauges read from
+    the store (unfinished tasks, table health) when the store answers within
+    METRICS_STORE_WAIT. When it does not, those gauges are left out rather than shown
+    stale (a gap in the series, not a flat line); the last vacuum's time stays, being a
+    fact. The store is asked at most once per snapshot interval (SNAPSHOT_TTL)."""
     rt = request.app[RUNTIME]
-    if rt.metrics.stale():
-        rt.metrics.refresh(await rt.store.unfinished_by_queue(), len(rt.workers.runs))
-        health = await rt.store.queue_health()
-        if health is not None:
-            rt.metrics.store_tuples.labels("live").set(health.live_tuples)
-            rt.metrics.store_tuples.labels("dead").set(health.dead_tuples)
-            if health.last_vacuum is not None:
-                rt.metrics.store_vacuumed.set(health.last_vacuum)
-    return web.Response(body=rt.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+    m = rt.metrics
+    if m.stale():
+        try:
+            async with asyncio.timeout(METRICS_STORE_WAIT):
+                unfinished = await rt.store.unfinished_by_queue()
+                health = await rt.store.queue_health()
+        except (OffloadError, TimeoutError):
+            m.refresh({}, len(rt.workers.runs))
+            m.store_tuples.clear()
+        else:
+            m.refresh(unfinished, len(rt.workers.runs))
+            if health is not None:
+                m.store_tuples.labels("live").set(health.live_tuples)
+                m.store_tuples.labels("dead").set(health.dead_tuples)
+                if health.last_vacuum is not None:
+                    m.store_vacuumed.set(health.last_vacuum)
+    else:
+        m.running.set(len(rt.workers.runs))
+    return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -4,17 +4,22 @@ Each event is `id: <change sequence>`, `event: task`, `data: <the task>`. With
 `Last-Event-ID` (header, or `last_event_id` in the query) the stream first replays, from the
 store, every matching task changed since, once each in its current state, then goes live.
 A comment line every `server.sse_heartbeat` keeps proxies from closing an idle stream.
-An error once the stream has begun (the store failing during the replay) comes as an
-`event: error` with the error's JSON body, and ends the stream.
+An error once the stream has begun (the store failing during the replay, or the caller's
+token revoked by a reload) comes as an `event: error` with the error's JSON body, and ends
+the stream. A stream whose client takes nothing of a write for two heartbeats is reset: its
+client is gone or stuck, and must not hold the daemon's memory.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 from aiohttp import web
 
-from daemon.errors import Invalid, OffloadError
+from daemon.answer import reset_connection
+from daemon.errors import Forbidden, Invalid, OffloadError, Unauthorized
 from daemon.events import Filter, Subscription
 from daemon.ids import is_id
 from daemon.models import Task
@@ -22,8 +27,11 @@ from daemon.routing import STREAM, Routes
 from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import ErrorBody, ErrorResponse, encode, only_params, view
 
+logger = logging.getLogger(__name__)
+
 PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # change numbers are 64-bit integers in both stores
+STALL_HEARTBEATS = 2  # a write not taken within this many heartbeats ends the stream
 
 
 def add_routes(routes: Routes) -> None:
@@ -48,9 +56,51 @@ def _last_event_id(request: web.Request) -> int | None:
     return int(raw)
 
 
-async def _send(response: web.StreamResponse, task: Task) -> None:
-    data = encode(view(task)).decode()
-    await response.write(f"id: {task.changed}\nevent: task\ndata: {data}\n\n".encode())
+class _Stalled(Exception):
+    """The client took nothing of a write for `_Stream.stall` seconds."""
+
+
+class _Stream:
+    """Writes to one event stream, each bounded by `stall` seconds; no task once the
+    subscription is revoked."""
+
+    def __init__(self, response: web.StreamResponse, sub: Subscription, stall: float) -> None:
+        self.response = response
+        self.sub = sub
+        self.stall = stall
+
+    def check(self) -> None:
+        if self.sub.revoked:
+            raise Unauthorized(
+                "the token of this stream was revoked or lost its scope (reload)",
+                field="Authorization",
+            )
+
+    async def write(self, data: bytes) -> None:
+        try:
+            async with asyncio.timeout(self.stall):
+                await self.response.write(data)
+        except TimeoutError:
+            raise _Stalled from None
+
+    async def send(self, task: Task) -> None:
+        self.check()
+        data = encode(view(task)).decode()
+        await self.write(f"id: {task.changed}\nevent: task\ndata: {data}\n\n".encode())
+
+
+def _allowed(rt: Runtime, request: web.Request) -> Callable[[], bool]:
+    """Whether `request`'s caller would still be let in, as the routes decide (asked again
+    after a reload changed the tokens)."""
+
+    def allowed() -> bool:
+        try:
+            rt.auth.authorize(request)
+        except (Unauthorized, Forbidden):
+            return False
+        return True
+
+    return allowed
 
 
 async def events(request: web.Request) -> web.StreamResponse:
@@ -64,50 +114,74 @@ async def events(request: web.Request) -> web.StreamResponse:
             "X-Accel-Buffering": "no",  # nginx: do not buffer the stream
         }
     )
+    server = rt.config.server
     # Subscribe before replaying, so nothing that changes meanwhile is missed; what the
     # replay already sent is skipped by its change sequence.
-    with rt.events.subscribe(wanted) as sub:
+    subscribing = rt.events.subscribe(
+        wanted, limit=server.max_streams, allowed=_allowed(rt, request)
+    )
+    with subscribing as sub:
         await response.prepare(request)
         request[STREAM] = response
-        await response.write(b": connected\n\n")
+        stream = _Stream(response, sub, server.sse_heartbeat * STALL_HEARTBEATS)
         try:
+            await stream.write(b": connected\n\n")
             if last is not None:
-                last = await _replay(rt, response, wanted, last)
-            await _live(rt, response, sub, last or 0)
+                last = await _replay(rt, stream, wanted, last)
+            await _live(rt, stream, last or 0)
         except OffloadError as exc:
             error = ErrorResponse(ErrorBody(code=exc.code, message=exc.message, field=exc.field))
-            await response.write(b"event: error\ndata: " + encode(error) + b"\n\n")
+            try:
+                await stream.write(b"event: error\ndata: " + encode(error) + b"\n\n")
+            except _Stalled:
+                _reset(request, stream.stall)
+        except _Stalled:
+            _reset(request, stream.stall)
     return response
 
 
-async def _replay(rt: Runtime, response: web.StreamResponse, wanted: Filter, last: int) -> int:
+def _reset(request: web.Request, stall: float) -> None:
+    transport = request.transport
+    logger.info(
+        "event stream to %s reset: its client took nothing for %gs",
+        request.remote,
+        stall,
+        extra={"event": "events.stalled"},
+    )
+    if transport is not None:
+        reset_connection(transport)
+
+
+async def _replay(rt: Runtime, stream: _Stream, wanted: Filter, last: int) -> int:
     while True:
         page = await rt.store.changes(
             after=last, limit=PAGE, task_id=wanted.task_id, type=wanted.type, queue=wanted.queue
         )
         for task in page:
-            await _send(response, task)
+            await stream.send(task)
             last = task.changed
         if len(page) < PAGE:
             return last
 
 
-async def _live(rt: Runtime, response: web.StreamResponse, sub: Subscription, last: int) -> None:
+async def _live(rt: Runtime, stream: _Stream, last: int) -> None:
     heartbeat = rt.config.server.sse_heartbeat
+    sub = stream.sub
     while not rt.events.closed.is_set():
         try:
             async with asyncio.timeout(heartbeat):
                 await sub.ready.wait()
         except TimeoutError:
-            await response.write(b": keep-alive\n\n")
+            await stream.write(b": keep-alive\n\n")
             continue
         sub.ready.clear()
+        stream.check()
         while sub.pending:
-            task = sub.pending.popleft()
+            task = sub.take()
             if task.changed > last:
-                await _send(response, task)
+                await stream.send(task)
                 last = task.changed
         if sub.overflowed:
             # Too far behind: end the stream; the client resumes with Last-Event-ID.
-            await response.write(b"event: overflow\ndata: {}\n\n")
+            await stream.write(b"event: overflow\ndata: {}\n\n")
             return

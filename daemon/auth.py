@@ -5,12 +5,20 @@ read from `$CREDENTIALS_DIRECTORY`), one per line: `NAME SCOPES TOKEN`, scopes a
 of `submit`, `read`, `admin` (admin implies the others). Only SHA-256 digests are kept in
 memory; a presented token is compared with every one in constant time. With no tokens
 configured, every request is anonymous and allowed; `auth.open` paths never need one.
+
+Browsers are kept out whether or not tokens are configured: a request whose `Origin` is not
+this server's own, or marked `Sec-Fetch-Site: cross-site`, is refused (403), so no web page
+can drive the API (CSRF); and with no tokens, a `Host` that is neither `localhost` nor an IP
+address is refused too, since a page on a domain rebound to 127.0.0.1 would send its own
+name (DNS rebinding). Requests over a unix socket need no Host: no browser reaches one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import os
 import stat
@@ -19,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from yarl import URL
 
 from daemon.errors import Forbidden, Unauthorized
 
@@ -157,6 +166,7 @@ class Authenticator:
 
     def authorize(self, request: web.Request) -> str:
         """The name of the caller, or raise `Unauthorized` / `Forbidden`."""
+        refuse_browsers(request, check_host=not self.enabled)
         if not self.enabled or request.path in self.open_paths:
             return ANONYMOUS
         token = self.identify(request.headers.get("Authorization"))
@@ -164,3 +174,62 @@ class Authenticator:
         if scope not in token.scopes and "admin" not in token.scopes:
             raise Forbidden(f"token {token.name!r} lacks the {scope!r} scope", field="scope")
         return token.name
+
+
+def refuse_browsers(request: web.Request, *, check_host: bool) -> None:
+    """Raise `Forbidden`, naming the header, for a request a web page made (an `Origin`
+    other than this server's, or `Sec-Fetch-Site: cross-site`) and, with `check_host`, for a
+    `Host` that is a DNS name other than localhost on a TCP connection. Clients that are not
+    browsers send neither header, and name the host they connect to."""
+    headers = request.headers
+    origin = headers.get("Origin")
+    if origin is not None and not _same_origin(origin, headers.get("Host")):
+        raise Forbidden(
+            "a request from a web page of another origin is refused; "
+            "call the API from a program, which sends no Origin",
+            field="Origin",
+        )
+    if headers.get("Sec-Fetch-Site") == "cross-site":
+        raise Forbidden("a cross-site request from a web page is refused", field="Sec-Fetch-Site")
+    host = headers.get("Host")
+    if check_host and host is not None and not _local_name(host) and not _over_unix(request):
+        raise Forbidden(
+            "with no tokens configured, Host must be localhost or an IP address "
+            "(a DNS name may have been rebound to this machine by a web page)",
+            field="Host",
+        )
+
+
+def _same_origin(origin: str, host: str | None) -> bool:
+    """`Origin` names the scheme (http, or https behind a proxy), host and port of `Host`."""
+    if host is None:
+        return False
+    try:
+        sent = URL(origin)
+        own = URL.build(scheme=sent.scheme, authority=host)
+    except (ValueError, TypeError):
+        return False
+    if sent.scheme not in ("http", "https") or sent.raw_path not in ("", "/") or not sent.host:
+        return False  # "null" (a sandboxed page, a file), or not an origin at all
+    return (sent.host.lower(), sent.port) == ((own.host or "").lower(), own.port)
+
+
+@functools.lru_cache(maxsize=64)
+def _local_name(host: str) -> bool:
+    """`Host` (with or without a port) is localhost or an IP address: no DNS name."""
+    if host.startswith("["):
+        name = host[1:].partition("]")[0]
+    else:
+        name = host.rpartition(":")[0] if ":" in host else host
+    if name.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _over_unix(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is not None and not isinstance(transport.get_extra_info("sockname"), tuple)

@@ -45,8 +45,16 @@ class ServerConfig(_Section, frozen=True):
     idempotency_window: Duration = Duration(86400)
     # A comment line this often keeps idle GET /v1/events streams open through proxies.
     sse_heartbeat: Period = Period(15)
+    # Most GET /v1/events streams open at once; one more is answered 503 with Retry-After.
+    max_streams: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 100
     # Most tasks in one POST /v1/tasks/batch.
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    # Most client connections open at once (and at most half the descriptor limit): one
+    # more is closed at once, so that task processes and the store keep their descriptors.
+    max_connections: Annotated[int, msgspec.Meta(ge=1, le=1_000_000)] = 10_000
+    # A request's line and headers must arrive within this, counted from the connection's
+    # start or from the first byte of a later request; else the connection is closed.
+    header_timeout: Period = Period(20)
 
 
 class StoreConfig(_Section, frozen=True):

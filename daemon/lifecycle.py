@@ -20,6 +20,7 @@ from contextlib import nullcontext
 
 from daemon.api import make_app
 from daemon.config import Config
+from daemon.errors import OffloadError
 from daemon.executors.http import HttpClient
 from daemon.http_server import SHUTDOWN_TIMEOUT, open_http
 from daemon.metrics import Metrics
@@ -176,7 +177,8 @@ async def _run(
 
 
 class _Pulse:
-    """What the systemd pulse checks and reports: a store round trip, then live counts."""
+    """What the systemd pulse checks and reports: a store round trip, then live counts. Its
+    verdict is also kept in `rt.store_trouble` (readiness, /metrics)."""
 
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -184,8 +186,16 @@ class _Pulse:
         self.queued = 0
 
     async def healthy(self) -> None:
-        await self.rt.store.check()
-        counts = await self.rt.store.unfinished_by_queue()
+        try:
+            await self.rt.store.check()
+            counts = await self.rt.store.unfinished_by_queue()
+        except OffloadError as exc:
+            self.rt.store_trouble = str(exc) or type(exc).__name__
+            raise
+        except asyncio.CancelledError:  # the pulse's bound passed (or the daemon stops)
+            self.rt.store_trouble = "the store did not answer the health check in time"
+            raise
+        self.rt.store_trouble = None
         self.queued = sum(c.queued for c in counts.values())
 
     def status(self, interval: float) -> str:

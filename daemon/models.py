@@ -13,8 +13,10 @@ from typing import Annotated, Any
 import msgspec
 
 # Names of queues, task types, schedules and callbacks: in the config, in the API's paths
-# and bodies, in the OpenAPI document.
-NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+# and bodies, in the OpenAPI document. Python's `$` also matches before a trailing newline
+# ("billing\n" would pass); `\Z` is not ECMA-262, the JSON Schema dialect of the document.
+# The lookahead refuses a newline anywhere and reads the same in both.
+NAME_PATTERN = r"^(?!.*\n)[A-Za-z0-9_.-]{1,64}$"
 Name = Annotated[str, msgspec.Meta(pattern=NAME_PATTERN)]
 
 

@@ -26,6 +26,7 @@ from daemon.openapi_responses import EXAMPLE_ID, REF, Json
 from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import (
     BatchRequest,
+    ErrorBody,
     ErrorResponse,
     SubmitRequest,
     TaskPage,
@@ -39,10 +40,11 @@ TASK_ID_PATTERN = "^[0-9A-HJKMNP-TV-Z]{26}$"
 
 
 # The bodies api.py and api_flow.py build as dicts, as types (one shape each).
-class Health(msgspec.Struct, frozen=True):
-    """What /healthz and /readyz answer."""
+class Health(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What /healthz and /readyz answer; `error` says why the store is unavailable."""
 
-    status: Literal["ok", "ready", "starting", "draining"]
+    status: Literal["ok", "ready", "starting", "draining", "store_unavailable"]
+    error: ErrorBody | None = None
 
 
 class IdList(msgspec.Struct, frozen=True):

@@ -106,11 +106,15 @@ def readyz(ops: Operations) -> Json:
         "ready",
         "read",
         tag="operations",
-        summary="Readiness: recovered, bound, and not stopping",
+        summary="Readiness: recovered, bound, not stopping, and the store answers",
         ok=("200", "Ready to take work.", "Health", {}),
         errors={},
     )
-    op["responses"]["503"] = json_response("Starting or stopping (`status` says which).", "Health")
+    op["responses"]["503"] = json_response(
+        "Starting, stopping, or the store is unavailable (`status` says which; `error` why "
+        "the store fails).",
+        "Health",
+    )
     return op
 
 

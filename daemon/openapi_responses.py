@@ -47,14 +47,17 @@ UNAUTHORIZED = error_example(Unauthorized, "send Authorization: Bearer <token>",
 _ERROR_TEXT = {
     "400": "The body is not JSON, not UTF-8, or nested too deeply (`bad_request`).",
     "401": "No token, or not a valid one (`unauthorized`).",
-    "403": "The token lacks the scope (`forbidden`).",
+    "403": "The token lacks the scope; or a web page sent the request (an `Origin` not this "
+    "server's, `Sec-Fetch-Site: cross-site`), or with no tokens a `Host` that is not "
+    "localhost or an IP address (`forbidden`); `field` names the header.",
     "404": "No such task (`not_found`).",
     "409": "Not allowed in the task's state (`conflict`).",
     "413": "The body is over `server.max_body` (`too_large`).",
     "415": "The body is not `application/json` (`unsupported_media_type`).",
     "422": "A field or parameter is invalid, or the task type is unknown (`invalid`); "
     "`field` names it.",
-    "503": "Cannot take it now (`queue_full`, `draining`, `store_unavailable`); "
+    "503": "Cannot take it now (`queue_full`, `draining`, `store_unavailable`, "
+    "`too_many_streams`); "
     "come back after `Retry-After` seconds.",
 }
 

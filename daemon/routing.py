@@ -9,6 +9,11 @@ path does not serve 405 with `Allow`, through the same wrapper. A client that we
 that streams marks its started response (`STREAM`): an error after that ends the stream,
 since a second response cannot follow the first one's status line.
 
+Before a handler runs, the caller is checked (auth.py: token, scope, and that no web page of
+another origin sent it), then a POST or DELETE that carries a body must say it is JSON
+(415 otherwise): a browser sends `text/plain` and form bodies to any origin without asking
+first, `application/json` never.
+
 This is not an aiohttp middleware: with one, every request passes through three coroutine
 layers (aiohttp adds its own) and a route lookup for the metrics label, a tenth of what the
 event loop spends on a submission beyond a bare handler.
@@ -23,13 +28,21 @@ from aiohttp.typedefs import Handler
 
 from daemon.answer import JsonAnswer
 from daemon.auth import CALLER
-from daemon.errors import MethodNotAllowed, NotFound, OffloadError, Unauthorized, Unavailable
+from daemon.errors import (
+    MethodNotAllowed,
+    NotFound,
+    OffloadError,
+    Unauthorized,
+    Unavailable,
+    UnsupportedMediaType,
+)
 from daemon.runtime import Runtime
 from daemon.wire import ErrorBody, ErrorResponse, encode
 
 logger = logging.getLogger(__name__)
 
 UNMATCHED = "unmatched"  # the metrics label of requests for paths nobody serves
+_WITH_BODY = frozenset({hdrs.METH_POST, hdrs.METH_DELETE, hdrs.METH_PUT, hdrs.METH_PATCH})
 STREAM = web.RequestKey("stream", web.StreamResponse)  # a response whose headers are sent
 
 _AIOHTTP_CODES = {
@@ -64,6 +77,19 @@ def _stream(request: web.Request) -> web.StreamResponse | None:
     return stream
 
 
+def _check_body_type(request: web.Request) -> None:
+    """A POST or DELETE with a body says `Content-Type: application/json`."""
+    if (
+        request.method in _WITH_BODY
+        and request.body_exists
+        and request.content_type != "application/json"
+    ):
+        sent = request.headers.get("Content-Type") or "none"
+        raise UnsupportedMediaType(
+            f"send Content-Type: application/json (got {sent})", field="Content-Type"
+        )
+
+
 def _gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -86,7 +112,7 @@ class Routes:
         head = head and "GET" in handlers
         allow = sorted({*handlers, *(["HEAD"] if head else [])})
         for method, handler in handlers.items():
-            wrapped = self._wrap(handler, label)
+            wrapped = self._wrap(handler, label, served=True)
             resource.add_route(method, wrapped)
             if method == hdrs.METH_GET and head:
                 resource.add_route(hdrs.METH_HEAD, wrapped)
@@ -107,13 +133,17 @@ class Routes:
 
         self.app.router.add_route(hdrs.METH_ANY, "/{path:.*}", self._wrap(not_found, UNMATCHED))
 
-    def _wrap(self, handler: Handler, label: str) -> Handler:
+    def _wrap(self, handler: Handler, label: str, *, served: bool = False) -> Handler:
+        """`handler` behind the checks; a `served` one (not a 404 or 405) also checks the
+        type of a body."""
         authorize = self._rt.auth.authorize
         rt, codes = self._rt, self._codes
 
         async def answer(request: web.Request) -> web.StreamResponse:
             try:
                 request[CALLER] = authorize(request)
+                if served:
+                    _check_body_type(request)
                 response = await handler(request)
             except OffloadError as exc:
                 if (stream := _stream(request)) is not None:

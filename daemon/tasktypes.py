@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -16,9 +15,12 @@ from daemon.executors.command import command_executor
 from daemon.executors.http import HttpClient, http_executor, read_secret
 from daemon.executors.python import payload_type, python_executor, resolve_handler
 
-# What can make valid JSON undecodable: 300 digits in a row (an integer past Python's 4,300
-# digit limit, a float past a double's range written out) or a three-digit exponent.
-_OUT_OF_REACH = re.compile(rb"[0-9]{300}|[eE][-+]?0*[0-9]{3}")
+# A payload is decoded at admission as the run decodes it (the consumer, then the python
+# executor's convert to the handler's type): valid JSON may still be undecodable, a number
+# past a double's range ("9" * 299 + "e20") or an integer of more than 4,300 digits, also in
+# a field a typed decode would skip. A full decode is exact, and cheaper than the regex that
+# looked for such numbers first (0.5 against 3 µs for 100 bytes, 7 against 37 ms for 1 MB).
+_decode = msgspec.json.Decoder().decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,13 +31,19 @@ class TaskType:
     payload_type: Any  # `Any` when the handler declares none
 
     def check_payload(self, payload: bytes) -> None:
-        """Raise `msgspec.ValidationError` if the payload does not fit the handler's type,
-        or if it would not decode at all for the run (a number beyond a double's range or an
-        integer of more than 4,300 digits is valid JSON that Python cannot hold)."""
-        if self.payload_type is not Any:
-            msgspec.json.decode(payload, type=self.payload_type)
-        elif _OUT_OF_REACH.search(payload):  # only then: decoding a big payload takes a while
-            msgspec.json.decode(payload)
+        """Raise `msgspec.ValidationError` if the payload would not decode for the run (a
+        number beyond a double's range or an integer of more than 4,300 digits is valid JSON
+        that Python cannot hold) or does not fit the handler's type."""
+        try:
+            value = _decode(payload)
+            if self.payload_type is not Any:
+                msgspec.convert(value, self.payload_type)
+        except msgspec.ValidationError:
+            raise
+        except msgspec.DecodeError as exc:  # the request's decoder checked the syntax already
+            raise msgspec.ValidationError(str(exc)) from None
+        except RecursionError:
+            raise msgspec.ValidationError("nested too deeply") from None
 
 
 def build_types(

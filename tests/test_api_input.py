@@ -8,7 +8,8 @@ import dataclasses
 import gzip
 import json
 import logging
-from collections.abc import AsyncIterator
+import zlib
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -121,6 +122,36 @@ CASES = [
         id="over-max-body-once-inflated",
     ),
     pytest.param(
+        Bad(
+            js({"type": "noop"}),
+            415,
+            "unsupported_media_type",
+            "Content-Encoding",
+            headers={**JSON_TYPE, "Content-Encoding": "br"},
+        ),
+        id="unknown-content-encoding",
+    ),
+    pytest.param(
+        Bad(
+            gzip.compress(js({"type": "noop", "payload": "x" * 1000}))[:-12],
+            400,
+            "bad_request",
+            "Content-Encoding",
+            headers={**JSON_TYPE, "Content-Encoding": "gzip"},
+        ),
+        id="truncated-gzip",
+    ),
+    pytest.param(
+        Bad(
+            js({"type": "noop"}),
+            400,
+            "bad_request",
+            "Content-Encoding",
+            headers={**JSON_TYPE, "Content-Encoding": "gzip"},
+        ),
+        id="not-gzip",
+    ),
+    pytest.param(
         Bad(b'{"type": "noop", "payload": ' + b"[" * DEEP + b"]" * DEEP + b"}", 400, "bad_request"),
         id="nested-10000-deep",
     ),
@@ -148,6 +179,33 @@ async def test_a_compressed_body_within_the_limit_is_accepted(api: Daemon) -> No
     assert reply.status == 202, reply.body
     stored = await api.request("GET", reply.headers["Location"])
     assert stored.body["payload"] == {"text": "x" * 30_000}
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    deflate = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return deflate.compress(data) + deflate.flush()
+
+
+@pytest.mark.parametrize(
+    ("coding", "compress"),
+    [
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("GZIP", lambda data: gzip.compress(data[:10]) + gzip.compress(data[10:])),  # 2 members
+        ("deflate", zlib.compress),
+        ("deflate", _raw_deflate),  # no zlib header, as some clients send it
+        ("identity", lambda data: data),
+    ],
+    ids=["gzip", "x-gzip", "gzip-members", "deflate", "raw-deflate", "identity"],
+)
+async def test_each_content_coding_is_inflated(
+    api: Daemon, coding: str, compress: Callable[[bytes], bytes]
+) -> None:
+    body = compress(js({"type": "noop", "payload": {"text": "y" * 5000}, "delay": 3600}))
+    headers = {**JSON_TYPE, "Content-Encoding": coding}
+    reply = await api.request("POST", "/v1/tasks", data=body, headers=headers)
+    assert reply.status == 202, reply.body
+    assert reply.body["payload"] == {"text": "y" * 5000}
 
 
 @pytest.mark.parametrize("bad", CASES)

@@ -1,12 +1,15 @@
 """The `command` executor against real processes: results, exit codes, caps, the environment,
-payloads as data only, and that nothing of a run's process group outlives it."""
+payloads as data only, that nothing of a run's process group outlives it, and that a daemon
+short of file descriptors delays a run rather than failing it."""
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import json
 import logging
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -14,14 +17,16 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import msgspec
 import pytest
 
 from daemon.config import CommandType, parse
 from daemon.errors import ConfigError
 from daemon.executors.base import JSON, Executor, Job, Permanent, TaskLogger
-from daemon.executors.command import SYSEXITS, CommandFailed, command_executor
+from daemon.executors.command import SYSEXITS, CommandFailed, Shortage, command_executor
 from daemon.tasktypes import build_types
+from tests.harness import REPO_ROOT, DaemonConfig, Offload, eventually, free_port
 from tests.inproc import open_daemon
 
 PY = sys.executable
@@ -332,3 +337,105 @@ async def test_through_the_daemon_results_and_failures_land_on_the_task(tmp_path
     assert "exited with status 64" in usage["last_error"]
     assert (flaky["state"], flaky["attempts"]) == ("failed", 2)
     assert "CommandFailed: exited with status 3" in flaky["last_error"]
+
+
+async def test_a_daemon_out_of_descriptors_delays_the_run_and_keeps_the_attempt(
+    offload: Offload, tmp_path: Path
+) -> None:
+    """A real `offload serve` whose RLIMIT_NOFILE is lowered (prlimit) below the descriptors
+    it holds, so the spawn of a command fails with EMFILE, then raised again."""
+    port, db = free_port(), tmp_path / "offload.db"
+    path = tmp_path / "offload.toml"
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n'
+        f"[store]\nurl = {json.dumps(f'sqlite:///{db}')}\n"
+        '[log]\nlevel = "info"\n'
+        f'[types.echo]\nkind = "command"\nargv = ["cat"]\nmax_attempts = 1\ntimeout = "2m"\n'
+    )
+    url = f"http://127.0.0.1:{port}"
+    daemon = await offload.start(DaemonConfig(path=path, url=url, db=db))
+    # One connection, opened now and kept alive: a new one could not be accepted meanwhile.
+    async with aiohttp.ClientSession(
+        url, connector=aiohttp.TCPConnector(limit=1), timeout=aiohttp.ClientTimeout(total=60)
+    ) as http:
+        async with http.get("/healthz") as reply:
+            assert reply.status == 200
+        soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (3, hard))  # 0-2 are taken
+        try:
+            async with http.post("/v1/tasks", json={"type": "echo", "payload": [42]}) as reply:
+                assert reply.status == 202, await reply.text()
+                task_id = (await reply.json())["id"]
+
+            async def spawn_failed() -> str | None:
+                log = daemon.log_text()
+                for event in ("task.spawn_deferred", "task.failed", "task.retry"):
+                    if f"event={event}" in log:
+                        return event
+                return None
+
+            async with asyncio.timeout(30):
+                assert await eventually(spawn_failed) == "task.spawn_deferred", daemon.log_tail()
+        finally:
+            resource.prlimit(daemon.pid, resource.RLIMIT_NOFILE, (soft, hard))
+        async with http.get(f"/v1/tasks/{task_id}?wait=30") as reply:
+            task = await reply.json()
+    assert (task["state"], task["attempts"], task["result"]) == ("succeeded", 1, [42])
+    assert task["last_error"] is None
+
+
+# Run in a process of its own, whose RLIMIT_NOFILE it lowers: a run with `spare` descriptors
+# free below the limit, its deadline 0.2 s away; prints what each ended with and whether
+# the descriptors the process holds afterwards are the ones it held before.
+SHORT_OF_DESCRIPTORS = """
+import asyncio, json, logging, os, resource, time, uvloop
+from daemon.executors.base import Job, TaskLogger
+from daemon.executors.command import SYSEXITS, Shortage, command_executor
+
+async def main():
+    run = command_executor(["cat"], env={}, cwd=None, max_output=65536,
+                           permanent_exit_codes=SYSEXITS, kill_after=5.0)
+    def job(payload):
+        return Job(task_id="t", type="cmd", attempt=1, payload=payload,
+                   deadline=time.time() + 0.2, logger=TaskLogger(logging.getLogger("short"), {}))
+
+    assert await run(job([])) == []  # the loop's own descriptors for children are made now
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    held = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+    lowest_free = min(set(range(len(held) + 1)) - set(held))
+    seen = []
+    for spare in [*range(12), 16]:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free + spare, hard))
+        try:
+            ended = "ok" if await run(job([spare])) == [spare] else "wrong result"
+        except Shortage:
+            ended = "Shortage"
+        except Exception as exc:
+            ended = repr(exc)
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        now = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+        seen.append([spare, ended, now == held])
+    print(json.dumps(seen))
+
+uvloop.run(main())
+"""
+
+
+async def test_a_spawn_short_of_descriptors_gives_up_at_the_deadline_and_leaks_none() -> None:
+    """Every run ends as `Shortage` (retryable) or succeeds, and none leaves descriptors
+    behind: uvloop keeps those of a spawn that fails half way, unless none is tried."""
+    child = await asyncio.create_subprocess_exec(
+        PY, "-c", SHORT_OF_DESCRIPTORS,
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await child.communicate()
+    assert child.returncode == 0, err.decode()
+    seen = json.loads(out)
+    assert all(kept for _, _, kept in seen), seen
+    assert {ended for _, ended, _ in seen} <= {"Shortage", "ok"}, seen
+    assert seen[0][1] == "Shortage"
+    assert seen[-1][1] == "ok"
+    assert not issubclass(Shortage, Permanent)

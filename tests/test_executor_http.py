@@ -104,6 +104,8 @@ async def receiver() -> AsyncIterator[Receiver]:
             return web.json_response({"late": True})
         if path == "/redirect":
             raise web.HTTPFound(rx.url("/target"))
+        if path == "/redirect-secret":
+            raise web.HTTPFound("http://app:hunter2@127.0.0.1:1/secret?token=abc#frag")
         if path.startswith("/status/"):
             headers = {}
             if "retry_after" in query:
@@ -206,6 +208,18 @@ async def test_redirects_are_not_followed(receiver: Receiver, client: HttpClient
     with pytest.raises(Permanent, match="redirects are not followed"):
         await post_to(client, receiver.url("/redirect"))(make_job({"x": 1}))
     assert receiver.paths() == ["/redirect"]  # /target was never called
+
+
+async def test_a_redirect_target_is_quoted_without_its_secrets(
+    receiver: Receiver, client: HttpClient
+) -> None:
+    # last_error is read by every client with the read scope, and the line is logged.
+    with pytest.raises(Permanent) as caught:
+        await post_to(client, receiver.url("/redirect-secret"))(make_job({"x": 1}))
+    said = str(caught.value)
+    assert said.endswith("redirects are not followed (to http://app:***@127.0.0.1:1/secret)")
+    for secret in ("hunter2", "token", "abc", "frag"):
+        assert secret not in said
 
 
 async def test_response_over_max_response_fails_permanently(

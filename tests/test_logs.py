@@ -1,17 +1,23 @@
 """The log records and lines of `daemon.logs`: the lean record factory makes what
-logging's own LogRecord makes, and a line carries its fields on one line."""
+logging's own LogRecord makes, and a line carries its fields on one line, whatever a
+message or a value holds."""
 
 from __future__ import annotations
 
+import ast
 import io
 import json
 import logging
+import re
+import struct
+import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
 from daemon import logs
+from daemon.journal import encode_entry
 from tests.conftest import InstallHandler
 
 TIMES = ("created", "msecs", "relativeCreated")
@@ -222,3 +228,138 @@ def test_a_task_line_goes_the_record_way_when_its_stream_fails(
     logs.task_line(logging.getLogger("daemon.test.closed"), logging.INFO, TASK, "task gone")
     # Reported once, as logging reports a handler's failure, and the caller carries on.
     assert [r.getMessage() for r in reported] == ["task gone"]
+
+
+# -- what a client or a handler wrote cannot break or forge a line ---------------------------
+
+# key=value as a logfmt reader takes it: a key starts a word; a value is a word, or a quoted
+# string with backslash escapes (ours are Python's, so ast.literal_eval reads them back).
+_PAIR = re.compile(r'(?<!\S)([^\s="]+)=("(?:[^"\\]|\\.)*"|[^\s"]*)')
+
+
+def logfmt(text: str) -> list[tuple[str, str]]:
+    """The (key, value) pairs a key=value reader finds in a line, in order."""
+    return [
+        (key, ast.literal_eval(value) if value.startswith('"') else value)
+        for key, value in _PAIR.findall(text)
+    ]
+
+
+def text_line(msg: str, args: tuple[object, ...], fields: dict[str, object]) -> str:
+    """The line of a record, checked to be the line `task_line` writes without one."""
+    record = logs.Record("daemon.task.cmd", logging.ERROR, "(unknown file)", 0, msg, args, None)
+    record.__dict__.update(fields)
+    line = logs.TextFormatter().format(record)
+    stream = io.StringIO()
+    handler = logs.LineHandler(stream)
+    handler.setFormatter(logs.TextFormatter())
+    root = logging.getLogger()
+    replaced, level = logs.install(handler), root.level
+    root.setLevel(logging.INFO)
+    try:
+        logs.task_line(logging.getLogger("daemon.task.cmd"), logging.ERROR, fields, msg, *args)
+    finally:
+        root.removeHandler(handler)
+        for old in replaced:
+            root.addHandler(old)
+        root.setLevel(level)
+    if None not in (fields.get(name) for name in logs.FIELDS):
+        (direct,) = stream.getvalue().splitlines()
+        assert direct.split(" ", 1)[1] == line.split(" ", 1)[1]
+    return line
+
+
+FORGED = (
+    "processing order 42\r2026-11-23T05:40:00.000 error task 01JX failed: it broke "
+    "event=task.failed task_id=01JX queue=billing\x1b[2K\x1b[1A"
+)
+
+
+def test_a_forged_line_in_a_message_stays_inside_the_real_one() -> None:
+    """The reviewer's case: a command handler echoes payload text to stderr."""
+    fields = dict(TASK, event="task.stderr")
+    line = text_line("stderr: %s", (FORGED,), fields)
+    assert line.isprintable()  # no CR, ESC, newline: a terminal shows one line as written
+    assert "\\r2026-11-23T05:40:00.000 error task 01JX" in line
+    assert "\\x1b[2K\\x1b[1A" in line
+    # A key=value reader finds the real fields, each once, and nothing from the message.
+    assert logfmt(line) == [(key, str(value)) for key, value in fields.items()]
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["two words", "a=b", 'say "hi"', "back\\slash", "", "billing\n", "\r\x1b[31m\x7f\x9b",
+     "\u2028\u2029\x85", "tab\there", "é ü"],
+)  # fmt: skip
+@pytest.mark.parametrize("field", logs.FIELDS)
+def test_a_value_that_is_not_one_word_is_quoted_and_read_back(value: str, field: str) -> None:
+    fields: dict[str, object] = dict(TASK)
+    fields[field] = value
+    line = text_line("task %s ended", (TASK["task_id"],), fields)
+    assert "\n" not in line
+    assert "\r" not in line
+    assert "\x1b" not in line
+    assert logfmt(line) == [(key, str(fields[key])) for key in logs.FIELDS]
+    # The same value without the task's other fields takes the other path: the same writing.
+    alone = text_line("no task", (), {field: value})
+    assert logfmt(alone) == [(field, value)]
+
+
+def test_plain_names_of_a_task_line_are_written_as_they_are_every_time() -> None:
+    for _ in range(3):  # the first line learns the names; the next ones take the short way
+        line = text_line("task %s ended", (TASK["task_id"],), dict(TASK))
+        assert line.split(" ", 5)[5] == " ".join(f"{k}={v}" for k, v in TASK.items())
+    odd = dict(TASK, task_id="01J TEST")  # an id never seen is checked, not trusted
+    assert logfmt(text_line("m", (), odd))[1] == ("task_id", "01J TEST")
+
+
+def test_a_field_name_in_a_message_reads_as_text_not_as_a_field() -> None:
+    message = "queue=x\x85event=y (attempt=3) task_id= a=b\u00a0task_type=z exception=e"
+    line = text_line("%s", (message,), {"event": "test.names"})
+    ours = (*logs.FIELDS, "exception")
+    assert [pair for pair in logfmt(line) if pair[0] in ours] == [("event", "test.names")]
+    assert ("a", "b") in logfmt(line)  # other words with "=" are left as they are
+    assert "queue\\x3dx\\x85event=y (attempt=3) task_id\\x3d a=b" in line
+
+
+def test_an_exception_is_one_quoted_value() -> None:
+    try:
+        raise ValueError("bad input\nevent=task.succeeded\r")
+    except ValueError:
+        record = logs.Record(
+            "daemon.x",
+            logging.ERROR,
+            "(unknown file)",
+            0,
+            "failed",
+            (),
+            sys.exc_info(),
+        )
+    record.__dict__.update(event="test.exception")
+    line = logs.TextFormatter().format(record)
+    assert line.isprintable()
+    ((_, event), (_, exception)) = logfmt(line)
+    assert event == "test.exception"
+    assert exception.startswith("Traceback (most recent call last):\n")
+    assert exception.endswith("ValueError: bad input\nevent=task.succeeded\r")
+
+
+def test_a_json_line_escapes_what_json_leaves_raw() -> None:
+    message = "a\r\x1b[2J\x7f\x85\x9b\u2028\u2029\n é"
+    line = logs.JsonFormatter().compose(
+        (logging.INFO, "daemon.x", message, {"event": "x\u2028y", "queue": "q\x9b"}, 0.0, None)
+    )
+    # Nothing a terminal or str.splitlines() acts on; the values read back as they were.
+    assert line.isascii() or line.replace("é", "").isascii()
+    assert line.isprintable()
+    assert len(line.splitlines()) == 1
+    entry = json.loads(line)
+    assert (entry["message"], entry["event"], entry["queue"]) == (message, "x\u2028y", "q\x9b")
+
+
+def test_the_journal_gets_a_value_with_a_newline_in_the_length_prefixed_form() -> None:
+    data = encode_entry({"MESSAGE": "one\rtwo", "QUEUE": "billing\nEVENT=forged"})
+    value = b"billing\nEVENT=forged"
+    assert data == (
+        b"MESSAGE=one\rtwo\n" + b"QUEUE\n" + struct.pack("<Q", len(value)) + value + b"\n"
+    )

@@ -66,3 +66,31 @@ async def test_claims_and_outcomes_wait_out_a_lock_held_by_another_program(
         assert ended.state == "succeeded", ended
     assert executions(log)[held.id] == 1  # its outcome was written late, not its run repeated
     assert daemon.returncode is None
+
+
+async def test_readiness_fails_while_the_lock_is_held_and_metrics_still_answer(
+    offload: Offload, tmp_path: Path
+) -> None:
+    config = offload.config(types=TYPES)
+    daemon = await offload.start(config)
+
+    async def readiness(status: int) -> dict[str, object] | None:
+        reply = await daemon.request("GET", "/readyz")
+        return reply.json(dict) if reply.status == status else None
+
+    lock = sqlite3.connect(config.db, isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        # The health check (every 5 s, bounded by as much) meets the lock: not ready.
+        async with asyncio.timeout(WAIT):
+            body = await eventually(lambda: readiness(503))
+        assert body["status"] == "store_unavailable", body
+        assert body["error"]["code"] == "store_unavailable", body  # type: ignore[index]
+        scraped = await daemon.request("GET", "/metrics")
+        assert scraped.status == 200, scraped.body
+        assert "offload_tasks_running 0.0" in scraped.body.decode()
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    async with asyncio.timeout(WAIT):
+        assert await eventually(lambda: readiness(200)) == {"status": "ready"}

@@ -1,5 +1,6 @@
 """Submitting safely and in bulk: Idempotency-Key (replay, reuse with another body, racing
-duplicates, scope per token, window) and batches (order, all-or-nothing, limits)."""
+duplicates, scope per token, window), batches (order, all-or-nothing, limits), and what is
+refused at the door rather than failing at run time (names, numbers Python cannot hold)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,22 @@ import asyncio
 import time
 from pathlib import Path
 
+import msgspec
+import pytest
+
+from daemon.executors.base import JSON
 from tests.inproc import assert_error, open_daemon
 
 KEYED = {"Idempotency-Key": "order-42"}
+JSON_BODY = {"Content-Type": "application/json"}
+
+
+class Order(msgspec.Struct):  # unknown fields are skipped, not refused
+    order: int
+
+
+async def typed(payload: Order) -> JSON:
+    return {"order": payload.order}
 
 
 async def test_a_replay_returns_the_original_task_and_creates_none(tmp_path: Path) -> None:
@@ -136,3 +150,49 @@ async def test_a_batch_replay_returns_the_same_tasks(tmp_path: Path) -> None:
         assert again.body["ids"] == first.body["ids"]
         assert again.headers["Idempotent-Replayed"] == "true"
         assert await daemon.count() == 3
+
+
+@pytest.mark.parametrize("field", ["queue", "callback", "type"])
+async def test_a_name_with_a_trailing_newline_is_refused(tmp_path: Path, field: str) -> None:
+    overrides = {"callbacks": {"billing": {"url": "http://127.0.0.1:9/hook"}}}
+    async with open_daemon(tmp_path, overrides) as daemon:
+        body = {"type": "noop", "payload": {}, field: "billing\n"}
+        reply = await daemon.request("POST", "/v1/tasks", json=body)
+        assert_error(reply, 422, "invalid", field)
+        assert await daemon.count() == 0
+
+
+# Valid JSON that Python cannot hold: a double past its range, an integer past 4,300 digits.
+OUT_OF_RANGE = [
+    b"9" * 299 + b"e20",
+    b"-" + b"9" * 299 + b"." + b"9" * 299 + b"e10",
+    b"1E+0000309",
+    b"[" + b"9" * 310 + b".5]",
+    b'{"a": [1, {"b": ' + b"9" * 4301 + b"}]}",
+]
+
+
+@pytest.mark.parametrize("number", OUT_OF_RANGE, ids=lambda n: n[:12].decode() + "...")
+async def test_a_number_out_of_range_is_refused_at_submission(
+    tmp_path: Path, number: bytes
+) -> None:
+    types = {"typed": {"kind": "python", "handler": "tests.test_submit:typed"}}
+    async with open_daemon(tmp_path, {"types": types}) as daemon:
+        untyped = b'{"type": "noop", "payload": ' + number + b"}"
+        reply = await daemon.request("POST", "/v1/tasks", data=untyped, headers=JSON_BODY)
+        assert reply.status == 422, reply.body
+        assert reply.body["error"]["field"].startswith("payload")
+        # A typed payload too, when the number sits in a field its type does not name.
+        skipped = b'{"type": "typed", "payload": {"order": 1, "note": ' + number + b"}}"
+        reply = await daemon.request("POST", "/v1/tasks", data=skipped, headers=JSON_BODY)
+        assert reply.status == 422, reply.body
+        batch = b'{"tasks": [{"type": "noop"}, {"type": "noop", "payload": ' + number + b"}]}"
+        reply = await daemon.request("POST", "/v1/tasks/batch", data=batch, headers=JSON_BODY)
+        assert reply.status == 422, reply.body
+        assert reply.body["error"]["field"].startswith("tasks[1].payload")
+        assert await daemon.count() == 0
+        # What is within reach is taken and runs.
+        near = b'{"type": "noop", "payload": [' + b"9" * 299 + b"e9, 1e-400]}"
+        reply = await daemon.request("POST", "/v1/tasks", data=near, headers=JSON_BODY)
+        assert reply.status == 202, reply.body
+        assert (await daemon.ended(reply.body["id"]))["state"] == "succeeded"

@@ -344,7 +344,7 @@ async def test_restart_under_load_with_the_socket_unit_refuses_no_connection(
         except OSError as exc:
             return f"connect: {exc!r}"
         try:
-            writer.write(b"GET /healthz HTTP/1.1\r\nHost: offload\r\nConnection: close\r\n\r\n")
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
             await writer.drain()
             status_line = await reader.readline()
             await reader.read()

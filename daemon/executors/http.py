@@ -194,7 +194,8 @@ async def _outcome(response: aiohttp.ClientResponse, max_response: int) -> JSON:
     said = f"POST {redact.url(str(response.url))} answered {status} {response.reason or ''}"
     said = said.rstrip()
     if 300 <= status < 400:
-        where = response.headers.get("Location", "nowhere")
+        location = response.headers.get("Location")
+        where = "nowhere" if location is None else redact.url(location)
         raise Permanent(f"{said}: redirects are not followed (to {where})")
     snippet = await _snippet(response)
     message = f"{said}: {snippet}" if snippet else said
