@@ -7,10 +7,8 @@ text (empty: null); more than `max_output` bytes is drained, discarded and fails
 permanently. stderr lines are logged with the task id, up to `max_output` bytes. A non-zero
 exit is retried unless its code is in `permanent_exit_codes` (default 64-78, sysexits.h).
 
-A spawn that fails because the daemon is short of file descriptors or processes (EMFILE,
-ENFILE, EAGAIN, ENOMEM, ENOBUFS: a connection flood, TasksMax) is not the task's fault: the
-run waits and tries again, 50 ms then doubling to 1 s apart, for as long as the task's
-timeout allows; only then does the attempt fail (`Shortage`, retryable).
+A spawn that fails because the daemon is short of file descriptors or processes waits and
+tries again within the task's timeout (shortage.py).
 
 Each run leads its own session and process group. However the run ends (exit, timeout,
 cancel) nothing of the group outlives it: SIGTERM to the group, `kill_after` seconds for the
@@ -23,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import os
 import shutil
 import signal
@@ -36,6 +33,9 @@ from typing import cast
 import msgspec
 
 from daemon.executors.base import JSON, Executor, Job, Permanent
+from daemon.executors.shortage import Shortage, check_descriptors, when_possible
+
+__all__ = ["SYSEXITS", "CommandFailed", "Shortage", "command_executor"]
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 INHERITED = ("PATH", "LANG")
@@ -49,16 +49,6 @@ _AFTER_KILL = 1.0  # seconds SIGKILL gets to take effect before we stop waiting
 # Seconds to reap killed group members; with the default kill_after (5 s) and _AFTER_KILL a
 # stopped run still unwinds within the drain's STOP_DEADLINE (10 s).
 _REAP_DEADLINE = 3.0
-# Errors of a spawn that say the daemon, not the program, is short of something. -1: uvloop
-# (0.23) reports a failed socketpair() with its return value rather than its errno, as
-# "[Errno -1] Unknown error -1"; socketpair fails for want of descriptors or memory.
-_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.EAGAIN, errno.ENOMEM, errno.ENOBUFS, -1})
-_SHORT_PAUSE = 0.05  # first wait before trying a spawn again; doubled up to _SHORT_PAUSE_MAX
-_SHORT_PAUSE_MAX = 1.0  # asyncio's own accept loop waits 1 s on EMFILE
-# Pipes a spawn holds at its peak (three socketpairs for stdio, uvloop's and libuv's error
-# pipes: five), and one more. uvloop keeps for good the descriptors of a spawn that fails
-# half way, so a spawn is tried only when they are all free.
-_SPAWN_PIPES = 6
 
 
 class CommandFailed(Exception):
@@ -67,11 +57,6 @@ class CommandFailed(Exception):
     def __init__(self, message: str, returncode: int) -> None:
         super().__init__(message)
         self.returncode = returncode
-
-
-class Shortage(Exception):
-    """The daemon stayed short of file descriptors or processes for the whole timeout of
-    the run, so the program could not start: retryable."""
 
 
 def base_environment(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -114,8 +99,17 @@ def command_executor(
             "OFFLOAD_TASK_TYPE": job.type,
             "OFFLOAD_ATTEMPT": str(job.attempt),
         }
-        transport, output = await _start(
-            loop, job, program, env=child_env, cwd=cwd, max_output=max_output, kill_after=kill_after
+        transport, output = await when_possible(
+            job,
+            lambda: _spawn(
+                loop,
+                job,
+                program,
+                env=child_env,
+                cwd=cwd,
+                max_output=max_output,
+                kill_after=kill_after,
+            ),
         )
         try:
             try:
@@ -130,68 +124,6 @@ def command_executor(
         return _outcome(transport.get_returncode(), output, max_output, permanent)
 
     return run
-
-
-async def _start(
-    loop: asyncio.AbstractEventLoop,
-    job: Job,
-    program: Sequence[str],
-    *,
-    env: Mapping[str, str],
-    cwd: str | None,
-    max_output: int,
-    kill_after: float,
-) -> tuple[asyncio.SubprocessTransport, _Output]:
-    """Spawn the program (`_spawn`). While the daemon is short of descriptors or processes,
-    wait and try again, until the task's deadline is near: then raise `Shortage`. No event
-    tells when a descriptor is freed (connections closing, other runs ending), hence the
-    waits; a cancel or a stop during one leaves nothing to clean up."""
-    pause = _SHORT_PAUSE
-    waited = False
-    while True:
-        try:
-            return await _spawn(
-                loop, job, program, env=env, cwd=cwd, max_output=max_output, kill_after=kill_after
-            )
-        except OSError as exc:
-            if exc.errno not in _SHORTAGE:
-                raise
-            reason = _describe_shortage(exc)
-            if time.time() + pause >= job.deadline:
-                raise Shortage(
-                    f"the program could not start in the task's timeout: {reason}"
-                ) from exc
-            if not waited:
-                waited = True
-                job.logger.warning(
-                    "the program cannot start yet, %s; trying again until the task's timeout",
-                    reason,
-                    extra={"event": "task.spawn_deferred"},
-                )
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, _SHORT_PAUSE_MAX)
-
-
-def _check_descriptors() -> None:
-    """Raise OSError (EMFILE, ENFILE) unless the descriptors a spawn needs are free: made
-    and closed at once (~20 µs; a spawn takes milliseconds)."""
-    opened: list[int] = []
-    try:
-        for _ in range(_SPAWN_PIPES):
-            opened.extend(os.pipe())
-    finally:
-        for fd in opened:
-            os.close(fd)
-
-
-def _describe_shortage(exc: OSError) -> str:
-    code = exc.errno or 0
-    if code == -1:  # uvloop's lost errno (see _SHORTAGE)
-        return "the daemon is out of file descriptors (socketpair failed)"
-    name = errno.errorcode.get(code, str(code))
-    if code in (errno.EMFILE, errno.ENFILE):
-        return f"the daemon is out of file descriptors ({name})"
-    return f"the daemon cannot make another process ({name})"
 
 
 async def _spawn(
@@ -210,7 +142,7 @@ async def _spawn(
     async def start() -> tuple[asyncio.SubprocessTransport, _Output]:
         # The check and the descriptors the spawn makes are one step of the loop: no
         # connection accepted in between takes what the check found free.
-        _check_descriptors()
+        check_descriptors()
         return await loop.subprocess_exec(
             lambda: _Output(loop, job, max_output),
             *program,
