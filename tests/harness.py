@@ -16,8 +16,8 @@ import socket
 import sqlite3
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager, closing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -410,3 +410,36 @@ def count_states(db: Path) -> Counter[str]:
     with closing(sqlite3.connect(uri, uri=True)) as conn:
         rows = conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
     return Counter({state: n for state, n in rows})
+
+
+# systemd's part between its fork and the exec: the descriptors the test passed (listed in
+# argv[1]) become fds 3, 4, ... in that order, LISTEN_FDS counts them, and LISTEN_PID names
+# this process, which the exec of `python -m daemon ARGS` keeps.
+ACTIVATE = """
+import fcntl, os, sys
+fds = [int(fd) for fd in sys.argv[1].split(",")]
+# Copies above 3..3+n first: placing one must not overwrite another not yet placed.
+high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds)) for fd in fds]
+for fd in fds:
+    os.close(fd)
+for i, fd in enumerate(high):
+    os.dup2(fd, 3 + i)  # inheritable, as systemd passes them
+    os.close(fd)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
+os.execv(sys.executable, [sys.executable, "-m", "daemon", *sys.argv[2:]])
+"""
+TEST_NET = "192.0.2.1"  # TEST-NET-1: no interface has it, nothing can reach it
+IP_FREEBIND = 15  # bind an address no interface has (Linux; `socket` names it from 3.12)
+
+
+@contextmanager
+def listening(
+    family: socket.AddressFamily, address: str | tuple[str, int]
+) -> Iterator[socket.socket]:
+    """A listening stream socket bound at `address`, as ListenStream= makes one."""
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        if isinstance(address, tuple) and address[0] == TEST_NET:
+            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)  # no interface has it
+        sock.bind(address)
+        sock.listen()
+        yield sock

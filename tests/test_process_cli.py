@@ -25,12 +25,15 @@ import msgspec
 import pytest
 
 from tests.harness import (
+    ACTIVATE,
     READY_TIMEOUT,
     REAP_TIMEOUT,
     REPO_ROOT,
+    TEST_NET,
     TomlValue,
     daemon_env,
     free_port,
+    listening,
     render_toml,
 )
 from tests.systemd_harness import open_notify_socket
@@ -141,24 +144,6 @@ def test_serve_refuses_a_database_of_a_newer_offload_with_78(tmp_path: Path) -> 
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 999
 
 
-# systemd's part between its fork and the exec: the descriptors the test passed (listed in
-# argv[1]) become fds 3, 4, ... in that order, LISTEN_FDS counts them, and LISTEN_PID names
-# this process, which the exec of `python -m daemon ARGS` keeps.
-ACTIVATE = """
-import fcntl, os, sys
-fds = [int(fd) for fd in sys.argv[1].split(",")]
-# Copies above 3..3+n first: placing one must not overwrite another not yet placed.
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds)) for fd in fds]
-for fd in fds:
-    os.close(fd)
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i)  # inheritable, as systemd passes them
-    os.close(fd)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-os.execv(sys.executable, [sys.executable, "-m", "daemon", *sys.argv[2:]])
-"""
-TEST_NET = "192.0.2.1"  # TEST-NET-1: no interface has it, nothing can reach it
-IP_FREEBIND = 15  # bind an address no interface has (Linux; `socket` names it from 3.12)
 WAIT = 20.0  # seconds for what must come (READY=1, an answer, the exit after SIGTERM)
 
 
@@ -167,19 +152,6 @@ def activate(config: Path, passed: Sequence[int]) -> subprocess.CompletedProcess
     fds = ",".join(map(str, passed))
     args = ("serve", "--config", str(config))
     return run_offload(*args, launch=("-c", ACTIVATE, fds), pass_fds=passed)
-
-
-@contextlib.contextmanager
-def listening(
-    family: socket.AddressFamily, address: str | tuple[str, int]
-) -> Iterator[socket.socket]:
-    """A listening stream socket bound at `address`, as ListenStream= makes one."""
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        if isinstance(address, tuple) and address[0] == TEST_NET:
-            sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)  # no interface has it
-        sock.bind(address)
-        sock.listen()
-        yield sock
 
 
 def test_every_socket_from_systemd_is_held_to_the_loopback_rule(tmp_path: Path) -> None:

@@ -22,13 +22,15 @@ import aiohttp
 import pytest
 
 from tests.harness import (
+    ACTIVATE,
     READY_TIMEOUT,
     REAP_TIMEOUT,
     REPO_ROOT,
+    TEST_NET,
     Daemon,
     DaemonConfig,
     daemon_env,
-    serve_argv,
+    listening,
 )
 from tests.slowclients import (
     read_to_end,
@@ -119,35 +121,6 @@ async def test_a_stream_whose_token_a_reload_revokes_ends_and_gets_nothing_more(
             assert resp.status == (401 if change == "removed" else 403)
 
 
-# systemd's part between its fork and the exec, as in test_process_cli.py: the descriptors
-# named in argv[1] become fds 3, 4, ...; LISTEN_FDS counts them, LISTEN_PID is this process,
-# which then execs argv[2:].
-ACTIVATE = """
-import fcntl, os, sys
-fds = [int(fd) for fd in sys.argv[1].split(",")]
-high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 3 + len(fds)) for fd in fds]
-for fd in fds:
-    os.close(fd)
-for i, fd in enumerate(high):
-    os.dup2(fd, 3 + i)
-    os.close(fd)
-os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS=str(len(fds)))
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-TEST_NET = "192.0.2.1"  # TEST-NET-1: no interface has it, nothing can reach it
-IP_FREEBIND = 15  # bind an address no interface has (Linux)
-
-
-def listening(stack: ExitStack, host: str) -> socket.socket:
-    """A listening TCP socket on `host`, a port the kernel picks, as ListenStream= makes."""
-    sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-    if host == TEST_NET:
-        sock.setsockopt(socket.IPPROTO_IP, IP_FREEBIND, 1)
-    sock.bind((host, 0))
-    sock.listen()
-    return sock
-
-
 @asynccontextmanager
 async def activated(
     config: DaemonConfig, passed: Sequence[socket.socket], log: Path, notify: NotifySocket
@@ -155,7 +128,8 @@ async def activated(
     """`offload serve` on `config`, handed `passed` as systemd would; yields once READY=1
     came. Killed (if it still runs) and reaped on exit."""
     fds = [sock.fileno() for sock in passed]
-    argv = [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds)), *serve_argv(config.path)]
+    argv = [sys.executable, "-c", ACTIVATE, ",".join(map(str, fds))]
+    argv += ["serve", "--config", str(config.path)]
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
         with log.open("wb") as out:
             proc = await asyncio.create_subprocess_exec(
@@ -193,9 +167,10 @@ async def test_a_reload_cannot_drop_the_tokens_while_a_passed_socket_is_not_loop
     tokens = tmp_path / "tokens"
     write_tokens(tokens, {"ops": ("admin", ADMIN)})
     with ExitStack() as stack:
-        local = listening(stack, "127.0.0.1")
-        passed = [local, listening(stack, TEST_NET)] if public else [local]
-        port = local.getsockname()[1]
+        passed = [stack.enter_context(listening(socket.AF_INET, ("127.0.0.1", 0)))]
+        if public:
+            passed.append(stack.enter_context(listening(socket.AF_INET, (TEST_NET, 0))))
+        port = passed[0].getsockname()[1]
         path = tmp_path / "offload.toml"
         config = write_config(path, auth={"tokens_file": str(tokens)}, port=port)
         async with activated(config, passed, tmp_path / "daemon.log", notify) as daemon:
