@@ -9,7 +9,7 @@ import re
 import time
 import zlib
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import MultiMapping
 
 from daemon import admission, api_events, api_flow, auth
@@ -24,7 +24,7 @@ from daemon.errors import (
 )
 from daemon.ids import is_id, new_ids
 from daemon.metrics import CONTENT_TYPE
-from daemon.models import NewTask, Task, TaskQuery, TaskState
+from daemon.models import SCAN_ROWS, NewTask, Task, TaskQuery, TaskState
 from daemon.openapi import serve_openapi
 from daemon.routing import Routes, json_response
 from daemon.runtime import RUNTIME, Runtime
@@ -100,6 +100,8 @@ _MAX_MEMBERS = 16  # gzip members one body may hold (concatenated files are vali
 
 def _content_coding(request: web.Request) -> str | None:
     """The body's Content-Encoding: None for none or identity, else one of `_CODINGS`."""
+    if hdrs.CONTENT_ENCODING not in request.headers:  # as nearly every request
+        return None
     sent = ", ".join(request.headers.getall("Content-Encoding", ()))
     coding = sent.strip().lower()
     if coding in ("", "identity"):
@@ -317,15 +319,22 @@ async def list_tasks(request: web.Request) -> web.StreamResponse:
         before=cursor,
         limit=limit + 1,
         max_bytes=PAGE_BYTES,
+        max_scan=SCAN_ROWS,
     )
-    tasks = await rt.store.list(query)
+    listing = await rt.store.list(query)
+    tasks = listing.tasks
     # More after this page: a task past `limit`, or the page ended at its byte budget (the
-    # next page may then be empty).
-    more = len(tasks) > limit or sum(len(t.payload) + len(t.result or b"") for t in tasks) > (
+    # next page may then be empty): it ends at its last task. Or the scan stopped at its
+    # budget of rows before it found `limit` tasks (this page may be short, even empty): the
+    # next page starts below the last task it examined.
+    next_cursor = None
+    if len(tasks) > limit or sum(len(t.payload) + len(t.result or b"") for t in tasks) > (
         PAGE_BYTES
-    )
-    tasks = tasks[:limit]
-    next_cursor = tasks[-1].id if more and tasks else None
+    ):
+        tasks = tasks[:limit]
+        next_cursor = tasks[-1].id
+    elif listing.scanned_to is not None:
+        next_cursor = listing.scanned_to
     return json_response(TaskPage(tasks=[view(t) for t in tasks], next_cursor=next_cursor))
 
 

@@ -22,7 +22,7 @@ from daemon.answer import reset_connection
 from daemon.errors import Forbidden, Invalid, OffloadError, Unauthorized
 from daemon.events import Filter, Subscription
 from daemon.ids import is_id
-from daemon.models import Task
+from daemon.models import SCAN_ROWS, Task
 from daemon.routing import STREAM, Routes
 from daemon.runtime import RUNTIME, Runtime
 from daemon.wire import ErrorBody, ErrorResponse, encode, only_params, view
@@ -153,14 +153,26 @@ def _reset(request: web.Request, stall: float) -> None:
 
 
 async def _replay(rt: Runtime, stream: _Stream, wanted: Filter, last: int) -> int:
+    """Send every matching task changed after `last`, a page at a time, each page one store
+    read bounded in rows (a filter that matches little walks a large store in many short
+    reads, each queued behind the other readers' rather than holding the store); returns
+    the change number the replay reached."""
     while True:
-        page = await rt.store.changes(
-            after=last, limit=PAGE, task_id=wanted.task_id, type=wanted.type, queue=wanted.queue
+        found = await rt.store.changes(
+            after=last,
+            limit=PAGE,
+            task_id=wanted.task_id,
+            type=wanted.type,
+            queue=wanted.queue,
+            max_scan=SCAN_ROWS,
         )
-        for task in page:
+        stream.check()
+        for task in found.tasks:
             await stream.send(task)
             last = task.changed
-        if len(page) < PAGE:
+        if found.scanned_to is not None:
+            last = found.scanned_to
+        elif len(found.tasks) < PAGE:
             return last
 
 

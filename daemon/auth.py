@@ -26,11 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from multidict import istr
 from yarl import URL
 
 from daemon.errors import Forbidden, Unauthorized
 
+_SEC_FETCH_SITE = istr("Sec-Fetch-Site")
 logger = logging.getLogger(__name__)
 # Other users reading the tokens, or anyone but the owner writing some of their own.
 LAX_MODE = stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP
@@ -181,18 +183,21 @@ def refuse_browsers(request: web.Request, *, check_host: bool) -> None:
     other than this server's, or `Sec-Fetch-Site: cross-site`) and, with `check_host`, for a
     `Host` that is a DNS name other than localhost on a TCP connection. Clients that are not
     browsers send neither header, and name the host they connect to."""
+    # istr keys: multidict looks them up without folding their case (on every request).
     headers = request.headers
-    origin = headers.get("Origin")
-    if origin is not None and not _same_origin(origin, headers.get("Host")):
+    origin = headers.get(hdrs.ORIGIN)
+    if origin is not None and not _same_origin(origin, headers.get(hdrs.HOST)):
         raise Forbidden(
             "a request from a web page of another origin is refused; "
             "call the API from a program, which sends no Origin",
             field="Origin",
         )
-    if headers.get("Sec-Fetch-Site") == "cross-site":
+    if headers.get(_SEC_FETCH_SITE) == "cross-site":
         raise Forbidden("a cross-site request from a web page is refused", field="Sec-Fetch-Site")
-    host = headers.get("Host")
-    if check_host and host is not None and not _local_name(host) and not _over_unix(request):
+    if not check_host:
+        return
+    host = headers.get(hdrs.HOST)
+    if host is not None and not _local_name(host) and not _over_unix(request):
         raise Forbidden(
             "with no tokens configured, Host must be localhost or an IP address "
             "(a DNS name may have been rebound to this machine by a web page)",

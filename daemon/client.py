@@ -296,7 +296,8 @@ class OffloadClient:
         queue: str | None = None,
         page_size: int = PAGE_SIZE,
     ) -> AsyncIterator[Task]:
-        """Every task matching the filters, newest first, page after page."""
+        """Every task matching the filters, newest first, page after page (following
+        `next_cursor` until it is None: a filtered page may be short, even empty)."""
         cursor: str | None = None
         while True:
             page = await self.list(

@@ -122,7 +122,8 @@ class SubmittedIds(list[str]):
 
 
 class TaskPage(msgspec.Struct, frozen=True):
-    """One page of a listing; pass `next_cursor` back as `cursor` (None on the last page)."""
+    """One page of a listing; pass `next_cursor` back as `cursor` (None on the last page).
+    A page may hold fewer than `limit` tasks, even none, and not be the last."""
 
     tasks: list[Task]
     next_cursor: str | None

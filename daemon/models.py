@@ -210,10 +210,19 @@ class IdempotencyKey(msgspec.Struct, frozen=True):
     not_before: float
 
 
+# Rows a listing or an event replay filtered by type or queue examines per read at most.
+# Neither filter has an index (each would cost every admission an index entry), so such a
+# read walks the tasks in order and tests each; bounded, one read takes milliseconds
+# however large the store, and the caller goes on from where it stopped.
+SCAN_ROWS = 10_000
+
+
 class TaskQuery(msgspec.Struct, frozen=True):
     """A page of tasks, newest first; `before` is the id the previous page ended at. With
     `max_bytes`, the page ends early at the task whose payload and result bring the page's
-    total past it (that task included): a page of big payloads stays bounded in memory."""
+    total past it (that task included): a page of big payloads stays bounded in memory.
+    With `max_scan`, a page filtered by `type` or `queue` examines at most that many tasks
+    (of the `state`, if given) and may end short, even empty (see `Listing.scanned_to`)."""
 
     state: TaskState | None = None
     type: str | None = None
@@ -221,6 +230,26 @@ class TaskQuery(msgspec.Struct, frozen=True):
     before: str | None = None
     limit: int = 100
     max_bytes: int | None = None
+    max_scan: int | None = None
+
+
+class Listing(msgspec.Struct, frozen=True):
+    """A page of `Store.list()`. `scanned_to` is set when the scan examined its `max_scan`
+    tasks before it found `limit` or reached the end (nor did the byte budget end it): the
+    id of the last task examined. Every match newer than it is in `tasks`; the next page
+    starts below it (pass it as `before`)."""
+
+    tasks: list[Task]
+    scanned_to: str | None = None
+
+
+class Changes(msgspec.Struct, frozen=True):
+    """What `Store.changes()` found. `scanned_to` is set when the scan examined its
+    `max_scan` tasks before it found `limit` or reached the end: the change number of the
+    last task examined. Every matching change up to it is in `tasks`; go on after it."""
+
+    tasks: list[Task]
+    scanned_to: int | None = None
 
 
 class Counts(msgspec.Struct, frozen=True):

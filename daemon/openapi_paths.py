@@ -167,7 +167,10 @@ class Operations:
             "read",
             summary="List tasks, newest first",
             description="Pass `next_cursor` back as `cursor` for the next page; it is null on "
-            "the last one. Unknown parameters are refused (422).",
+            "the last one. A page filtered by `type` or `queue` examines a bounded number of "
+            "tasks, so it may hold fewer than `limit` tasks, even none, and still have a "
+            "`next_cursor`: follow `next_cursor` until it is null. Unknown parameters are "
+            "refused (422).",
             params=[
                 _query("state", {"type": "string", "enum": states}, "Only tasks in this state."),
                 _query("type", {"type": "string"}, "Only tasks of this type."),

@@ -25,8 +25,9 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from daemon.config import Config, StoreConfig, parse
+from daemon.ids import new_ids
 from daemon.lifecycle import serve
-from daemon.models import Counts
+from daemon.models import Counts, NewTask
 from daemon.signals import Stop
 from daemon.stats import Stats
 from daemon.store import Store, open_store
@@ -273,6 +274,27 @@ def assert_error(reply: Reply, status: int, code: str, field: str | None = None)
     assert isinstance(error["message"], str)
     assert error["message"]
     assert error.get("field") == field, error
+
+
+def delayed_tasks(count: int, *, types: dict[int, str] | None = None) -> list[NewTask]:
+    """`count` `noop` tasks queued for an hour from now (none runs during a test), ids in
+    order; task n is of type `types[n]` where that is given."""
+    now = time.time()
+    ids = new_ids(count, now)
+    types = types or {}
+    return [
+        NewTask(id=ids[n], type=types.get(n, "noop"), queue="default", payload=b"{}",
+                priority=0, run_at=now + 3600, created_at=now, timeout=60.0, max_attempts=3)
+        for n in range(count)
+    ]  # fmt: skip
+
+
+async def prefill(tmp_path: Path, tasks: list[NewTask]) -> None:
+    """Commit `tasks`, in order, into the store a daemon of `open_daemon(tmp_path)` serves,
+    before it starts (as fast as the store admits: no HTTP)."""
+    async with open_store(make_config(tmp_path, free_port()).store) as store:
+        for at in range(0, len(tasks), 5000):
+            await store.admit(tasks[at : at + 5000], max_pending=2**62)
 
 
 async def stored_counts(config: Config) -> Counts:

@@ -13,14 +13,17 @@ import pytest
 from aiohttp import web_request
 
 from daemon import api as daemon_api
+from daemon.client import OffloadClient
 from daemon.ids import new_id
-from daemon.models import Counts
+from daemon.models import SCAN_ROWS, Counts
 from tests.harness import eventually
 from tests.inproc import (  # noqa: F401 (api_fixture is the `api` fixture)
     Daemon,
     api_fixture,
     assert_error,
+    delayed_tasks,
     open_daemon,
+    prefill,
     stored_counts,
 )
 
@@ -385,6 +388,44 @@ async def test_list_filters_by_state_type_and_queue(api: Daemon) -> None:
     assert await ids(queue="a") == {in_a["id"]}
     assert await ids(type="noop", queue="b", state="queued") == {in_b["id"]}
     assert await ids(type="sleep", queue="a") == set()
+
+
+async def test_a_filtered_listing_of_a_large_store_answers_in_bounded_pages(
+    tmp_path: Path,
+) -> None:
+    # More tasks than two listing reads examine, three of them (old, middle, new) `sleep`.
+    count = 2 * SCAN_ROWS + 5000
+    planted = (10, SCAN_ROWS + 7, count - 3)
+    tasks = delayed_tasks(count, types=dict.fromkeys(planted, "sleep"))
+    await prefill(tmp_path, tasks)
+    async with open_daemon(tmp_path) as api:
+        # A type no task has: each answer is an empty page with a cursor SCAN_ROWS tasks
+        # further down, and the cursors run out.
+        cursors, params = [], {"type": "nope", "limit": "1"}
+        for _ in range(10):
+            reply = await api.request("GET", "/v1/tasks", params=params)
+            assert reply.status == 200, reply.body
+            assert reply.body["tasks"] == []
+            if reply.body["next_cursor"] is None:
+                break
+            cursors.append(reply.body["next_cursor"])
+            params["cursor"] = cursors[-1]
+        assert cursors == [tasks[-SCAN_ROWS].id, tasks[-2 * SCAN_ROWS].id]
+        # The same for a queue, among the tasks of a state.
+        reply = await api.request("GET", "/v1/tasks", params={"queue": "nope", "state": "queued"})
+        assert (reply.body["tasks"], reply.body["next_cursor"]) == ([], tasks[-SCAN_ROWS].id)
+
+        # Following the cursors finds exactly the planted tasks, newest first: the
+        # daemon's pages, and the Python client's iter_tasks() over pages of one.
+        planted_ids = [tasks[n].id for n in reversed(planted)]
+        assert [t["id"] for t in await api.list_all(type="sleep")] == planted_ids
+        async with OffloadClient(f"http://{api.config.server.listen}") as client:
+            assert [t.id async for t in client.iter_tasks(type="sleep", page_size=1)] == (
+                planted_ids
+            )
+        # Unfiltered, every task examined is one: full pages as before.
+        reply = await api.request("GET", "/v1/tasks", params={"limit": "1000"})
+        assert [t["id"] for t in reply.body["tasks"]] == [t.id for t in tasks[:-1001:-1]]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from typing import Any
 
 import aiohttp
 
-from tests.inproc import Daemon, assert_error, open_daemon
+from daemon.models import SCAN_ROWS
+from tests.inproc import Daemon, assert_error, delayed_tasks, open_daemon, prefill
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,26 @@ async def test_last_event_id_resumes_from_the_store(tmp_path: Path) -> None:
         resumed = await states(daemon, "type=noop", "succeeded", {"Last-Event-ID": mark})
         # Only what changed after the mark.
         assert [(e.data["id"], e.data["state"]) for e in resumed] == [(second["id"], "succeeded")]
+
+
+async def test_a_replay_of_a_large_store_walks_it_in_bounded_reads(tmp_path: Path) -> None:
+    # More tasks than two replay reads examine, three of them (old, middle, new) `sleep`.
+    count = 2 * SCAN_ROWS + 5000
+    planted = (10, SCAN_ROWS + 7, count - 3)
+    tasks = delayed_tasks(count, types=dict.fromkeys(planted, "sleep"))
+    await prefill(tmp_path, tasks)
+    async with open_daemon(tmp_path) as daemon:
+        seen: list[str] = []
+        query = "/v1/events?type=sleep&last_event_id=0"
+        async with daemon.http.get(query) as resp, asyncio.timeout(15):
+            assert resp.status == 200
+            async for event in read_events(resp):
+                if event.name == "task":
+                    seen.append(event.data["id"])
+                    if len(seen) == len(planted):
+                        break
+        # Each planted task once, in change order (admission order here), none other.
+        assert seen == [tasks[n].id for n in planted]
 
 
 async def test_filters_keep_other_tasks_out(tmp_path: Path) -> None:

@@ -73,7 +73,7 @@ async def runtime(config: Config) -> AsyncIterator[Runtime]:
 
 
 async def fired(rt: Runtime) -> int:
-    return len(await rt.store.list(TaskQuery(type="noop", limit=1000)))
+    return len((await rt.store.list(TaskQuery(type="noop", limit=1000))).tasks)
 
 
 async def test_each_fire_runs_once_across_a_restart_straddling_it(tmp_path: Path) -> None:

@@ -20,10 +20,13 @@ from daemon.config import StoreConfig
 from daemon.errors import Conflict, NotFound, QueueFull, StoreLocked
 from daemon.ids import new_id
 from daemon.models import (
+    SCAN_ROWS,
     Attempt,
+    Changes,
     Claim,
     Counts,
     Failed,
+    Listing,
     NewTask,
     Outcome,
     Released,
@@ -34,6 +37,7 @@ from daemon.models import (
     TaskState,
 )
 from daemon.store import Store, sqlite_writer
+from daemon.store.postgres import PostgresStore
 from daemon.store.sqlite import SQLiteStore, open_sqlite
 from daemon.store.sqlite_batch import PROMOTE_ROWS
 from daemon.store.sqlite_schema import MIGRATIONS
@@ -94,6 +98,18 @@ async def state(store: Store, task_id: str) -> TaskState:
 
 def ids(tasks: Sequence[Task | NewTask | Claim]) -> list[str]:
     return [t.task.id if isinstance(t, Claim) else t.id for t in tasks]
+
+
+async def listed(store: Store, query: TaskQuery) -> list[Task]:
+    """The tasks of a page, where the test needs no more of it."""
+    return (await store.list(query)).tasks
+
+
+async def changed(
+    store: Store, *, after: int, limit: int, task_id: str | None = None, type: str | None = None
+) -> list[Task]:
+    """The tasks of `changes()`, where the test needs no more of it."""
+    return (await store.changes(after=after, limit=limit, task_id=task_id, type=type)).tasks
 
 
 # -- admit, get ------------------------------------------------------------------------------
@@ -474,14 +490,14 @@ async def test_list_filters_and_pages_newest_first(store: Store) -> None:
     (claimed,) = await claim(store, limit=1)
     newest_first = sorted(ids(tasks), reverse=True)
 
-    assert ids(await store.list(TaskQuery())) == newest_first
+    assert ids(await listed(store, TaskQuery())) == newest_first
     type_a = {t.id for t in tasks if t.type == "a"}
-    assert ids(await store.list(TaskQuery(type="a"))) == [i for i in newest_first if i in type_a]
-    assert ids(await store.list(TaskQuery(queue="q2", type="b"))) == [tasks[6].id, tasks[4].id]
-    assert ids(await store.list(TaskQuery(state=TaskState.RUNNING))) == [claimed.task.id]
+    assert ids(await listed(store, TaskQuery(type="a"))) == [i for i in newest_first if i in type_a]
+    assert ids(await listed(store, TaskQuery(queue="q2", type="b"))) == [tasks[6].id, tasks[4].id]
+    assert ids(await listed(store, TaskQuery(state=TaskState.RUNNING))) == [claimed.task.id]
     pages: list[str] = []
     before: str | None = None
-    while page := await store.list(TaskQuery(limit=3, before=before)):
+    while page := await listed(store, TaskQuery(limit=3, before=before)):
         assert len(page) <= 3
         pages += ids(page)
         before = page[-1].id
@@ -494,10 +510,10 @@ async def test_a_page_ends_at_the_task_that_passes_its_byte_budget(store: Store)
     newest_first = sorted(ids(tasks), reverse=True)
 
     # 100 bytes each: the third passes 250 and ends the page; alone, one is always there.
-    assert ids(await store.list(TaskQuery(max_bytes=250))) == newest_first[:3]
-    assert ids(await store.list(TaskQuery(max_bytes=10))) == newest_first[:1]
-    assert ids(await store.list(TaskQuery(max_bytes=10_000))) == newest_first
-    after = await store.list(TaskQuery(max_bytes=250, before=newest_first[2]))
+    assert ids(await listed(store, TaskQuery(max_bytes=250))) == newest_first[:3]
+    assert ids(await listed(store, TaskQuery(max_bytes=10))) == newest_first[:1]
+    assert ids(await listed(store, TaskQuery(max_bytes=10_000))) == newest_first
+    after = await listed(store, TaskQuery(max_bytes=250, before=newest_first[2]))
     assert ids(after) == newest_first[3:]
 
 
@@ -509,9 +525,9 @@ async def test_results_count_toward_a_pages_byte_budget(store: Store) -> None:
     await store.record(claims[tasks[1].id], Succeeded(result=result, finished_at=T0 + 1))
     newest_first = sorted(ids(tasks), reverse=True)  # sizes 100, 300, 100
 
-    assert ids(await store.list(TaskQuery(max_bytes=450))) == newest_first  # 100, 400, 500
-    assert ids(await store.list(TaskQuery(max_bytes=350))) == newest_first[:2]
-    assert ids(await store.list(TaskQuery(max_bytes=50))) == newest_first[:1]
+    assert ids(await listed(store, TaskQuery(max_bytes=450))) == newest_first  # 100, 400, 500
+    assert ids(await listed(store, TaskQuery(max_bytes=350))) == newest_first[:2]
+    assert ids(await listed(store, TaskQuery(max_bytes=50))) == newest_first[:1]
 
 
 async def test_a_page_after_a_cursor_whose_task_was_purged_goes_on_below_it(
@@ -520,16 +536,149 @@ async def test_a_page_after_a_cursor_whose_task_was_purged_goes_on_below_it(
     tasks = [new_task(n) for n in range(6)]
     await admit(store, *tasks)
     newest_first = sorted(ids(tasks), reverse=True)
-    first = await store.list(TaskQuery(limit=2))
+    first = await listed(store, TaskQuery(limit=2))
     cursor = first[-1]
     # Retention deletes the task the cursor names between two pages.
     claimed = {c.task.id: c for c in await claim(store, limit=6)}
     await store.record(claimed[cursor.id], Succeeded(result=None, finished_at=T0 + 1))
     assert await store.purge(finished_before=T0 + 2, limit=10) == 1
 
-    rest = await store.list(TaskQuery(limit=10, before=cursor.id))
+    rest = await listed(store, TaskQuery(limit=10, before=cursor.id))
 
     assert ids(rest) == newest_first[2:]
+
+
+async def test_a_filtered_page_examines_at_most_max_scan_tasks(store: Store) -> None:
+    # 50 tasks, 3 of them needles; pages of a filter examine 10 tasks each.
+    planted = {7, 8, 31}
+    tasks = [new_task(n, type="needle" if n in planted else "hay") for n in range(50)]
+    await admit(store, *tasks)
+    newest_first = sorted(ids(tasks), reverse=True)
+
+    # A type no task has: each page is empty and ends at the 10th task below its cursor,
+    # the last (the oldest task examined) included; the one after finds nothing more.
+    stops, before = [], None
+    for _ in range(10):
+        page = await store.list(TaskQuery(type="nope", before=before, max_scan=10))
+        assert page.tasks == []
+        stops.append(page.scanned_to)
+        if page.scanned_to is None:
+            break
+        before = page.scanned_to
+    assert stops == [newest_first[9], newest_first[19], newest_first[29], newest_first[39],
+                     newest_first[49], None]  # fmt: skip
+
+    # Following the pages as the API does finds every needle once, newest first.
+    found, before, pages = [], None, 0
+    while True:
+        pages += 1
+        page = await store.list(TaskQuery(type="needle", before=before, limit=2, max_scan=10))
+        found += ids(page.tasks)
+        if len(page.tasks) == 2:
+            before = page.tasks[-1].id
+            assert page.scanned_to is None
+        elif page.scanned_to is not None:
+            before = page.scanned_to
+        else:
+            break
+    assert found == [tasks[31].id, tasks[8].id, tasks[7].id]
+    # Tasks 49..40, 39..30 (31), 29..20, 19..10, 9..7 (8 and 7: a full page), 6..0 (fewer
+    # than 10 left: the end).
+    assert pages == 6
+
+
+async def test_max_scan_counts_the_tasks_of_the_state_and_bounds_only_filters(
+    store: Store,
+) -> None:
+    tasks = [new_task(n) for n in range(30)]
+    await admit(store, *tasks)
+    running = await claim(store, limit=3)
+    newest_first = sorted(ids(tasks), reverse=True)
+
+    # Three running tasks, fewer than the window: the page saw them all and says so.
+    page = await store.list(TaskQuery(state=TaskState.RUNNING, type="nope", max_scan=10))
+    assert page == Listing([], scanned_to=None)
+    page = await store.list(TaskQuery(state=TaskState.RUNNING, type="noop", max_scan=10))
+    assert ids(page.tasks) == sorted(ids(running), reverse=True)
+    # Without a type or queue every task examined is a match: the bound does not apply.
+    assert ids((await store.list(TaskQuery(max_scan=10))).tasks) == newest_first
+    # A queue, like a type, is bounded.
+    page = await store.list(TaskQuery(queue="default", limit=100, max_scan=10))
+    assert (ids(page.tasks), page.scanned_to) == (newest_first[:10], newest_first[9])
+
+
+async def test_filtered_changes_examine_at_most_max_scan_tasks(store: Store) -> None:
+    planted = {3, 4, 17, 25}
+    tasks = await admit(
+        store, *(new_task(n, type="needle" if n in planted else "hay") for n in range(30))
+    )
+    in_change_order = sorted(tasks, key=lambda t: t.changed)
+    start = in_change_order[0].changed - 1
+
+    first = await store.changes(after=start, limit=500, type="nope", max_scan=10)
+    assert first == Changes([], scanned_to=in_change_order[9].changed)
+
+    # Resuming as the event replay does finds every needle once, in change order.
+    found, after, reads = [], start, 0
+    while True:
+        reads += 1
+        page = await store.changes(after=after, limit=1, type="needle", max_scan=10)
+        found += ids(page.tasks)
+        if page.tasks:
+            after = page.tasks[-1].changed
+        if page.scanned_to is not None:
+            after = page.scanned_to
+        elif len(page.tasks) < 1:
+            break
+        assert reads < 20, "the replay does not end"
+    assert found == [t.id for t in in_change_order if t.type == "needle"]
+    # By task id there is no window: the index finds the one task.
+    by_id = await store.changes(after=start, limit=10, task_id=tasks[25].id, max_scan=1)
+    assert (ids(by_id.tasks), by_id.scanned_to) == ([tasks[25].id], None)
+
+
+@contextlib.asynccontextmanager
+async def scans_held(store: Store) -> AsyncIterator[None]:
+    """Every scan of `store` (listings, changes, counts) waits until the block is left: its
+    scan thread (SQLite) or its one scan connection (PostgreSQL) is held meanwhile."""
+    if isinstance(store, SQLiteStore):
+        loop = asyncio.get_running_loop()
+        held, release = asyncio.Event(), threading.Event()
+
+        def hold(conn: sqlite3.Connection) -> None:
+            loop.call_soon_threadsafe(held.set)
+            release.wait(30)
+
+        holding = asyncio.ensure_future(store._scans.run(hold))
+        try:
+            async with asyncio.timeout(10):
+                await held.wait()
+            yield
+        finally:
+            release.set()
+            await holding
+    else:
+        assert isinstance(store, PostgresStore)
+        async with store._scans:
+            yield
+
+
+async def test_a_point_read_never_waits_for_scans(store: Store) -> None:
+    (task,) = await admit(store, new_task(1))
+    async with scans_held(store):
+        scans: list[asyncio.Task[Listing | Changes]] = [
+            asyncio.create_task(store.list(TaskQuery(type="nope", max_scan=SCAN_ROWS)))
+            for _ in range(20)
+        ]
+        scans.append(asyncio.create_task(store.changes(after=0, limit=10, type="nope")))
+        # By construction: with the scans held, a read that queued behind them would not
+        # be answered at all.
+        async with asyncio.timeout(10):
+            assert await store.get(task.id) == task
+        assert not any(scan.done() for scan in scans)
+    async with asyncio.timeout(10):
+        answers = await asyncio.gather(*scans)
+    assert [a.tasks for a in answers] == [[]] * 21
 
 
 async def test_counts_by_state(store: Store) -> None:
@@ -568,7 +717,7 @@ async def unfinished_in_rows(store: Store) -> dict[str, Counts]:
     """What `unfinished_by_queue()` should say, from the tasks themselves."""
     found: dict[str, dict[str, int]] = {}
     for state in (TaskState.QUEUED, TaskState.RUNNING):
-        for task in await store.list(TaskQuery(state=state, limit=1000)):
+        for task in await listed(store, TaskQuery(state=state, limit=1000)):
             by_state = found.setdefault(task.queue, {})
             by_state[state.value] = by_state.get(state.value, 0) + 1
     return {queue: Counts(**by_state) for queue, by_state in found.items()}
@@ -613,16 +762,16 @@ async def test_changes_list_each_changed_task_once_in_change_order(store: Store)
     done = await store.record(claims[0], Succeeded(result=None, finished_at=T0 + 2))
     assert done is not None
 
-    changes = await store.changes(after=a.changed - 1, limit=10)
+    changes = await changed(store, after=a.changed - 1, limit=10)
     # `first` changed last (it ran): once, in its latest state, after the others.
     assert ids(changes) == [second.id, third.id, first.id]
     assert changes[-1].state is TaskState.SUCCEEDED
     assert [c.changed for c in changes] == sorted(c.changed for c in changes)
     # Resume after an event: only what came later; filters narrow it.
-    assert ids(await store.changes(after=changes[0].changed, limit=10)) == [third.id, first.id]
-    assert ids(await store.changes(after=0, limit=10, type="t")) == [second.id, third.id]
-    assert ids(await store.changes(after=0, limit=10, task_id=first.id)) == [first.id]
-    assert len(await store.changes(after=0, limit=2)) == 2
+    assert ids(await changed(store, after=changes[0].changed, limit=10)) == [third.id, first.id]
+    assert ids(await changed(store, after=0, limit=10, type="t")) == [second.id, third.id]
+    assert ids(await changed(store, after=0, limit=10, task_id=first.id)) == [first.id]
+    assert len(await changed(store, after=0, limit=2)) == 2
 
 
 async def test_purge_deletes_only_ended_tasks_finished_before_the_cutoff(store: Store) -> None:
@@ -636,13 +785,13 @@ async def test_purge_deletes_only_ended_tasks_finished_before_the_cutoff(store: 
     # `u`), never `pending` (not ended).
     assert await store.purge(finished_before=T0 + 50, limit=10, only_type="t") == 1
     assert await store.get(old.id) is None
-    assert {t.id for t in await store.list(TaskQuery())} == {fresh.id, other.id, pending.id}
+    assert {t.id for t in await listed(store, TaskQuery())} == {fresh.id, other.id, pending.id}
 
     # Every type but `t`, in batches of `limit`.
     assert await store.purge(finished_before=T0 + 200, limit=10, skip_types=("t",)) == 1
     assert await store.get(other.id) is None
     assert await store.purge(finished_before=T0 + 200, limit=10) == 1
-    assert {t.id for t in await store.list(TaskQuery())} == {pending.id}
+    assert {t.id for t in await listed(store, TaskQuery())} == {pending.id}
 
 
 async def test_purge_deletes_in_batches_of_limit(store: Store) -> None:
@@ -764,7 +913,7 @@ async def test_sqlite_admissions_that_meet_in_one_insert_are_each_held_to_max_pe
         assert ids(admitted) == ids(
             [t for b, ok in zip(batches, fitted, strict=True) if ok for t in b]
         )
-        stored = await store.list(TaskQuery(limit=100))
+        stored = await listed(store, TaskQuery(limit=100))
         assert sorted(ids(stored)) == sorted(ids(admitted))
         assert await store.unfinished_by_queue() == {"default": Counts(queued=10)}
 
@@ -806,7 +955,7 @@ async def test_sqlite_admissions_over_one_statement_get_every_row_in_order(
 
         admitted = [t for r in results for t in r]
         assert [t.changed for t in admitted] == sorted({t.changed for t in admitted})
-        changes = await store.changes(after=0, limit=len(admitted))
+        changes = await changed(store, after=0, limit=len(admitted))
         assert [(t.id, t.changed) for t in changes] == [(t.id, t.changed) for t in admitted]
 
 
@@ -927,7 +1076,7 @@ async def test_sqlite_wal_stays_bounded_under_constant_reads(
         async def read_constantly() -> int:
             reads = 0
             while not done.is_set():
-                await store.list(TaskQuery(limit=20))
+                await listed(store, TaskQuery(limit=20))
                 reads += 1
                 reading.set()
             return reads

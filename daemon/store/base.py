@@ -19,9 +19,11 @@ import msgspec
 from daemon.config import StoreConfig
 from daemon.errors import ConfigError, OffloadError
 from daemon.models import (
+    Changes,
     Claim,
     Counts,
     IdempotencyKey,
+    Listing,
     NewTask,
     Outcome,
     QueueHealth,
@@ -98,10 +100,14 @@ class Store(Protocol):
         whose outcome could not be written gets its error in its place."""
         ...
 
-    async def get(self, task_id: str) -> Task | None: ...
+    async def get(self, task_id: str) -> Task | None:
+        """One task by id. Never waits behind a `list()` or `changes()`: a store that
+        queues reads keeps point reads apart from scans."""
+        ...
 
-    async def list(self, query: TaskQuery) -> list[Task]:
-        """Tasks matching `query`, newest first, at most `query.limit`."""
+    async def list(self, query: TaskQuery) -> Listing:
+        """Tasks matching `query`, newest first, at most `query.limit`; filtered by type or
+        queue, after examining at most `query.max_scan` tasks (see `Listing`)."""
         ...
 
     async def cancel(self, task_id: str, *, now: float) -> tuple[Task, TaskState]:
@@ -162,9 +168,12 @@ class Store(Protocol):
         task_id: str | None = None,
         type: str | None = None,
         queue: str | None = None,
-    ) -> builtins.list[Task]:
+        max_scan: int | None = None,
+    ) -> Changes:
         """Tasks whose last change is after the sequence value `after`, oldest change first:
-        each task once, in its current state (the event stream's resume)."""
+        each task once, in its current state (the event stream's resume), at most `limit`;
+        filtered by type or queue, after examining at most `max_scan` tasks (see
+        `Changes`)."""
         ...
 
     async def unfinished_by_queue(self) -> dict[str, Counts]:

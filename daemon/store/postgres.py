@@ -35,12 +35,13 @@ from daemon.models import (
     StartNow,
     Succeeded,
     Task,
-    TaskQuery,
     TaskState,
 )
 from daemon.store.base import ClaimBatch
 from daemon.store.postgres_commit import GroupCommit
+from daemon.store.postgres_connections import SCANS
 from daemon.store.postgres_node import Node
+from daemon.store.postgres_reads import ReadOps
 from daemon.store.postgres_rows import (
     admit_args,
     pending_slot,
@@ -57,7 +58,6 @@ from daemon.store.postgres_sql import (
     ADMIT_SQL,
     CANCEL_SQL,
     CLAIM_SETTINGS,
-    COLUMNS,
     FAILED_SQL,
     INTERRUPTED,
     KEEP_KEY_SQL,
@@ -81,13 +81,14 @@ RECORD_PATIENCE_MAX = 60.0  # seconds an outcome is retried through an outage (a
 _encode = msgspec.json.encode
 
 
-class PostgresStore(SideOps):
+class PostgresStore(SideOps, ReadOps):
     """The `Store` over a PostgreSQL database. Build it with `open_postgres()`."""
 
     def __init__(self, pool: Any, node: Node, description: str) -> None:
         self._pool = pool
         self._node = node
         self._description = description
+        self._scans = asyncio.Semaphore(SCANS)
         self._successes = GroupCommit(self._commit_successes)
         self._claims: dict[tuple[str | None, str | None], str] = {}
 
@@ -337,64 +338,3 @@ class PostgresStore(SideOps):
             self._node.rescued([(r[0], task_from_row(r, 1)) for r in rows])
             if len(rows) < RESCUE_BATCH:
                 return total
-
-    async def get(self, task_id: str) -> Task | None:
-        rows = await self._fetch(f"SELECT {COLUMNS} FROM offload_tasks WHERE id = $1", task_id)
-        return task_from_row(rows[0]) if rows else None
-
-    async def list(self, query: TaskQuery) -> list[Task]:
-        where: list[str] = []
-        args: list[Any] = []
-        for column, value in (("state", query.state), ("type", query.type), ("queue", query.queue)):
-            if value is not None:
-                args.append(str(value))
-                where.append(f"{column} = ${len(args)}")
-        if query.before is not None:
-            args.append(query.before)
-            where.append(f"id < ${len(args)}")
-        sql = f"SELECT {COLUMNS} FROM offload_tasks"
-        if query.max_bytes is not None:
-            # The running total of payload and result bytes, newest first: a row is in the
-            # page while the rows before it stay within the budget.
-            size = "(octet_length(payload) + coalesce(octet_length(result), 0))"
-            sql = (
-                f"SELECT {COLUMNS}, sum({size}) OVER (ORDER BY id DESC ROWS UNBOUNDED "
-                f"PRECEDING) - {size} AS before_it FROM offload_tasks"
-            )
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        args.append(query.limit)
-        sql += f" ORDER BY id DESC LIMIT ${len(args)}"
-        if query.max_bytes is not None:
-            args.append(query.max_bytes)
-            sql = (
-                f"SELECT {COLUMNS} FROM ({sql}) AS page WHERE before_it <= ${len(args)} "
-                "ORDER BY id DESC"
-            )
-        return [task_from_row(r) for r in await self._fetch(sql, *args)]
-
-    async def changes(
-        self,
-        *,
-        after: int,
-        limit: int,
-        task_id: str | None = None,
-        type: str | None = None,
-        queue: str | None = None,
-    ) -> builtins.list[Task]:
-        """Change numbers come from a sequence, taken when a row is written, not when it
-        commits: a reader resuming from a number may miss a change that a slower
-        transaction committed later with a smaller one (rare; it needs two writers racing
-        within one round trip of the reader)."""
-        where = ["changed > $1"]
-        args: builtins.list[Any] = [after]
-        for column, value in (("id", task_id), ("type", type), ("queue", queue)):
-            if value is not None:
-                args.append(value)
-                where.append(f"{column} = ${len(args)}")
-        args.append(limit)
-        sql = (
-            f"SELECT {COLUMNS} FROM offload_tasks WHERE {' AND '.join(where)} "
-            f"ORDER BY changed LIMIT ${len(args)}"
-        )
-        return [task_from_row(r) for r in await self._fetch(sql, *args)]

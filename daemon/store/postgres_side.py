@@ -126,7 +126,7 @@ class SideOps(Connections):
     # -- reads ---------------------------------------------------------------------------
 
     async def counts(self) -> Counts:
-        rows = await self._fetch("SELECT state, count(*) FROM offload_tasks GROUP BY state")
+        rows = await self._scan_fetch("SELECT state, count(*) FROM offload_tasks GROUP BY state")
         return Counts(**{r[0]: r[1] for r in rows})
 
     async def due_callbacks(

@@ -1,10 +1,11 @@
 """The embedded SQLite store: one file, one daemon, WAL, group commit.
 
 Writes go through `Writer` (one connection in its own thread, many operations per
-transaction); reads go through a second, read-only connection in another thread, so neither
-blocks the event loop. An exclusive `flock` on `<file>.lock` keeps a second daemon away.
-The unfinished-task count that bounds admission lives in the writer thread and is recounted
-from the table whenever a transaction rolls back.
+transaction); reads go through two read-only connections, each in a thread of its own: one
+for point reads, one for scans (bounded in rows, see sqlite_reads.py), so that no scan
+delays a point read and none blocks the event loop. An exclusive `flock` on `<file>.lock`
+keeps a second daemon away. The unfinished-task count that bounds admission lives in the
+writer thread and is recounted from the table whenever a transaction rolls back.
 """
 
 from __future__ import annotations
@@ -270,7 +271,7 @@ async def open_sqlite(
     config: StoreConfig, hooks: Hooks | None = None
 ) -> AsyncIterator[SQLiteStore]:
     """Lock the file, migrate, and serve; on exit the writer commits what was queued, then
-    both connections close and the lock is released."""
+    the connections close and the lock is released."""
     path = database_path(config.url).absolute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,11 +1,11 @@
-"""The SQLite store's connections: one writer thread with group commit, one reader thread,
-the change sequence and the unfinished-task count (both kept in the writer thread)."""
+"""The SQLite store's connections: one writer thread with group commit, two reader threads
+(point reads, scans), the change sequence and the unfinished-task count (both kept in the
+writer thread)."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from daemon.store.base import Hooks
 from daemon.store.sqlite_admissions import Admissions, Waiting
 from daemon.store.sqlite_insert import Insert
 from daemon.store.sqlite_insert import run as insert_rows
+from daemon.store.sqlite_reader import Reader
 from daemon.store.sqlite_schema import migrate
 from daemon.store.sqlite_unfinished import Unfinished
 from daemon.store.sqlite_writer import Writer
@@ -28,8 +29,12 @@ class Connections:
         self._synchronous = synchronous.upper()
         self._writer = Writer(self._connect, f"{path}-wal", full=self._synchronous == "FULL")
         self._writer.on_rollback = self._recount
-        self._readers = ThreadPoolExecutor(1, "sqlite-reader", initializer=self._open_reader)
-        self._local: dict[str, sqlite3.Connection] = {}
+        # Reads whose cost is bounded by an index (a task by id, callbacks due, pauses) and
+        # reads that walk many rows (listings, the event replay, counts) each have their own
+        # connection and thread: however many scans callers queue, a status read, a
+        # long-poll or the feeder never waits for them.
+        self._points = Reader(path, "sqlite-points", cache_kib=4096)
+        self._scans = Reader(path, "sqlite-scans", cache_kib=8192)
         self._unfinished = Unfinished()  # changed only in the writer thread
         self._admissions = Admissions(
             lambda op: self._writer.submit(op, atomic=True),
@@ -67,21 +72,13 @@ class Connections:
         conn.execute("PRAGMA wal_autocheckpoint = 0")  # Writer checkpoints after commits
         return conn
 
-    def _open_reader(self) -> None:
-        conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout = 5000")
-        conn.execute("PRAGMA query_only = 1")
-        conn.execute("PRAGMA cache_size = -8192")
-        self._local["reader"] = conn
-
     async def _read(self, fn: Any, *args: Any) -> Any:
-        def call() -> Any:
-            return fn(self._local["reader"], *args)
+        """A read whose cost an index bounds, on the point reader."""
+        return await self._points.run(fn, *args)
 
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._readers, call)
-        except sqlite3.Error as exc:
-            raise StoreUnavailable(f"the store could not be read: {exc}") from exc
+    async def _scan(self, fn: Any, *args: Any) -> Any:
+        """A read that walks rows (bound it: see models.SCAN_ROWS), on the scan reader."""
+        return await self._scans.run(fn, *args)
 
     async def _write(
         self, op: Any, *, atomic: bool = False, background: bool = False, lazy: bool = False
@@ -151,10 +148,4 @@ class Connections:
         return self._change
 
     async def _close_readers(self) -> None:
-        def close() -> None:
-            conn = self._local.pop("reader", None)
-            if conn is not None:
-                conn.close()
-
-        await asyncio.get_running_loop().run_in_executor(self._readers, close)
-        self._readers.shutdown(wait=True)
+        await asyncio.gather(self._points.close(), self._scans.close())

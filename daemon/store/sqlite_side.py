@@ -113,7 +113,7 @@ class SideOps(Connections):
             rows = conn.execute("SELECT state, count(*) FROM tasks GROUP BY state").fetchall()
             return Counts(**{state: n for state, n in rows})
 
-        return await self._read(fn)  # type: ignore[no-any-return]
+        return await self._scan(fn)  # type: ignore[no-any-return]
 
     async def due_callbacks(
         self, *, now: float, limit: int
