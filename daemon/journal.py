@@ -63,12 +63,22 @@ def encode_entry(fields: dict[str, str]) -> bytes:
 class JournalHandler(logging.Handler):
     """Writes each record to the journal socket; if that fails, to stderr as a line."""
 
-    def __init__(self, address: str = JOURNAL_SOCKET, identifier: str = "offload") -> None:
+    def __init__(
+        self,
+        address: str = JOURNAL_SOCKET,
+        identifier: str = "offload",
+        fallback: logging.Formatter | None = None,
+    ) -> None:
+        """`fallback` formats the lines written to stderr when the socket fails: stderr is
+        the journal's stream then, which splits entries at newlines (logs.TextFormatter
+        escapes them)."""
         super().__init__()
         self.address = address
         self.identifier = identifier
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         self._fallback = logging.StreamHandler(sys.stderr)
+        if fallback is not None:
+            self._fallback.setFormatter(fallback)
 
     def fields(self, record: logging.LogRecord) -> dict[str, str]:
         message = record.getMessage()

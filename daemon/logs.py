@@ -337,11 +337,12 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     logging.logMultiprocessing = False
     logging.setLogRecordFactory(Record)
     handler: JournalHandler | LineHandler
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
     if stderr_is_journal():
-        handler = JournalHandler()
+        handler = JournalHandler(fallback=formatter)
     else:
         handler = LineHandler(sys.stderr)
-        handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+        handler.setFormatter(formatter)
     for old in install(handler):
         old.close()
     set_level(level)

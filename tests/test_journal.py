@@ -208,6 +208,28 @@ def test_without_the_socket_records_go_to_stderr(
     assert "the journal is gone" in capsys.readouterr().err
 
 
+def test_stderr_lines_without_the_socket_are_escaped_as_the_text_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """stderr is the journal's stream then: a newline in a message would split the entry,
+    a carriage return or an escape sequence would forge or hide part of a line."""
+    gone = str(tmp_path / "no-journal-here")
+    handler = JournalHandler(address=gone, fallback=logs.TextFormatter())
+    log = logging.getLogger("offload.test.journal.fallback-escaped")
+    log.propagate = False
+    log.addHandler(handler)
+    try:
+        log.error("order 42\r2026-11-23 error event=task.failed\nsecond\x1b[2K")
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert "order 42\\r2026-11-23" in lines[0]
+    assert "\\nsecond\\x1b[2K" in lines[0]
+    assert "\r" not in lines[0] and "\x1b" not in lines[0]
+
+
 def test_a_task_line_without_a_record_carries_the_same_fields(
     journal: JournalSocket,
     logger: logging.Logger,
