@@ -36,11 +36,15 @@ from daemon.client_errors import ClientError, Unreachable, decode_answer
 from daemon.client_http import Http
 from daemon.client_types import (
     Attempt,
+    BatchBody,
     Callback,
     Health,
+    IdList,
     Queue,
     QueueCounts,
+    QueueList,
     Schedule,
+    ScheduleList,
     Stats,
     Submission,
     Submitted,
@@ -189,7 +193,7 @@ class OffloadClient:
                 task = msgspec.structs.replace(given, delay=given.delay.total_seconds())
             sent.append(task)
         answer, replayed = await self._post_json(
-            "/v1/tasks/batch", _Batch(sent), idempotency_key, _IdList
+            "/v1/tasks/batch", BatchBody(sent), idempotency_key, IdList
         )
         return SubmittedIds(answer.ids, replayed=replayed)
 
@@ -313,7 +317,7 @@ class OffloadClient:
 
     async def queues(self) -> builtins.list[Queue]:
         """The configured queues, and any other with unfinished tasks or paused."""
-        return (await self._http.call(_QueueList, "GET", "/v1/queues")).queues
+        return (await self._http.call(QueueList, "GET", "/v1/queues")).queues
 
     async def pause_queue(self, name: str) -> Queue:
         """Keep accepting the queue's tasks but run none (kept across restarts)."""
@@ -324,7 +328,7 @@ class OffloadClient:
 
     async def schedules(self) -> builtins.list[Schedule]:
         """The configured cron schedules, with their last and next fire."""
-        return (await self._http.call(_ScheduleList, "GET", "/v1/schedules")).schedules
+        return (await self._http.call(ScheduleList, "GET", "/v1/schedules")).schedules
 
     async def pause_schedule(self, name: str) -> Schedule:
         return await self._http.call(Schedule, "POST", f"/v1/schedules/{_segment(name)}/pause")
@@ -357,18 +361,6 @@ class OffloadClient:
         return {str(k): v for k, v in document.items()}
 
 
-class _Batch(msgspec.Struct):
-    tasks: list[Submission]
-
-
-class _QueueList(msgspec.Struct):
-    queues: list[Queue]
-
-
-class _ScheduleList(msgspec.Struct):
-    schedules: list[Schedule]
-
-
 def _task_path(task_id: str) -> str:
     """The task's path; what is not a task id is refused here as the server would (404),
     so that no text can make the path another one."""
@@ -391,10 +383,6 @@ def _check_finite(value: Any, where: str) -> None:
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
             _check_finite(item, f"{where}[{i}]")
-
-
-class _IdList(msgspec.Struct):
-    ids: list[str]
 
 
 def _unset(value: Any) -> Any:

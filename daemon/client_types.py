@@ -206,3 +206,21 @@ def parse_stats(text: str) -> Stats:
         accepted=accepted,
         running_here=running_here,
     )
+
+
+# The envelopes the API wraps lists in (and the batch request's body): the client's own,
+# not part of what it exports.
+class BatchBody(msgspec.Struct):
+    tasks: list[Submission]
+
+
+class IdList(msgspec.Struct):
+    ids: list[str]
+
+
+class QueueList(msgspec.Struct):
+    queues: list[Queue]
+
+
+class ScheduleList(msgspec.Struct):
+    schedules: list[Schedule]
