@@ -20,6 +20,7 @@ from daemon.errors import (
     OffloadError,
     PayloadTooLarge,
     QueueFull,
+    RequestTimeout,
     UnsupportedMediaType,
 )
 from daemon.ids import is_id, new_ids
@@ -86,11 +87,33 @@ async def _read_json(request: web.Request, limit: int) -> bytes:
         if len(data) > limit:
             raise PayloadTooLarge(f"the body is over {limit} bytes")
     else:
-        try:
-            data = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise PayloadTooLarge(f"the body is over {limit} bytes") from None
+        data = await _read_rest(request, limit)
     return data if coding is None else _inflate(data, coding, limit)
+
+
+async def _read_rest(request: web.Request, limit: int) -> bytes:
+    """The body of a request whose body did not all come with its headers: it must arrive
+    within `server.body_timeout` of now (408 past it), or a client sending a byte now and
+    then would hold its connection and this handler for as long as it liked. The timer is
+    made here only: a body that came with its headers is never timed. A client that goes
+    away meanwhile raises what `request.read()` raises (the route wrapper's concern)."""
+    timeout = request.app[RUNTIME].config.server.body_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"the body is over {limit} bytes") from None
+    except TimeoutError:
+        # Debug only: every slow or stalled client would otherwise write to the journal.
+        logger.debug(
+            "request body from %s not in within %gs: answering 408 and closing",
+            request.remote,
+            timeout,
+            extra={"event": "http.body_timeout", "status": 408},
+        )
+        raise RequestTimeout(
+            f"the body did not arrive within server.body_timeout ({timeout:g}s)", field="body"
+        ) from None
 
 
 # Content-Encoding -> zlib's wbits ("deflate" is zlib-wrapped; a raw stream is taken too).

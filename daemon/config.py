@@ -55,6 +55,9 @@ class ServerConfig(_Section, frozen=True):
     # A request's line and headers must arrive within this, counted from the connection's
     # start or from the first byte of a later request; else the connection is closed.
     header_timeout: Period = Period(20)
+    # A request's whole body (as sent, before inflating) must arrive within this, counted
+    # from when its headers arrived; else 408 and the connection is closed.
+    body_timeout: Period = Period(20)
 
 
 class StoreConfig(_Section, frozen=True):

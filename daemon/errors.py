@@ -52,6 +52,14 @@ class MethodNotAllowed(OffloadError):
         self.allow = allow
 
 
+class RequestTimeout(OffloadError):
+    """The request's body did not arrive within `server.body_timeout`. The route wrapper
+    closes the connection after the answer: the rest of the body is never read."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class Conflict(OffloadError):
     """The task is not in a state that allows the operation."""
 

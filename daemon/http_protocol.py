@@ -8,7 +8,8 @@
 - Request line and headers must arrive within `server.header_timeout` of the connection's
   start, or of the first byte of a later request; else 408 (if a request was begun) and the
   connection closes, counted as (MALFORMED, 408). Once headers arrived it no longer applies:
-  long-polls and event streams are as long as they need.
+  long-polls and event streams are as long as they need. A body that did not come with its
+  headers has `server.body_timeout` to arrive, timed where it is read (`api._read_json`).
 - An idle keep-alive connection closes after `KEEPALIVE_TIMEOUT`, not aiohttp's hour.
 - At most `server.max_connections` connections (and half the descriptor limit) are open;
   one more is closed at once, counted as (OVER_CAPACITY, 503), logged once per spell.

@@ -76,6 +76,7 @@ class Shape:
     callbacks: tuple[str, ...]  # the `[callbacks.NAME]` a task may name
     max_wait: float
     max_body: int
+    body_timeout: float
     max_batch: int
     auth: bool  # tokens are configured: every path outside `open_paths` needs one
     open_paths: frozenset[str]
@@ -103,6 +104,7 @@ def shape_of(rt: Runtime) -> Shape:
         callbacks=tuple(sorted(rt.config.callbacks)),
         max_wait=float(rt.config.server.max_wait),
         max_body=int(rt.config.server.max_body),
+        body_timeout=float(rt.config.server.body_timeout),
         max_batch=rt.config.server.max_batch,
         auth=rt.auth.enabled,
         open_paths=rt.auth.open_paths,

@@ -14,7 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from daemon.errors import BadRequest, Invalid, PayloadTooLarge, UnsupportedMediaType
+from daemon.errors import (
+    BadRequest,
+    Invalid,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from daemon.models import TaskState
 from daemon.openapi_responses import (
     REF,
@@ -117,6 +123,12 @@ class Operations:
     def _submit_errors(self, field: str) -> dict[str, Any]:
         return {
             "400": error_example(BadRequest, "the body is not valid JSON"),
+            "408": error_example(
+                RequestTimeout,
+                "the body did not arrive within server.body_timeout "
+                f"({self.shape.body_timeout:g}s)",
+                "body",
+            ),
             "413": error_example(PayloadTooLarge, f"the body is over {self.shape.max_body} bytes"),
             "415": error_example(
                 UnsupportedMediaType,

@@ -51,6 +51,8 @@ _ERROR_TEXT = {
     "server's, `Sec-Fetch-Site: cross-site`), or with no tokens a `Host` that is not "
     "localhost or an IP address (`forbidden`); `field` names the header.",
     "404": "No such task (`not_found`).",
+    "408": "The body did not arrive within `server.body_timeout` of the headers "
+    "(`request_timeout`); the connection is closed.",
     "409": "Not allowed in the task's state (`conflict`).",
     "413": "The body is over `server.max_body` (`too_large`).",
     "415": "The body is not `application/json` (`unsupported_media_type`).",

@@ -4,10 +4,11 @@ authorized (auth.py), errors become HTTP answers, and the answer is counted unde
 `OffloadError` subclasses map to their status and the contract's JSON body; aiohttp's own
 HTTP errors (a body over the limit) are reshaped the same way; anything else is a bug,
 logged and answered 500 without details. A path nobody serves answers 404 and a method its
-path does not serve 405 with `Allow`, through the same wrapper. A client that went away
-(`ConnectionError`) is not a bug: nothing is answered, and it is logged at debug. A handler
-that streams marks its started response (`STREAM`): an error after that ends the stream,
-since a second response cannot follow the first one's status line.
+path does not serve 405 with `Allow`, through the same wrapper. A 408 (`RequestTimeout`:
+a body slower than `server.body_timeout`) closes the connection after it. A client that
+went away (`ConnectionError`) is not a bug: nothing is answered, and it is logged at debug.
+A handler that streams marks its started response (`STREAM`): an error after that ends the
+stream, since a second response cannot follow the first one's status line.
 
 Before a handler runs, the caller is checked (auth.py: token, scope, and that no web page of
 another origin sent it), then a POST or DELETE that carries a body must say it is JSON
@@ -32,6 +33,7 @@ from daemon.errors import (
     MethodNotAllowed,
     NotFound,
     OffloadError,
+    RequestTimeout,
     Unauthorized,
     Unavailable,
     UnsupportedMediaType,
@@ -69,6 +71,9 @@ def _offload_error(exc: OffloadError) -> JsonAnswer:
         response.headers["WWW-Authenticate"] = 'Bearer realm="offload"'
     elif isinstance(exc, MethodNotAllowed):
         response.headers["Allow"] = ",".join(exc.allow)
+    elif isinstance(exc, RequestTimeout):
+        # The rest of the body may still come: the connection cannot carry another request.
+        response.force_close()
     return response
 
 

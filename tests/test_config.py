@@ -286,6 +286,7 @@ def test_durations_must_be_finite_and_bounded(value: object) -> None:
     ("raw", "key"),
     [
         ({"server": {"sse_heartbeat": 0}}, "server.sse_heartbeat"),
+        ({"server": {"body_timeout": "0ms"}}, "server.body_timeout"),
         ({"workers": {"lease": "0s"}}, "workers.lease"),
         ({"types": {"t": {**NOOP["noop"], "timeout": 0}}}, "types.t.timeout"),
         (

@@ -187,7 +187,10 @@ async def test_errors_statuses_and_headers_are_declared(api: Daemon) -> None:
             if status == "503" and path != "/readyz":
                 assert response["headers"]["Retry-After"]["required"] is True
     submit = document["paths"]["/v1/tasks"]["post"]["responses"]
-    assert set(submit) == {"202", "400", "413", "415", "422", "503"}
+    assert set(submit) == {"202", "400", "408", "413", "415", "422", "503"}
+    timeout = submit["408"]["content"]["application/json"]["example"]["error"]
+    assert (timeout["code"], timeout["field"]) == ("request_timeout", "body")
+    assert "server.body_timeout" in timeout["message"]
     assert submit["202"]["headers"]["Location"]["required"] is True
     batch = document["paths"]["/v1/tasks/batch"]["post"]["responses"]
     assert set(batch) == set(submit)

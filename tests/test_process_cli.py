@@ -102,6 +102,25 @@ def test_check_config_names_every_problem_and_exits_78(tmp_path: Path) -> None:
         assert fault.key in done.stderr
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("soon", 'expected a duration like "500ms", "30s", "5m", "2h" or "7d"'),
+        (0, "expected a duration > 0"),
+        ("-1s", 'expected a duration like "500ms"'),
+    ],
+)
+def test_check_config_names_a_bad_body_timeout(
+    tmp_path: Path, value: TomlValue, expected: str
+) -> None:
+    config = tmp_path / "slow-body.toml"
+    write_config(config, [Fault("server.body_timeout", "server", "body_timeout", value)])
+    done = run_offload("check-config", str(config))
+    assert done.returncode == EX_CONFIG, done.stderr
+    assert str(config) in done.stderr
+    assert f"server.body_timeout = {value!r}: {expected}" in done.stderr, done.stderr
+
+
 def test_check_config_accepts_the_example() -> None:
     done = run_offload("check-config", str(REPO_ROOT / "config.example.toml"))
     assert (done.returncode, done.stderr) == (0, "")
