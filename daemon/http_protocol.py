@@ -9,11 +9,11 @@
   start, or of the first byte of a later request; else 408 (if a request was begun) and the
   connection closes, counted as (MALFORMED, 408). Once headers arrived it no longer applies:
   long-polls and event streams are as long as they need. A body that did not come with its
-  headers has `server.body_timeout` to arrive, timed where it is read (`api._read_json`).
+  headers has `server.body_timeout` to arrive, timed where it is read (`body.read_json`).
 - An idle keep-alive connection closes after `KEEPALIVE_TIMEOUT`, not aiohttp's hour.
 - At most `server.max_connections` connections (and half the descriptor limit) are open;
   one more is closed at once, counted as (OVER_CAPACITY, 503), logged once per spell.
-- Bodies are not inflated here (`auto_decompress=False`: `api._read_json` inflates, after
+- Bodies are not inflated here (`auto_decompress=False`: `body.read_json` inflates, after
   auth, up to `server.max_body`), and the rest of a body still on its way when the answer
   went out is not read and thrown away (`lingering_time=0`): the connection closes instead.
   aiohttp would read on for ten seconds, inflating as it read, for a client refused before
