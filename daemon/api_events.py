@@ -7,7 +7,9 @@ A comment line every `server.sse_heartbeat` keeps proxies from closing an idle s
 An error once the stream has begun (the store failing during the replay, or the caller's
 token revoked by a reload) comes as an `event: error` with the error's JSON body, and ends
 the stream. A stream whose client takes nothing of a write for two heartbeats is reset: its
-client is gone or stuck, and must not hold the daemon's memory.
+client is gone or stuck, and must not hold the daemon's memory. A stream whose client closes
+the connection ends as soon as the daemon sees it close, not at its next write (a heartbeat
+away): until it ends it holds one of `server.max_streams`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiohttp import web
 from daemon.answer import reset_connection
 from daemon.errors import Forbidden, Invalid, OffloadError, Unauthorized
 from daemon.events import Filter, Subscription
+from daemon.http_protocol import on_lost
 from daemon.ids import is_id
 from daemon.models import SCAN_ROWS, Task
 from daemon.routing import STREAM, Routes
@@ -60,16 +63,28 @@ class _Stalled(Exception):
     """The client took nothing of a write for `_Stream.stall` seconds."""
 
 
+class _Gone(Exception):
+    """The client closed the connection."""
+
+
 class _Stream:
     """Writes to one event stream, each bounded by `stall` seconds; no task once the
-    subscription is revoked."""
+    subscription is revoked or the connection lost."""
 
     def __init__(self, response: web.StreamResponse, sub: Subscription, stall: float) -> None:
         self.response = response
         self.sub = sub
         self.stall = stall
+        self.gone = False
+
+    def lost(self) -> None:
+        """The connection is lost: wake the stream, which ends at its next `check()`."""
+        self.gone = True
+        self.sub.ready.set()
 
     def check(self) -> None:
+        if self.gone:
+            raise _Gone
         if self.sub.revoked:
             raise Unauthorized(
                 "the token of this stream was revoked or lost its scope (reload)",
@@ -124,11 +139,20 @@ async def events(request: web.Request) -> web.StreamResponse:
         await response.prepare(request)
         request[STREAM] = response
         stream = _Stream(response, sub, server.sse_heartbeat * STALL_HEARTBEATS)
+        # Without this, a stream waiting for events learns its client is gone only when a
+        # heartbeat fails to write, and holds its slot and subscription until then.
+        on_lost(request, stream.lost)
         try:
             await stream.write(b": connected\n\n")
             if last is not None:
                 last = await _replay(rt, stream, wanted, last)
             await _live(rt, stream, last or 0)
+        except _Gone:
+            logger.debug(
+                "event stream to %s ended: its client closed the connection",
+                request.remote,
+                extra={"event": "events.client_gone"},
+            )
         except OffloadError as exc:
             error = ErrorResponse(ErrorBody(code=exc.code, message=exc.message, field=exc.field))
             try:
@@ -137,6 +161,8 @@ async def events(request: web.Request) -> web.StreamResponse:
                 _reset(request, stream.stall)
         except _Stalled:
             _reset(request, stream.stall)
+        finally:
+            on_lost(request, None)  # the connection may carry other requests after this one
     return response
 
 

@@ -41,6 +41,16 @@ def event_size(task: Task) -> int:
     return size
 
 
+def too_many_streams(limit: int) -> Unavailable:
+    """The refusal of a stream past `limit` open ones (also the OpenAPI document's example)."""
+    return Unavailable(
+        f"{limit} event streams are open, the most this server allows "
+        f"(server.max_streams); retry later",
+        retry_after=RETRY_STREAMS,
+        code="too_many_streams",
+    )
+
+
 @dataclass(frozen=True)
 class Filter:
     task_id: str | None = None
@@ -143,12 +153,7 @@ class Bus:
         """A subscription for as long as the block runs; `Unavailable` (503) when `limit`
         streams are open already."""
         if len(self._subscribers) >= limit:
-            raise Unavailable(
-                f"{limit} event streams are open, the most this server allows "
-                f"(server.max_streams); retry later",
-                retry_after=RETRY_STREAMS,
-                code="too_many_streams",
-            )
+            raise too_many_streams(limit)
         sub = Subscription(filter, allowed)
         group = self._group(filter)
         self._subscribers.add(sub)

@@ -11,6 +11,11 @@
   long-polls and event streams are as long as they need. A body that did not come with its
   headers has `server.body_timeout` to arrive, timed where it is read (`body.read_json`).
 - An idle keep-alive connection closes after `KEEPALIVE_TIMEOUT`, not aiohttp's hour.
+- A handler that may wait long without writing (an event stream) can be told at once when
+  its connection is lost (`on_lost`). aiohttp tells a handler only through a write that
+  fails: it cancels handlers on disconnect only with `handler_cancellation`, which stays
+  off, since a submission cancelled halfway through its commit is worse than one whose
+  answer finds nobody.
 - At most `server.max_connections` connections (and half the descriptor limit) are open;
   one more is closed at once, counted as (OVER_CAPACITY, 503), logged once per spell.
 - Bodies are not inflated here (`auto_decompress=False`: `body.read_json` inflates, after
@@ -26,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +118,7 @@ def limits(config: ServerConfig) -> Limits:
 
 
 class _Protocol(RequestHandler):
-    __slots__ = ("_body", "_head_begun", "_head_since", "counts")
+    __slots__ = ("_body", "_head_begun", "_head_since", "_on_lost", "counts")
 
     def __init__(self, manager: web.Server, *, counts: Tally, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -124,6 +130,7 @@ class _Protocol(RequestHandler):
         self._head_since: float | None = None
         self._head_begun = False  # bytes of a request whose headers are not all in
         self._body: StreamReader | None = None  # of the last request whose headers came
+        self._on_lost: Callable[[], None] | None = None  # see `on_lost()`
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         server = self._manager
@@ -142,6 +149,9 @@ class _Protocol(RequestHandler):
         self._head_since = None
         self._body = None
         super().connection_lost(exc)
+        if (on_lost := self._on_lost) is not None:
+            self._on_lost = None
+            on_lost()
 
     def data_received(self, data: bytes) -> None:
         # Bytes past the whole of the last request (its headers and its body) begin the
@@ -211,6 +221,19 @@ class _Protocol(RequestHandler):
         response = web.Response(status=status, body=encode(body), content_type="application/json")
         response.force_close()  # what follows on the connection cannot be trusted
         return response
+
+
+def on_lost(request: web.BaseRequest, callback: Callable[[], None] | None) -> None:
+    """Have `callback` called once `request`'s connection is lost (at once if it is already),
+    or no longer with None. Only a handler that asks pays for it; on a connection that is
+    not ours (an app served by aiohttp's own protocol) it is never called."""
+    protocol = request.protocol
+    if not isinstance(protocol, _Protocol):
+        return
+    if callback is not None and protocol.transport is None:
+        callback()
+        return
+    protocol._on_lost = callback
 
 
 class _Server(web.Server):

@@ -33,6 +33,7 @@ from daemon.openapi_responses import (
     json_response,
     not_found_example,
     store_example,
+    too_many_streams_example,
     unavailable_example,
 )
 
@@ -149,7 +150,9 @@ class Operations:
             "TaskView JSON>`. With `Last-Event-ID` (header, or `last_event_id`), every "
             "matching task changed since is sent first, once each in its current state, then "
             "the live stream. A `: keep-alive` comment comes every `server.sse_heartbeat`; a "
-            "client too slow to keep up gets `event: overflow` and should reconnect.",
+            "client too slow to keep up gets `event: overflow` and should reconnect. At most "
+            "`server.max_streams` streams are open at once: one more is refused (503 "
+            "`too_many_streams`) until one ends, as one does when its client disconnects.",
             params=[
                 _query("task_id", {"$ref": REF.format(name="TaskId")}, "Only this task."),
                 _query("type", {"type": "string"}, "Only tasks of this type."),
@@ -163,7 +166,10 @@ class Operations:
                     "schema": _EVENT_ID,
                 },
             ],
-            errors={"422": error_example(Invalid, "task_id is not a task id", "task_id")},
+            errors={
+                "422": error_example(Invalid, "task_id is not a task id", "task_id"),
+                "503": too_many_streams_example(),
+            },
         )
         op["responses"]["200"] = {
             "description": "An endless `text/event-stream`.",

@@ -12,6 +12,7 @@ from typing import Any
 
 import msgspec
 
+from daemon.config import ServerConfig
 from daemon.errors import (
     Conflict,
     Forbidden,
@@ -20,6 +21,7 @@ from daemon.errors import (
     StoreUnavailable,
     Unauthorized,
 )
+from daemon.events import too_many_streams
 from daemon.wire import ErrorBody, ErrorResponse, encode
 
 Json = dict[str, Any]
@@ -30,6 +32,12 @@ EXAMPLE_ID = "01JD8X3K5Q9W2M7P4R6T0V1Y3Z"
 def error_example(error: type[OffloadError], message: str, field: str | None = None) -> Any:
     """The body the route wrapper sends for `error`, through the same types."""
     body = ErrorResponse(ErrorBody(code=error.code, message=message, field=field))
+    return msgspec.json.decode(encode(body))
+
+
+def raised_example(exc: OffloadError) -> Any:
+    """The body the route wrapper sends for `exc`, made where the daemon makes it."""
+    body = ErrorResponse(ErrorBody(code=exc.code, message=exc.message, field=exc.field))
     return msgspec.json.decode(encode(body))
 
 
@@ -98,6 +106,11 @@ def forbidden_example(scope: str) -> Any:
 
 def store_example() -> Any:
     return error_example(StoreUnavailable, "the store could not be read: disk I/O error")
+
+
+def too_many_streams_example() -> Any:
+    """The refusal of an event stream past `server.max_streams` (at its default)."""
+    return raised_example(too_many_streams(ServerConfig().max_streams))
 
 
 def unavailable_example(code: str) -> Any:

@@ -34,6 +34,8 @@ BLOB = "x" * 900_000  # each event of such a task is about as big
 TASKS = 8  # their events are well past what the kernel buffers for one connection
 EVENT = re.compile(rb"id: (\d+)\nevent: task\ndata: ([^\n]*)\n\n")
 OVERFLOW = b"event: overflow\ndata: {}\n\n"
+HEARTBEAT = 30.0  # seconds; where a test must see no heartbeat
+EVENTS_ANSWERED = 'offload_http_requests_total{{code="{code}",route="/v1/events"}} {count}'
 
 
 def task_events(raw: bytes) -> list[tuple[int, dict[str, Any]]]:
@@ -121,7 +123,7 @@ async def test_streams_past_max_streams_are_refused_until_one_ends(
         assert msgspec.json.decode(body, type=ErrorJson).error.code == "too_many_streams"
         assert (await daemon.request("GET", "/v1/tasks")).status == 200  # the rest serves
 
-        streams[0].close()  # its slot is free once the daemon notices (next heartbeat)
+        streams[0].close()  # its slot is free once the daemon sees the connection close
 
         async def admitted() -> bool | None:
             async with unread_connection(daemon.url, request("/v1/events")) as stream:
@@ -130,6 +132,35 @@ async def test_streams_past_max_streams_are_refused_until_one_ends(
 
         async with asyncio.timeout(WAIT):
             await eventually(admitted)
+
+
+async def test_a_stream_whose_client_went_away_frees_its_slot_before_any_write(
+    offload: Offload, tmp_path: Path
+) -> None:
+    # No heartbeat is written within the test: only seeing the connection close can end the
+    # stream in time, not a write failing on it.
+    server: dict[str, TomlValue] = {"max_streams": 1, "sse_heartbeat": f"{HEARTBEAT:g}s"}
+    config = write_config(tmp_path / "offload.toml", server=server)
+    daemon = await offload.start(config)
+    async with unread_connection(daemon.url, request("/v1/events")) as gone:
+        async with asyncio.timeout(WAIT):
+            await read_until(gone, b": connected")
+        async with unread_connection(daemon.url, request("/v1/events")) as second:
+            assert (await read_answer(second))[0] == 503  # the one slot is taken
+    # `gone` is closed: its stream ends, and is counted as answered, once the daemon sees it.
+
+    async def ended() -> bool | None:
+        metrics = (await daemon.request("GET", "/metrics")).body.decode()
+        return True if EVENTS_ANSWERED.format(code=200, count="1.0") in metrics else None
+
+    async with asyncio.timeout(HEARTBEAT / 3):
+        await eventually(ended)
+        # Counted once its handler returned, so its subscription is gone already.
+        async with unread_connection(daemon.url, request("/v1/events")) as again:
+            head = await read_until(again, b": connected")  # may come with the head
+        assert head.startswith(b"HTTP/1.1 200 "), head
+    metrics = (await daemon.request("GET", "/metrics")).body.decode()
+    assert EVENTS_ANSWERED.format(code=503, count="1.0") in metrics  # `second`, only
 
 
 def _task(task_id: str, type_: str, queue: str, size: int = 10) -> Task:

@@ -196,6 +196,45 @@ async def test_errors_statuses_and_headers_are_declared(api: Daemon) -> None:
     assert set(batch) == set(submit)
     cancel = document["paths"]["/v1/tasks/{id}"]["delete"]["responses"]
     assert set(cancel) == {"200", "404", "409", "503"}
+    events = document["paths"]["/v1/events"]["get"]["responses"]
+    assert set(events) == {"200", "422", "503"}
+    refused = events["503"]["content"]["application/json"]["example"]["error"]
+    assert refused["code"] == "too_many_streams"
+    assert "server.max_streams" in refused["message"]
+
+
+async def test_the_stream_answers_only_what_the_document_says(tmp_path: Path) -> None:
+    # Schemathesis leaves the stream out (it does not end): its statuses are checked here.
+    overrides = {
+        "server": {"max_streams": 1},
+        "auth": {"tokens_file": str(tokens_file(tmp_path))},
+    }
+    reader = {"Authorization": "Bearer reader-token-0123456789"}
+    async with open_daemon(tmp_path, overrides) as api:
+        document = (await api.request("GET", "/openapi.json", headers=reader)).body
+        documented = document["paths"]["/v1/events"]["get"]["responses"]
+        assert set(documented) == {"200", "401", "403", "422", "503"}
+        async with api.http.get("/v1/events", headers=reader) as held:
+            assert held.status == 200
+            assert held.headers["Content-Type"] == "text/event-stream"
+            replies = [
+                await api.request("GET", "/v1/events", headers=reader),  # the one slot is held
+                await api.request("GET", "/v1/events"),  # no token
+                await api.request(
+                    "GET", "/v1/events", headers={**reader, "Origin": "https://elsewhere.example"}
+                ),
+                await api.request("GET", "/v1/events?task_id=nope", headers=reader),
+            ]
+    check = Checker(document)
+    assert [r.status for r in replies] == [503, 401, 403, 422]
+    for reply in replies:
+        response = documented[str(reply.status)]
+        media = response["content"]["application/json"]
+        check(media["schema"], reply.body)
+        assert reply.body["error"]["code"] == media["example"]["error"]["code"], reply.body
+        for name, header in response.get("headers", {}).items():
+            assert not header["required"] or name in reply.headers, (reply.status, name)
+    assert int(replies[0].headers["Retry-After"]) > 0
 
 
 async def test_examples_and_real_answers_fit_the_schemas(api: Daemon) -> None:
