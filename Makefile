@@ -28,8 +28,10 @@ typecheck: $(BIN)/offload
 pytest: $(BIN)/offload
 	$(BIN)/pytest -q
 
+# Both of adev's servers on 127.0.0.1 (daemon/dev.py sees to it); its aux server (livereload)
+# on 8090, not its default port + 1: 8081 is config.example.toml's example callback.
 dev: $(BIN)/offload
-	$(BIN)/adev runserver daemon/dev.py --app-factory create_app --port 8080
+	$(BIN)/adev runserver daemon/dev.py --app-factory create_app --port 8080 --aux-port 8090
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

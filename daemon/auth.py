@@ -84,8 +84,11 @@ def parse_tokens(text: str) -> list[Token]:
     return tokens
 
 
-def load_tokens(config: AuthConfig) -> list[Token]:
-    """Read the configured token sources. Raises `TokenFileError` naming what is wrong."""
+def load_tokens(config: AuthConfig, *, warn_lax: bool = True) -> list[Token]:
+    """Read the configured token sources. Raises `TokenFileError` naming what is wrong.
+    With `warn_lax`, a source other users may read, or others than its owner may write,
+    is logged (`auth.tokens_file_lax`): the daemon's start and each reload say it once; the
+    config check that precedes them reads the files with `warn_lax=False`."""
     tokens: list[Token] = []
     sources: list[tuple[str, Path]] = []
     if config.tokens_file:
@@ -111,7 +114,8 @@ def load_tokens(config: AuthConfig) -> list[Token]:
         if not found:
             # An empty file would turn authentication off without a word.
             raise TokenFileError(f"{source}: holds no token", key)
-        _warn_if_lax(key, source)
+        if warn_lax:
+            _warn_if_lax(key, source)
         tokens += found
     return tokens
 
@@ -123,13 +127,27 @@ def _warn_if_lax(key: str, source: Path) -> None:
         return  # it was just read; a race with its removal is not worth a second error
     if mode & LAX_MODE:
         logger.warning(
-            "%s %s has mode %s: other users may read or add tokens; chmod 600 (or 640 with "
-            "the daemon's group) is enough",
+            "%s %s has mode %s: %s; chmod 600 (or 640 with the daemon's group) is enough",
             key,
             source,
             oct(stat.S_IMODE(mode)),
+            lax_access(mode),
             extra={"event": "auth.tokens_file_lax"},
         )
+
+
+_WRITERS = ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "other users"))
+
+
+def lax_access(mode: int) -> str:
+    """What `mode` lets others than the owner do with a tokens file, in words."""
+    said = []
+    if mode & stat.S_IROTH:
+        said.append("other users can read its tokens")
+    writers = [who for bit, who in _WRITERS if mode & bit]
+    if writers:
+        said.append(f"{' and '.join(writers)} can change it (add a token of their own)")
+    return ", and ".join(said)
 
 
 def required_scope(method: str, path: str) -> str:

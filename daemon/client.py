@@ -151,9 +151,10 @@ class OffloadClient:
         idempotency_key: str | None = None,
     ) -> Submitted:
         """Submit a task of `type` (a `[types.NAME]` of the server's config) and return it as
-        committed (`queued`). `payload` is any JSON-encodable value (or `msgspec.Raw` JSON);
-        without it the server uses `{}`. `delay` (seconds) and `run_at` (an aware datetime)
-        are exclusive. `callback` names a `[callbacks.NAME]` to be POSTed the task when it
+        committed: `queued`, or already `running` when an idle consumer started it in the
+        same commit. `payload` is any JSON-encodable value (or `msgspec.Raw` JSON); without
+        it the server uses `{}`. `delay` (seconds) and `run_at` (an aware datetime) are
+        exclusive. `callback` names a `[callbacks.NAME]` to be POSTed the task when it
         ends. With `idempotency_key`, a retry of the same submission answers the original
         task as it is now, `replayed` True, instead of creating another (the same key with
         another body: 422)."""

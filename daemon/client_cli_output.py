@@ -223,7 +223,8 @@ def _as_served(value: Any) -> Any:
         return text.removesuffix("+00:00") + "Z"
     if isinstance(value, dict):
         return {k: _as_served(v) for k, v in value.items()}
-    if isinstance(value, list):
+    # A list or a tuple: to_builtins keeps the tuples of a struct (a task's history) as they are.
+    if isinstance(value, list | tuple):
         return [_as_served(v) for v in value]
     return value
 

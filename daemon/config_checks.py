@@ -252,7 +252,7 @@ def _listen_problems(server: object, auth: AuthConfig | None) -> list[str]:
     tokens = None
     if auth is not None:
         try:
-            tokens = load_tokens(auth)
+            tokens = load_tokens(auth, warn_lax=False)  # the daemon warns, once
         except TokenFileError as exc:
             problems.append(f"{exc.key}: {exc}")
     anonymous = auth is not None and tokens == [] and not auth.allow_anonymous

@@ -55,7 +55,8 @@ async def open_http(
     app: web.Application, config: ServerConfig, counts: Tally, *, anonymous: bool = False
 ) -> AsyncIterator[str]:
     """Serve `app` on every socket systemd passed us (socket activation), else on
-    `config.listen`; yields the bound addresses (joined with " and ", for the start line).
+    `config.listen`; yields the bound addresses (joined with " and ", for the start line):
+    `http://host:port`, or `unix:/path` as `server.listen` spells a unix socket.
     On exit the listeners close first, then open requests get `SHUTDOWN_TIMEOUT` seconds,
     then the app's cleanup runs. Requests aiohttp cannot parse are counted in `counts`
     (`http_protocol.py`). With `anonymous` (no tokens, and no `auth.allow_anonymous`), each
@@ -67,22 +68,29 @@ async def open_http(
     await runner.setup()
     try:
         sites = _sites(runner, config, anonymous=anonymous)
-        for site in sites:
+        for site, _ in sites:
             await site.start()
-        yield " and ".join(site.name for site in sites)
+        yield " and ".join(name for _, name in sites)
     finally:
         await runner.cleanup()
 
 
-def _sites(runner: web.BaseRunner, config: ServerConfig, *, anonymous: bool) -> list[web.BaseSite]:
-    """The sites to start: one per socket from systemd, or the one of `config.listen`.
-    Every socket is checked before any site starts, so a refused one serves nothing."""
+# A site and its address for messages. aiohttp's own names are kept for TCP; a unix socket
+# it names "http://unix:/path:", which reads as a malformed URL.
+Named = tuple[web.BaseSite, str]
+
+
+def _sites(runner: web.BaseRunner, config: ServerConfig, *, anonymous: bool) -> list[Named]:
+    """The sites to start, each with its name: one per socket from systemd, or the one of
+    `config.listen`. Every socket is checked before any site starts, so a refused one
+    serves nothing."""
     where = parse_listen(config.listen)
     inherited = activated_sockets()
     if not inherited:
         if isinstance(where, str):
-            return [web.UnixSite(runner, where)]
-        return [web.TCPSite(runner, where[0], where[1], backlog=1024)]
+            return [(web.UnixSite(runner, where), f"unix:{where}")]
+        site = web.TCPSite(runner, where[0], where[1], backlog=1024)
+        return [(site, site.name)]
     problems = [
         f"ListenStream= {_describe(sock)} (fd {sock.fileno()}): a non-loopback address needs "
         f"tokens (auth.tokens_file or auth.credential), or auth.allow_anonymous = true"
@@ -95,7 +103,12 @@ def _sites(runner: web.BaseRunner, config: ServerConfig, *, anonymous: bool) -> 
         raise ConfigError("offload.socket", problems)
     # The server listen()s again with `backlog`; aiohttp's default (128) would shrink the
     # unit's Backlog= (4096). The kernel caps it at net.core.somaxconn, as it caps systemd.
-    return [web.SockSite(runner, sock, backlog=socket.SOMAXCONN) for sock in inherited]
+    return [_sock_site(runner, sock) for sock in inherited]
+
+
+def _sock_site(runner: web.BaseRunner, sock: socket.socket) -> Named:
+    site = web.SockSite(runner, sock, backlog=socket.SOMAXCONN)
+    return site, _describe(sock) if sock.family == socket.AF_UNIX else site.name
 
 
 def _address(sock: socket.socket) -> tuple[str, int] | str:

@@ -8,7 +8,8 @@ WATCHDOG_USEC, JOURNAL_STREAM, ...), which tests/harness.py scrubs on purpose.
 Under systemd: `boot_container()` boots a real systemd as PID 1 of a systemd-nspawn
 container made of the host's own files (read-only, a tmpfs overlay on top), and
 `install_offload()` installs offload in it the way the README's "Install as a service"
-does: a venv under /opt/offload, the units of systemd/, a config in /etc/offload;
+does: a release's venv under /opt/offload/releases with /opt/offload/.venv a symlink to it,
+the units of systemd/, a config in /etc/offload;
 `Accounts` makes (and removes) the users and groups a test needs there, and `unix_get()` is
 a local client running as one of them. Commands go in with nsenter (machinectl needs a
 host systemd). Whatever is written inside vanishes at poweroff; the container's processes
@@ -178,7 +179,8 @@ BOOT_TIMEOUT = 60.0  # seconds for the container's systemd to reach its target
 POWEROFF_TIMEOUT = 30.0
 COMMAND_TIMEOUT = 120.0
 POLL = 0.05
-VENV = "/opt/offload/.venv"
+VENV = "/opt/offload/.venv"  # what the unit runs: a symlink to a release's venv
+FIRST_RELEASE = "0.1.0"
 RELEASES = "/opt/offload/release"  # files the `hold` test handler waits for
 CONFIG = "/etc/offload/offload.toml"
 UNIT_DIR = "/etc/systemd/system"
@@ -494,12 +496,30 @@ def runtime_distributions(pyproject: Path) -> list[importlib.metadata.Distributi
     return list(found.values())
 
 
+def release_venv(version: str) -> str:
+    """Where the README installs release `version`."""
+    return f"/opt/offload/releases/{version}/.venv"
+
+
 def install_offload(container: Container, repo: Path = REPO_ROOT) -> None:
-    """Install offload as the README does: a venv under /opt/offload (built from the
-    container's python3, holding copies of this venv's dependencies and of the repo's
-    `daemon` package), the units of systemd/ in /etc/systemd/system, and `offload_test`,
-    the tests' task handlers."""
+    """Install offload as the README does: release FIRST_RELEASE in a venv of its own
+    (`install_release`), /opt/offload/.venv a symlink to it (`switch_release`), and the
+    units of systemd/ in /etc/systemd/system."""
     started = time.monotonic()
+    install_release(container, FIRST_RELEASE, repo)
+    switch_release(container, FIRST_RELEASE)
+    container.path(RELEASES).mkdir(mode=0o755)
+    container.path("/etc/offload").mkdir(mode=0o755, exist_ok=True)
+    for unit in ("offload.service", "offload.socket"):
+        shutil.copyfile(repo / "systemd" / unit, container.path(f"{UNIT_DIR}/{unit}"))
+    container.run("systemctl", "daemon-reload")
+    container.timings["install"] = time.monotonic() - started
+
+
+def install_release(container: Container, version: str, repo: Path = REPO_ROOT) -> None:
+    """A venv at `release_venv(version)`, built from the container's python3, holding
+    copies of this venv's dependencies and of the repo's `daemon` package, `offload_test`
+    (the tests' task handlers) and an `offload` script, as pip would install them."""
     mine = f"{sys.version_info.major}.{sys.version_info.minor}"
     theirs = container.run(
         "/usr/bin/python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"
@@ -509,8 +529,9 @@ def install_offload(container: Container, repo: Path = REPO_ROOT) -> None:
             f"the container's /usr/bin/python3 is {theirs}, the tests' venv is {mine}: the "
             f"venv's compiled dependencies would not load"
         )
-    container.run("/usr/bin/python3", "-m", "venv", "--without-pip", VENV)
-    site_inside = f"{VENV}/lib/python{mine}/site-packages"
+    venv = release_venv(version)
+    container.run("/usr/bin/python3", "-m", "venv", "--without-pip", venv)
+    site_inside = f"{venv}/lib/python{mine}/site-packages"
     site = container.path(site_inside)
     for dist in runtime_distributions(repo / "pyproject.toml"):
         for file in dist.files or ():
@@ -521,19 +542,19 @@ def install_offload(container: Container, repo: Path = REPO_ROOT) -> None:
             shutil.copy2(Path(str(dist.locate_file(file))), target)
     shutil.copytree(repo / "daemon", site / "daemon", ignore=shutil.ignore_patterns("__pycache__"))
     (site / "offload_test.py").write_text(TEST_HANDLERS)
-    script = container.path(f"{VENV}/bin/offload")
+    # pip writes the venv's own interpreter into the script: the release's, not the link's.
+    script = container.path(f"{venv}/bin/offload")
     script.write_text(
-        f"#!{VENV}/bin/python\nimport sys\nfrom daemon.cli import main\nsys.exit(main())\n"
+        f"#!{venv}/bin/python\nimport sys\nfrom daemon.cli import main\nsys.exit(main())\n"
     )
     script.chmod(0o755)
     # PYTHONDONTWRITEBYTECODE=1 in the unit: compile once here, or every start pays it.
-    container.run(f"{VENV}/bin/python", "-m", "compileall", "-q", "-j", "0", site_inside)
-    container.path(RELEASES).mkdir(mode=0o755)
-    container.path("/etc/offload").mkdir(mode=0o755, exist_ok=True)
-    for unit in ("offload.service", "offload.socket"):
-        shutil.copyfile(repo / "systemd" / unit, container.path(f"{UNIT_DIR}/{unit}"))
-    container.run("systemctl", "daemon-reload")
-    container.timings["install"] = time.monotonic() - started
+    container.run(f"{venv}/bin/python", "-m", "compileall", "-q", "-j", "0", site_inside)
+
+
+def switch_release(container: Container, version: str) -> None:
+    """Point /opt/offload/.venv at release `version`'s venv, with the README's command."""
+    container.run("ln", "-sfnT", release_venv(version), VENV)
 
 
 def poll(probe: Callable[[], T | None], *, within: float, what: str) -> T:

@@ -246,6 +246,11 @@ async def test_submit_prints_the_id_or_with_wait_the_result_and_exits_by_the_end
     assert "failed: Permanent: refused payload {}" in failed.err
     [failed_task] = await daemon.tasks(state="failed")
     assert failed_task.id in failed.err
+    # The CLI's JSON is the API's, the times in `history` to the millisecond too.
+    shown = await offload_cli("status", failed_task.id, "--json", url=url)
+    served = json.loads((await daemon.request("GET", f"/v1/tasks/{failed_task.id}")).body)
+    assert served["history"], served
+    assert shown.json() == served
 
     task = whole.json()
     assert whole.code == EXIT_OK

@@ -4,7 +4,9 @@ dotted key."""
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,18 @@ from typing import Any
 import msgspec
 import pytest
 
-from daemon.config import Config, Duration, Size, load, parse, parse_duration, parse_size
+from daemon.config import (
+    CallbackConfig,
+    Config,
+    Duration,
+    QueueConfig,
+    ScheduleConfig,
+    Size,
+    load,
+    parse,
+    parse_duration,
+    parse_size,
+)
 from daemon.errors import ConfigError
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -90,6 +103,26 @@ def test_the_example_lists_every_key() -> None:
     missing = struct_keys(default) - listed - present
 
     assert missing == set(), "document these keys in config.example.toml"
+
+
+def commented_keys(header: str) -> set[str]:
+    """The keys shown commented out (`# key = value`) in the example's table `header`."""
+    lines = EXAMPLE.read_text(encoding="utf-8").splitlines()
+    block = itertools.takewhile(
+        lambda line: not line.startswith("["), lines[lines.index(header) + 1 :]
+    )
+    return {m.group(1) for line in block if (m := re.match(r"# ?(\w+) = ", line))}
+
+
+def test_the_example_schedule_callback_and_queue_show_every_key() -> None:
+    raw = example_toml()
+    [schedule] = raw["schedules"]
+    assert set(schedule) | commented_keys("[[schedules]]") == set(ScheduleConfig.__struct_fields__)
+    callback = raw["callbacks"]["example"]
+    assert set(callback) | commented_keys("[callbacks.example]") == set(
+        CallbackConfig.__struct_fields__
+    )
+    assert set(raw["queues"]["default"]) == set(QueueConfig.__struct_fields__)
 
 
 SEVERAL_PROBLEMS: dict[str, Any] = {

@@ -290,7 +290,7 @@ async def test_every_socket_from_systemd_is_served(tmp_path: Path) -> None:
             except TimeoutError:
                 raise AssertionError(f"no READY=1; log:\n{log.read_text()}") from None
             tcp_url = f"http://127.0.0.1:{tcp.getsockname()[1]}"
-            assert ready["STATUS"] == f"ready on {tcp_url} and http://unix:{path}:"
+            assert ready["STATUS"] == f"ready on {tcp_url} and unix:{path}"
             timeout = aiohttp.ClientTimeout(total=WAIT)
             async with (
                 aiohttp.ClientSession(tcp_url, timeout=timeout) as over_tcp,

@@ -189,3 +189,31 @@ async def test_a_reload_cannot_drop_the_tokens_while_a_passed_socket_is_not_loop
             else:
                 assert status.startswith("reloaded"), status
                 assert (await daemon.request("GET", "/v1/tasks")).status == 200
+
+
+def lax_warnings(log: Path, tokens: Path) -> list[str]:
+    """The lines of `log` that warn about the mode of `tokens`, formatted or not."""
+    return [line for line in log.read_text().splitlines() if f"{tokens} has mode" in line]
+
+
+async def test_a_lax_tokens_file_is_logged_once_at_start_and_once_per_reload(
+    tmp_path: Path, notify: NotifySocket
+) -> None:
+    """Once, though the config's check reads the file before the daemon does; and for what
+    the mode allows (0644: others read the tokens, nobody else may write them)."""
+    tokens = tmp_path / "tokens"
+    write_tokens(tokens, {"ops": ("admin", ADMIN)})
+    tokens.chmod(0o644)
+    config = write_config(tmp_path / "offload.toml", auth={"tokens_file": str(tokens)})
+    log = tmp_path / "daemon.log"
+    async with open_process(config, log, env={"NOTIFY_SOCKET": notify.address}) as daemon:
+        async with asyncio.timeout(WAIT):
+            await notify.wait_for("READY", "1")
+        [at_start] = lax_warnings(log, tokens)
+        assert "event=auth.tokens_file_lax" in at_start
+        assert "other users can read its tokens;" in at_start
+        assert "change" not in at_start
+
+        status = await reload(daemon, notify)
+        assert status.startswith("reloaded"), status
+        assert len(lax_warnings(log, tokens)) == 2
