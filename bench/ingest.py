@@ -6,24 +6,28 @@ the daemon's consumers run the noop tasks as they come (the hardest case: the lo
 its time between answering POSTs and running thousands of tasks a second). `--sleep N`
 posts `sleep` tasks of N seconds instead (the slow work offload is for: the consumers run
 them throughout, 16 at a time), and `--delay` submits noop tasks for later (admission
-alone, nothing runs). `max_pending` is high enough that nothing is refused. Runs the
+alone, nothing runs). `--busy N` runs N CPU-bound processes beside (a machine shared with
+other work: the daemon's two threads compete for the CPU, the bare server's one less so).
+`max_pending` is high enough that nothing is refused. Runs the
 bare server, then the daemon with `store.synchronous` = "normal" and = "full", and prints
 requests/s, non-2xx answers, latency, the ratio daemon/bare (the median of each round's
 ratio to that round's bare server), and how far the consumers kept up.
 
     .venv/bin/python bench/ingest.py [--duration 10] [--connections 64] [--threads 2]
-        [--log-level info] [--delay SECONDS | --sleep SECONDS] [--repeat 1]
+        [--log-level info] [--delay SECONDS | --sleep SECONDS] [--busy N] [--repeat 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +171,9 @@ def _arguments() -> argparse.Namespace:
         help="post `sleep` tasks of this many seconds instead of noop: slow work running",
     )
     parser.add_argument(
+        "--busy", type=int, default=0, help="CPU-bound processes running beside, 0 to 4"
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, help="rounds (bare, normal, full); the median is shown"
     )
     args = parser.parse_args()
@@ -176,7 +183,43 @@ def _arguments() -> argparse.Namespace:
         sys.exit("--delay and --sleep are alternatives")
     if not 1 <= args.duration <= 120 or not 1 <= args.repeat <= 10:
         sys.exit("--duration must be within 1..120 and --repeat within 1..10")
+    if not 0 <= args.busy <= 4:
+        sys.exit("--busy must be within 0..4")
     return args
+
+
+# A busy loop that ends by itself after the given seconds, should this script be killed.
+_BUSY = (
+    "import sys, time\n"
+    "end = time.monotonic() + float(sys.argv[1])\n"
+    "while time.monotonic() < end: pass"
+)
+
+
+@contextlib.contextmanager
+def busy(count: int, seconds: float) -> Iterator[None]:
+    """`count` CPU-bound processes for the block (at most `seconds`)."""
+    procs = [subprocess.Popen([sys.executable, "-c", _BUSY, str(seconds)]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _rounds(
+    lua: Path,
+    args: argparse.Namespace,
+    directory: Path,
+    bares: list[WrkResult],
+    daemons: dict[str, list[DaemonResult]],
+) -> None:
+    """Each round: the bare server, then the daemon with each `synchronous`."""
+    for round_ in range(args.repeat):
+        bares.append(bare(lua, args))
+        for sync, runs in daemons.items():
+            runs.append(daemon(directory / f"{sync}-{round_}", lua, args, sync))
 
 
 def main() -> None:
@@ -187,6 +230,7 @@ def main() -> None:
         f"-d{args.duration}s, concurrency {args.concurrency}, log.level={args.log_level}, "
         f"{'' if args.delay is None else f'tasks delayed {args.delay:g}s, '}"
         f"{'' if args.sleep is None else f'sleep tasks of {args.sleep:g}s, '}"
+        f"{'' if not args.busy else f'{args.busy} CPU-bound process(es) beside, '}"
         f"{args.repeat} round(s)"
     )
     out(f"# {harness.machine()}")
@@ -199,10 +243,9 @@ def main() -> None:
         if args.delay is not None:
             body["delay"] = args.delay
         lua = harness.wrk_post_script(directory / "post.lua", body)
-        for round_ in range(args.repeat):
-            bares.append(bare(lua, args))
-            for sync, runs in daemons.items():
-                runs.append(daemon(directory / f"{sync}-{round_}", lua, args, sync))
+        limit = args.repeat * 3 * (args.duration + 120)
+        with busy(args.busy, limit):
+            _rounds(lua, args, directory, bares, daemons)
 
     base = _median_run(bares)
     rows = [
