@@ -293,4 +293,5 @@ async def metrics(request: web.Request) -> web.StreamResponse:
                     m.store_vacuumed.set(health.last_vacuum)
     else:
         m.running.set(len(rt.workers.runs))
+    m.streams.set(rt.events.streams)
     return web.Response(body=m.render(), headers={"Content-Type": CONTENT_TYPE})

@@ -174,6 +174,11 @@ class Metrics:
         self.running = prometheus_client.Gauge(
             "offload_tasks_running", "Tasks running in this daemon.", registry=r
         )
+        self.streams = prometheus_client.Gauge(
+            "offload_event_streams",
+            "GET /v1/events streams open (at most server.max_streams).",
+            registry=r,
+        )
         self.accepted = Tally(
             r, "offload_tasks_accepted", "Tasks committed by admission.", ["type", "queue"]
         )

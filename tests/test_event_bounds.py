@@ -145,6 +145,8 @@ async def test_a_stream_whose_client_went_away_frees_its_slot_before_any_write(
     async with unread_connection(daemon.url, request("/v1/events")) as gone:
         async with asyncio.timeout(WAIT):
             await read_until(gone, b": connected")
+        scraped = (await daemon.request("GET", "/metrics")).body.decode()
+        assert "offload_event_streams 1.0" in scraped
         async with unread_connection(daemon.url, request("/v1/events")) as second:
             assert (await read_answer(second))[0] == 503  # the one slot is taken
     # `gone` is closed: its stream ends, and is counted as answered, once the daemon sees it.
@@ -161,6 +163,13 @@ async def test_a_stream_whose_client_went_away_frees_its_slot_before_any_write(
         assert head.startswith(b"HTTP/1.1 200 "), head
     metrics = (await daemon.request("GET", "/metrics")).body.decode()
     assert EVENTS_ANSWERED.format(code=503, count="1.0") in metrics  # `second`, only
+
+    async def none_open() -> bool | None:
+        metrics = (await daemon.request("GET", "/metrics")).body.decode()
+        return True if "offload_event_streams 0.0" in metrics else None
+
+    async with asyncio.timeout(HEARTBEAT / 3):
+        await eventually(none_open)  # `again` closed too, seen without a heartbeat
 
 
 def _task(task_id: str, type_: str, queue: str, size: int = 10) -> Task:
