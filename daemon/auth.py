@@ -121,19 +121,23 @@ def load_tokens(config: AuthConfig, *, warn_lax: bool = True) -> list[Token]:
 
 
 def _warn_if_lax(key: str, source: Path) -> None:
+    said = lax_note(key, source)
+    if said is not None:
+        logger.warning("%s", said, extra={"event": "auth.tokens_file_lax"})
+
+
+def lax_note(key: str, source: Path) -> str | None:
+    """What is wrong with the mode of the tokens file `source` (`key` names it), or None."""
     try:
         mode = source.stat().st_mode
     except OSError:
-        return  # it was just read; a race with its removal is not worth a second error
-    if mode & LAX_MODE:
-        logger.warning(
-            "%s %s has mode %s: %s; chmod 600 (or 640 with the daemon's group) is enough",
-            key,
-            source,
-            oct(stat.S_IMODE(mode)),
-            lax_access(mode),
-            extra={"event": "auth.tokens_file_lax"},
-        )
+        return None  # it was just read; a race with its removal is not worth a second error
+    if not mode & LAX_MODE:
+        return None
+    return (
+        f"{key} {source} has mode {oct(stat.S_IMODE(mode))}: {lax_access(mode)}; "
+        "chmod 600 (or 640 with the daemon's group) is enough"
+    )
 
 
 _WRITERS = ((stat.S_IWGRP, "its group"), (stat.S_IWOTH, "other users"))

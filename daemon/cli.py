@@ -19,10 +19,12 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import uvloop
 
 from daemon import __version__, client_cli, logs
+from daemon.auth import lax_note
 from daemon.config import load
 from daemon.errors import ConfigError, OffloadError
 from daemon.lifecycle import HANDLER_THREAD
@@ -68,6 +70,12 @@ def check_config(path: str) -> int:
             sys.stderr.write(f"  {problem}\n")
         return EX_CONFIG
     sys.stdout.write(f"{path}: ok ({len(config.types)} task types)\n")
+    # Not a problem (the daemon starts), but this is where an operator looks: the daemon
+    # itself logs it at each start and reload.
+    if config.auth.tokens_file:
+        note = lax_note("auth.tokens_file", Path(config.auth.tokens_file))
+        if note is not None:
+            sys.stderr.write(f"note: {note}\n")
     return EX_OK
 
 

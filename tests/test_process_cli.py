@@ -71,7 +71,7 @@ def write_config(path: Path, faults: list[Fault], *, listen: str | None = None) 
         "types.ghost": {"kind": "python", "handler": "tests.handlers:noop"},
     }
     for fault in faults:
-        tables[fault.table][fault.name] = fault.value
+        tables.setdefault(fault.table, {})[fault.name] = fault.value
     path.write_text(render_toml(tables), encoding="utf-8")
 
 
@@ -124,6 +124,28 @@ def test_check_config_names_a_bad_body_timeout(
 def test_check_config_accepts_the_example() -> None:
     done = run_offload("check-config", str(REPO_ROOT / "config.example.toml"))
     assert (done.returncode, done.stderr) == (0, "")
+
+
+@pytest.mark.parametrize(("mode", "noted"), [(0o644, True), (0o600, False)])
+def test_check_config_notes_a_tokens_file_others_can_read(
+    tmp_path: Path, mode: int, noted: bool
+) -> None:
+    """Not a problem (exit 0), but said where an operator looks before a start or reload."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("ci submit,read ci-token-0123456789abcdef0123\n", encoding="utf-8")
+    tokens.chmod(mode)
+    config = tmp_path / "with-tokens.toml"
+    write_config(config, [Fault("auth.tokens_file", "auth", "tokens_file", str(tokens))])
+    done = run_offload("check-config", str(config))
+    assert done.returncode == 0, done.stderr
+    if noted:
+        assert done.stderr.startswith(f"note: auth.tokens_file {tokens} has mode 0o644: "), (
+            done.stderr
+        )
+        assert "other users can read its tokens" in done.stderr
+        assert "chmod 600" in done.stderr
+    else:
+        assert done.stderr == ""
 
 
 def test_check_config_accepts_the_base_of_the_broken_configs(tmp_path: Path) -> None:
