@@ -124,6 +124,18 @@ def open_notify_socket(*, abstract: bool = False) -> Iterator[NotifySocket]:
         yield NotifySocket(sock, address)
 
 
+RELOAD_TIMEOUT = 20.0  # seconds a SIGHUP gets to be answered with READY=1
+
+
+async def reload(daemon: Daemon, notify: NotifySocket) -> str:
+    """SIGHUP, then wait for the reload's READY=1; returns its STATUS=."""
+    daemon.signal(signal.SIGHUP)
+    async with asyncio.timeout(RELOAD_TIMEOUT):
+        await notify.wait_for("RELOADING", "1")
+        done = await notify.wait_for("READY", "1")
+    return done.get("STATUS", "")
+
+
 # -- a daemon with a service manager's environment ---------------------------------------------
 
 

@@ -27,7 +27,7 @@ from tests.harness import (
     read_rows,
     render_toml,
 )
-from tests.systemd_harness import NotifySocket, open_notify_socket, open_process
+from tests.systemd_harness import NotifySocket, open_notify_socket, open_process, reload
 
 WAIT = 20.0
 HANDLERS = {
@@ -61,15 +61,6 @@ def rewrite(
     for name in types:
         tables[f"types.{name}"] = {"kind": "python", "handler": HANDLERS[name]}
     config.path.write_text(render_toml(tables))
-
-
-async def reload(daemon: Daemon, notify: NotifySocket) -> str:
-    """SIGHUP, then wait for the reload's READY=1; returns its STATUS=."""
-    daemon.signal(signal.SIGHUP)
-    async with asyncio.timeout(WAIT):
-        await notify.wait_for("RELOADING", "1")
-        done = await notify.wait_for("READY", "1")
-    return done.get("STATUS", "")
 
 
 async def post_status(daemon: Daemon, type_: str, payload: object) -> int:

@@ -10,7 +10,6 @@ wait for it, not for its effects."""
 from __future__ import annotations
 
 import asyncio
-import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from tests.slowclients import (
     write_config,
     write_tokens,
 )
-from tests.systemd_harness import NotifySocket, open_notify_socket, open_process
+from tests.systemd_harness import NotifySocket, open_notify_socket, open_process, reload
 
 WAIT = 20.0
 WATCHER = "watcher-token-0123456789"
@@ -52,15 +51,6 @@ ADMIN = "admin-token-0123456789"
 def notify() -> Iterator[NotifySocket]:
     with open_notify_socket() as sock:
         yield sock
-
-
-async def reload(daemon: Daemon, notify: NotifySocket) -> str:
-    """SIGHUP, then wait for the reload's READY=1; returns its STATUS=."""
-    daemon.signal(signal.SIGHUP)
-    async with asyncio.timeout(WAIT):
-        await notify.wait_for("RELOADING", "1")
-        done = await notify.wait_for("READY", "1")
-    return done.get("STATUS", "")
 
 
 def bearer(token: str) -> dict[str, str]:
